@@ -1,0 +1,38 @@
+//! Generates the Rust types and tonic services from `proto/`.
+//!
+//! Uses the vendored `protoc` so builds do not depend on a system install;
+//! an explicit `PROTOC` environment variable still wins.
+
+use std::path::PathBuf;
+
+const PROTO_DIR: &str = "proto";
+
+const PROTOS: &[&str] = &[
+    "proto/etcd/kv.proto",
+    "proto/etcd/auth.proto",
+    "proto/etcd/rpc.proto",
+    "proto/raftpb.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO_DIR}");
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    println!("cargo:rerun-if-env-changed=PROTOC");
+
+    let protoc: PathBuf = match std::env::var_os("PROTOC") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => protoc_bin_vendored::protoc_bin_path()?,
+    };
+
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_with_config(config, PROTOS, &[PROTO_DIR])?;
+
+    Ok(())
+}

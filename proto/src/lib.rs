@@ -1,0 +1,320 @@
+//! etcd v3 wire types for fetcd.
+//!
+//! fetcd speaks etcd's gRPC API so that unmodified etcd clients (etcdctl, Go
+//! `clientv3`, the Rust `etcd-client` crate, ...) can use it. This crate holds
+//! the protobuf definitions of that API, written for fetcd under `proto/`,
+//! and the Rust code `tonic`/`prost` generate from them:
+//!
+//! * [`mvccpb`] -- `KeyValue` and watch `Event`s.
+//! * [`authpb`] -- users, roles and permissions.
+//! * [`etcdserverpb`] -- the request/response messages and the `KV`, `Watch`,
+//!   `Lease`, `Cluster`, `Maintenance` and `Auth` services (both server traits
+//!   and clients).
+//! * [`raftpb`] -- fetcd's own replicated command (`InternalRaftRequest`),
+//!   which is internal and *not* etcd's format.
+//!
+//! Protobuf identifies fields by number, not by name, so the package names,
+//! message names and above all the field numbers of the etcd packages must
+//! match etcd exactly. Changing one silently breaks compatibility with real
+//! clients; the tests at the bottom of this file pin a few of them.
+//!
+//! [`status`] has the exact error messages etcd returns, which clients match
+//! on textually.
+
+/// etcd's MVCC types (`mvccpb` package): `KeyValue` and `Event`.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    missing_docs,
+    rustdoc::all
+)]
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+/// etcd's auth types (`authpb` package): `User`, `Role`, `Permission`.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    missing_docs,
+    rustdoc::all
+)]
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+
+/// etcd's v3 API (`etcdserverpb` package): messages, service traits
+/// (`*_server`) and clients (`*_client`).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    missing_docs,
+    rustdoc::all
+)]
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// fetcd's internal Raft log payload (`fetcdraftpb` package). Not part of
+/// etcd's wire protocol.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    missing_docs,
+    rustdoc::all
+)]
+pub mod raftpb {
+    tonic::include_proto!("fetcdraftpb");
+}
+
+/// etcd's gRPC error messages, verbatim.
+///
+/// Clients (Go `clientv3` in particular) map errors back to typed errors by
+/// comparing the status message text, so these strings must be byte-for-byte
+/// identical to etcd's. Each constant notes the gRPC status code etcd pairs
+/// it with; use the same code.
+pub mod status {
+    // --- KV ---------------------------------------------------------------
+
+    /// `InvalidArgument`.
+    pub const ERR_EMPTY_KEY: &str = "etcdserver: key is not provided";
+
+    /// `InvalidArgument`: a Range sort order or target outside the enum.
+    pub const ERR_INVALID_SORT_OPTION: &str = "etcdserver: invalid sort option";
+    /// `InvalidArgument`.
+    pub const ERR_KEY_NOT_FOUND: &str = "etcdserver: key not found";
+    /// `InvalidArgument`.
+    pub const ERR_VALUE_PROVIDED: &str = "etcdserver: value is provided";
+    /// `InvalidArgument`.
+    pub const ERR_LEASE_PROVIDED: &str = "etcdserver: lease is provided";
+    /// `InvalidArgument`.
+    pub const ERR_TTL_ZERO: &str = "etcdserver: ttl is 0";
+    /// `InvalidArgument`.
+    pub const ERR_TOO_MANY_OPS: &str = "etcdserver: too many operations in txn request";
+    /// `InvalidArgument`.
+    pub const ERR_DUPLICATE_KEY: &str = "etcdserver: duplicate key given in txn request";
+    /// `OutOfRange`.
+    pub const ERR_COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
+    /// `OutOfRange`.
+    pub const ERR_FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
+    /// `ResourceExhausted`.
+    pub const ERR_NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+    // --- Lease ------------------------------------------------------------
+
+    /// `NotFound`.
+    pub const ERR_LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
+    /// `FailedPrecondition`.
+    pub const ERR_LEASE_EXIST: &str = "etcdserver: lease already exists";
+    /// `OutOfRange`.
+    pub const ERR_LEASE_TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
+
+    // --- Cluster ----------------------------------------------------------
+
+    /// `FailedPrecondition`.
+    pub const ERR_MEMBER_EXIST: &str = "etcdserver: member ID already exist";
+    /// `FailedPrecondition`.
+    pub const ERR_PEER_URL_EXIST: &str = "etcdserver: Peer URLs already exists";
+    /// `FailedPrecondition`.
+    pub const ERR_MEMBER_NOT_ENOUGH_STARTED: &str =
+        "etcdserver: re-configuration failed due to not enough started members";
+    /// `InvalidArgument`.
+    pub const ERR_MEMBER_BAD_URLS: &str = "etcdserver: given member URLs are invalid";
+    /// `NotFound`.
+    pub const ERR_MEMBER_NOT_FOUND: &str = "etcdserver: member not found";
+    /// `FailedPrecondition`.
+    pub const ERR_MEMBER_NOT_LEARNER: &str = "etcdserver: can only promote a learner member";
+    /// `FailedPrecondition`.
+    pub const ERR_LEARNER_NOT_READY: &str =
+        "etcdserver: can only promote a learner member which is in sync with leader";
+    /// `FailedPrecondition`.
+    pub const ERR_TOO_MANY_LEARNERS: &str = "etcdserver: too many learner members in cluster";
+
+    // --- Request limits ---------------------------------------------------
+
+    /// `InvalidArgument`.
+    pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
+    /// `ResourceExhausted`.
+    pub const ERR_TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
+
+    // --- Auth -------------------------------------------------------------
+
+    /// `FailedPrecondition`.
+    pub const ERR_ROOT_USER_NOT_EXIST: &str = "etcdserver: root user does not exist";
+    /// `FailedPrecondition`.
+    pub const ERR_ROOT_ROLE_NOT_EXIST: &str = "etcdserver: root user does not have root role";
+    /// `FailedPrecondition`.
+    pub const ERR_USER_ALREADY_EXIST: &str = "etcdserver: user name already exists";
+    /// `InvalidArgument`.
+    pub const ERR_USER_EMPTY: &str = "etcdserver: user name is empty";
+    /// `FailedPrecondition`.
+    pub const ERR_USER_NOT_FOUND: &str = "etcdserver: user name not found";
+    /// `FailedPrecondition`.
+    pub const ERR_ROLE_ALREADY_EXIST: &str = "etcdserver: role name already exists";
+    /// `FailedPrecondition`.
+    pub const ERR_ROLE_NOT_FOUND: &str = "etcdserver: role name not found";
+    /// `InvalidArgument`.
+    pub const ERR_ROLE_EMPTY: &str = "etcdserver: role name is empty";
+    /// `InvalidArgument`.
+    pub const ERR_AUTH_FAILED: &str =
+        "etcdserver: authentication failed, invalid user ID or password";
+    /// `PermissionDenied`.
+    pub const ERR_PERMISSION_DENIED: &str = "etcdserver: permission denied";
+    /// `FailedPrecondition`.
+    pub const ERR_ROLE_NOT_GRANTED: &str = "etcdserver: role is not granted to the user";
+    /// `FailedPrecondition`.
+    pub const ERR_PERMISSION_NOT_GRANTED: &str =
+        "etcdserver: permission is not granted to the role";
+    /// `FailedPrecondition`.
+    pub const ERR_AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
+    /// `Unauthenticated`.
+    pub const ERR_INVALID_AUTH_TOKEN: &str = "etcdserver: invalid auth token";
+    /// `InvalidArgument`.
+    pub const ERR_INVALID_AUTH_MGMT: &str = "etcdserver: invalid auth management";
+
+    // --- Server / Raft state ----------------------------------------------
+
+    /// `Unavailable`.
+    pub const ERR_NO_LEADER: &str = "etcdserver: no leader";
+    /// `FailedPrecondition`.
+    pub const ERR_NOT_LEADER: &str = "etcdserver: not leader";
+    /// `Unavailable`.
+    pub const ERR_LEADER_CHANGED: &str = "etcdserver: leader changed";
+    /// `Unavailable`.
+    pub const ERR_NOT_CAPABLE: &str = "etcdserver: not capable";
+    /// `Unavailable`.
+    pub const ERR_STOPPED: &str = "etcdserver: server stopped";
+    /// `Unavailable`.
+    pub const ERR_TIMEOUT: &str = "etcdserver: request timed out";
+    /// `Unavailable`.
+    pub const ERR_TIMEOUT_DUE_TO_LEADER_FAIL: &str =
+        "etcdserver: request timed out, possibly due to previous leader failure";
+    /// `Unavailable`.
+    pub const ERR_TIMEOUT_DUE_TO_CONNECTION_LOST: &str =
+        "etcdserver: request timed out, possibly due to connection lost";
+    /// `Unavailable`.
+    pub const ERR_UNHEALTHY: &str = "etcdserver: unhealthy cluster";
+    /// `DataLoss`.
+    pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";
+    /// `Unavailable`.
+    pub const ERR_NOT_SUPPORTED_FOR_LEARNER: &str = "etcdserver: rpc not supported for learner";
+    /// `FailedPrecondition`.
+    pub const ERR_BAD_LEADER_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+
+    // --- Downgrade --------------------------------------------------------
+
+    /// `Unavailable`.
+    pub const ERR_CLUSTER_VERSION_UNAVAILABLE: &str =
+        "etcdserver: cluster version not found during downgrade";
+    /// `InvalidArgument`.
+    pub const ERR_WRONG_DOWNGRADE_VERSION_FORMAT: &str =
+        "etcdserver: wrong downgrade target version format";
+    /// `InvalidArgument`.
+    pub const ERR_INVALID_DOWNGRADE_TARGET_VERSION: &str =
+        "etcdserver: invalid downgrade target version";
+    /// `FailedPrecondition`.
+    pub const ERR_DOWNGRADE_IN_PROCESS: &str =
+        "etcdserver: cluster has a downgrade job in progress";
+    /// `FailedPrecondition`.
+    pub const ERR_NO_INFLIGHT_DOWNGRADE: &str = "etcdserver: no inflight downgrade job";
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::etcdserverpb::{compare, Compare, PutRequest, RangeRequest};
+    use super::mvccpb::KeyValue;
+    use super::raftpb::{internal_raft_request, InternalRaftRequest, RequestHeader};
+
+    #[test]
+    fn put_request_field_numbers() {
+        let put = PutRequest {
+            key: b"a".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(put.encode_to_vec(), vec![0x0a, 0x01, b'a']);
+
+        // prev_kv is field 4, varint: tag (4 << 3) | 0 = 0x20.
+        let put = PutRequest {
+            prev_kv: true,
+            ..Default::default()
+        };
+        assert_eq!(put.encode_to_vec(), vec![0x20, 0x01]);
+
+        // lease is field 3: tag 0x18.
+        let put = PutRequest {
+            lease: 7,
+            ..Default::default()
+        };
+        assert_eq!(put.encode_to_vec(), vec![0x18, 0x07]);
+    }
+
+    #[test]
+    fn range_request_field_numbers() {
+        // range_end = 2 (tag 0x12), limit = 3 (0x18), count_only = 9 (0x48),
+        // max_create_revision = 13 (0x68).
+        let req = RangeRequest {
+            key: b"a".to_vec(),
+            range_end: b"b".to_vec(),
+            limit: 1,
+            count_only: true,
+            max_create_revision: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            req.encode_to_vec(),
+            vec![0x0a, 0x01, b'a', 0x12, 0x01, b'b', 0x18, 0x01, 0x48, 0x01, 0x68, 0x02]
+        );
+    }
+
+    #[test]
+    fn compare_target_union_field_numbers() {
+        let cmp = Compare {
+            target_union: Some(compare::TargetUnion::ModRevision(5)),
+            ..Default::default()
+        };
+        // mod_revision is field 6: tag 0x30.
+        assert_eq!(cmp.encode_to_vec(), vec![0x30, 0x05]);
+
+        // range_end is field 64, length-delimited: tag varint (64 << 3) | 2 = 0x202.
+        let cmp = Compare {
+            range_end: b"z".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(cmp.encode_to_vec(), vec![0x82, 0x04, 0x01, b'z']);
+    }
+
+    #[test]
+    fn key_value_field_numbers() {
+        let kv = KeyValue {
+            mod_revision: 1,
+            lease: 2,
+            ..Default::default()
+        };
+        assert_eq!(kv.encode_to_vec(), vec![0x18, 0x01, 0x30, 0x02]);
+    }
+
+    #[test]
+    fn internal_raft_request_round_trip() {
+        let req = InternalRaftRequest {
+            header: Some(RequestHeader {
+                id: 42,
+                username: "root".into(),
+                auth_revision: 3,
+            }),
+            request: Some(internal_raft_request::Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        };
+        let bytes = req.encode_to_vec();
+        let decoded = InternalRaftRequest::decode(bytes.as_slice());
+        assert_eq!(decoded.ok(), Some(req));
+    }
+}
