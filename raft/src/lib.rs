@@ -1,0 +1,50 @@
+//! fetcd's consensus layer: openraft glue.
+//!
+//! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
+//! - [`log_store`]: the durable Raft log (raft-log: fdatasync + group commit).
+//! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
+//! - [`network`]: peer RPCs (none yet: a single member has no peers).
+//! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
+//!
+//! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
+//! `InternalRaftRequest`s and returns storage answers.
+
+pub mod command;
+pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod state_machine;
+
+pub use command::Command;
+pub use command::CommandResponse;
+pub use node::ProposeError;
+pub use node::RaftNode;
+pub use node::RaftNodeConfig;
+
+/// Member ids are etcd's: u64 derived from peer URLs and the cluster token.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft types for fetcd.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+/// openraft's long generic types, fixed once.
+pub mod typ {
+    use crate::NodeId;
+    use crate::TypeConfig;
+
+    /// The Raft handle.
+    pub type Raft = openraft::Raft<TypeConfig>;
+    /// Errors from `client_write`.
+    pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, openraft::BasicNode>;
+    /// Errors from Raft APIs.
+    pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+    /// Errors from the read-index path.
+    pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, openraft::BasicNode>;
+}

@@ -1,0 +1,551 @@
+//! Tests of `fetcd_raft::log_store::LogStore`: openraft's storage test suite, plus durability
+//! tests that reopen the store from its directory.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use fetcd_raft::log_store::LogStore;
+use fetcd_raft::log_store::LogStoreConfig;
+use openraft::storage::RaftLogStorage;
+use openraft::storage::RaftLogStorageExt;
+use openraft::storage::RaftStateMachine;
+use openraft::testing::StoreBuilder;
+use openraft::testing::Suite;
+use openraft::BasicNode;
+use openraft::CommittedLeaderId;
+use openraft::Entry;
+use openraft::EntryPayload;
+use openraft::ErrorSubject;
+use openraft::ErrorVerb;
+use openraft::LogId;
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::RaftSnapshotBuilder;
+use openraft::Snapshot;
+use openraft::SnapshotMeta;
+use openraft::StorageError;
+use openraft::StoredMembership;
+use openraft::Vote;
+use serde::Deserialize;
+use serde::Serialize;
+use tempfile::TempDir;
+
+/// A client request of the test type config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Put {
+    pub key: String,
+    pub value: String,
+}
+
+/// The reply to a [`Put`]: the previous value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutReply {
+    pub prev: Option<String>,
+}
+
+openraft::declare_raft_types!(
+    pub TestConfig:
+        D = Put,
+        R = PutReply,
+);
+
+type NodeId = u64;
+
+// --- a minimal in-memory state machine, as required by the suite ---------------------------
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmData {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, BasicNode>,
+    kv: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default)]
+struct SmInner {
+    data: SmData,
+    snapshot: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+    snapshot_seq: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemStateMachine {
+    inner: Arc<tokio::sync::Mutex<SmInner>>,
+}
+
+fn sm_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError<NodeId> {
+    StorageError::from_io_error(
+        ErrorSubject::StateMachine,
+        ErrorVerb::Write,
+        std::io::Error::other(e),
+    )
+}
+
+impl RaftSnapshotBuilder<TestConfig> for MemStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TestConfig>, StorageError<NodeId>> {
+        let mut inner = self.inner.lock().await;
+        let bytes = bincode::serialize(&inner.data).map_err(sm_err)?;
+        inner.snapshot_seq += 1;
+
+        let last = inner.data.last_applied;
+        let snapshot_id = match &last {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, inner.snapshot_seq),
+            None => format!("--{}", inner.snapshot_seq),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: inner.data.last_membership.clone(),
+            snapshot_id,
+        };
+        inner.snapshot = Some((meta.clone(), bytes.clone()));
+
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+impl RaftStateMachine<TestConfig> for MemStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
+        let inner = self.inner.lock().await;
+        Ok((inner.data.last_applied, inner.data.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<PutReply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TestConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut inner = self.inner.lock().await;
+        let mut replies = Vec::new();
+        for entry in entries {
+            inner.data.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => PutReply::default(),
+                EntryPayload::Normal(put) => PutReply {
+                    prev: inner.data.kv.insert(put.key, put.value),
+                },
+                EntryPayload::Membership(m) => {
+                    inner.data.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                    PutReply::default()
+                }
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let data: SmData = bincode::deserialize(&bytes).map_err(sm_err)?;
+        let mut inner = self.inner.lock().await;
+        inner.data = data;
+        inner.snapshot = Some((meta.clone(), bytes));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TestConfig>>, StorageError<NodeId>> {
+        let inner = self.inner.lock().await;
+        Ok(inner.snapshot.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(bytes.clone())),
+        }))
+    }
+}
+
+// --- openraft's storage suite --------------------------------------------------------------
+
+struct Builder;
+
+impl StoreBuilder<TestConfig, LogStore<TestConfig>, MemStateMachine, TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, LogStore<TestConfig>, MemStateMachine), StorageError<NodeId>> {
+        let dir = TempDir::new()
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let store = LogStore::open(dir.path())
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        Ok((dir, store, MemStateMachine::default()))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    // The suite runs each case on its own tokio runtime, so this is not a `#[tokio::test]`.
+    Suite::<TestConfig, LogStore<TestConfig>, MemStateMachine, Builder, TempDir>::test_all(Builder)
+        .unwrap();
+}
+
+// --- durability ----------------------------------------------------------------------------
+
+fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn put_ent(term: u64, index: u64) -> Entry<TestConfig> {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Put {
+            key: format!("k{index}"),
+            value: format!("v{index}-{}", "x".repeat(index as usize)),
+        }),
+    }
+}
+
+fn blank_ent(term: u64, index: u64) -> Entry<TestConfig> {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+async fn read_all(store: &mut LogStore<TestConfig>) -> Vec<Entry<TestConfig>> {
+    store.try_get_log_entries(..).await.unwrap()
+}
+
+fn assert_entries(got: &[Entry<TestConfig>], want: impl IntoIterator<Item = Entry<TestConfig>>) {
+    let want: Vec<_> = want.into_iter().collect();
+    assert_eq!(got.len(), want.len(), "got {got:?}");
+    for (g, w) in got.iter().zip(want.iter()) {
+        assert_eq!(g.log_id, w.log_id);
+        assert_eq!(g.payload, w.payload);
+    }
+}
+
+/// Copies the log directory of a store that is still open (so nothing is written on close):
+/// what is in the copy was written by the flush worker before the copy was taken.
+fn snapshot_dir(from: &Path) -> TempDir {
+    let to = TempDir::new().unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() == "LOCK" {
+            continue;
+        }
+        std::fs::copy(f.path(), to.path().join(f.file_name())).unwrap();
+    }
+    to
+}
+
+#[tokio::test]
+async fn reopen_keeps_vote_entries_purge_and_truncate() {
+    let dir = TempDir::new().unwrap();
+
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        store.blocking_append([blank_ent(1, 0)]).await.unwrap();
+        store
+            .blocking_append((1..=10).map(|i| put_ent(1, i)))
+            .await
+            .unwrap();
+        store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        store.save_committed(Some(log_id(1, 7))).await.unwrap();
+        store.purge(log_id(1, 3)).await.unwrap();
+        store.truncate(log_id(1, 9)).await.unwrap();
+        // Truncated entries are replaced by ones of a newer term.
+        store.blocking_append([put_ent(2, 9)]).await.unwrap();
+
+        assert_eq!(
+            LogState {
+                last_purged_log_id: Some(log_id(1, 3)),
+                last_log_id: Some(log_id(2, 9)),
+            },
+            store.get_log_state().await.unwrap()
+        );
+    }
+
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_eq!(
+        Some(Vote::new_committed(2, 1)),
+        store.read_vote().await.unwrap()
+    );
+    assert_eq!(Some(log_id(1, 7)), store.read_committed().await.unwrap());
+    assert_eq!(
+        LogState {
+            last_purged_log_id: Some(log_id(1, 3)),
+            last_log_id: Some(log_id(2, 9)),
+        },
+        store.get_log_state().await.unwrap()
+    );
+    let got = read_all(&mut store).await;
+    assert_entries(&got, (4..=8).map(|i| put_ent(1, i)).chain([put_ent(2, 9)]));
+
+    // Exact ranges, and ranges reaching into purged or absent indexes.
+    let got = store.try_get_log_entries(5..7).await.unwrap();
+    assert_entries(&got, [put_ent(1, 5), put_ent(1, 6)]);
+    let got = store.try_get_log_entries(0..=4).await.unwrap();
+    assert_entries(&got, [put_ent(1, 4)]);
+    assert!(store.try_get_log_entries(10..).await.unwrap().is_empty());
+
+    // The reopened log keeps accepting appends.
+    store.blocking_append([put_ent(2, 10)]).await.unwrap();
+    let mut reader = store.get_log_reader().await;
+    let got = reader.try_get_log_entries(10..11).await.unwrap();
+    assert_entries(&got, [put_ent(2, 10)]);
+}
+
+#[tokio::test]
+async fn reopen_after_purging_everything() {
+    let dir = TempDir::new().unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        store
+            .blocking_append((1..=5).map(|i| put_ent(1, i)))
+            .await
+            .unwrap();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        // Past the last entry, as when the state machine is ahead of the log.
+        store.purge(log_id(3, 8)).await.unwrap();
+    }
+
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_eq!(
+        LogState {
+            last_purged_log_id: Some(log_id(3, 8)),
+            last_log_id: Some(log_id(3, 8)),
+        },
+        store.get_log_state().await.unwrap()
+    );
+    assert!(read_all(&mut store).await.is_empty());
+    store.blocking_append([put_ent(3, 9)]).await.unwrap();
+    assert_entries(&read_all(&mut store).await, [put_ent(3, 9)]);
+}
+
+#[tokio::test]
+async fn purge_past_a_stale_tail_hides_it() {
+    // The log holds (1,1)..(1,3); a state machine applied up to (3,1) purges the log to (3,1).
+    // Entries 2 and 3 are older than (3,1) and must not be served.
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    store
+        .blocking_append((1..=3).map(|i| put_ent(1, i)))
+        .await
+        .unwrap();
+    store.purge(log_id(3, 1)).await.unwrap();
+
+    assert_eq!(
+        LogState {
+            last_purged_log_id: Some(log_id(3, 1)),
+            last_log_id: Some(log_id(3, 1)),
+        },
+        store.get_log_state().await.unwrap()
+    );
+    assert!(read_all(&mut store).await.is_empty());
+
+    store.blocking_append([put_ent(3, 2)]).await.unwrap();
+    assert_entries(&read_all(&mut store).await, [put_ent(3, 2)]);
+}
+
+#[tokio::test]
+async fn truncate_before_the_first_entry_removes_everything() {
+    // The first entry of a log need not directly follow the purged log id.
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    store
+        .blocking_append((5..=7).map(|i| put_ent(1, i)))
+        .await
+        .unwrap();
+
+    store.truncate(log_id(1, 3)).await.unwrap();
+    assert_eq!(
+        LogState {
+            last_purged_log_id: None,
+            last_log_id: None,
+        },
+        store.get_log_state().await.unwrap()
+    );
+    assert!(read_all(&mut store).await.is_empty());
+
+    // Truncating past the last entry is a no-op.
+    store
+        .blocking_append((1..=3).map(|i| put_ent(1, i)))
+        .await
+        .unwrap();
+    store.truncate(log_id(1, 9)).await.unwrap();
+    assert_eq!(3, read_all(&mut store).await.len());
+}
+
+#[tokio::test]
+async fn append_callback_fires_after_the_entries_are_written() {
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+
+    // `blocking_append` returns once the `LogFlushed` callback has fired, which the flush worker
+    // does only after it wrote and fdatasync'ed the batch. Look at what is in the files at that
+    // point, without closing `store` (closing writes and syncs everything).
+    store
+        .blocking_append((1..=20).map(|i| put_ent(1, i)))
+        .await
+        .unwrap();
+    let copy = snapshot_dir(dir.path());
+    let mut reopened = LogStore::<TestConfig>::open(copy.path()).unwrap();
+    assert_entries(
+        &read_all(&mut reopened).await,
+        (1..=20).map(|i| put_ent(1, i)),
+    );
+    assert_eq!(None, reopened.read_vote().await.unwrap());
+    drop(reopened);
+
+    // Likewise `save_vote` returns only after the sync.
+    store.save_vote(&Vote::new(4, 2)).await.unwrap();
+    let copy = snapshot_dir(dir.path());
+    let mut reopened = LogStore::<TestConfig>::open(copy.path()).unwrap();
+    assert_eq!(Some(Vote::new(4, 2)), reopened.read_vote().await.unwrap());
+    assert_eq!(20, read_all(&mut reopened).await.len());
+
+    drop(store);
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_on_reopen() {
+    let dir = TempDir::new().unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        store
+            .blocking_append((1..=5).map(|i| put_ent(1, i)))
+            .await
+            .unwrap();
+    }
+
+    // Cut the last record (entry 5) short, as a crash in the middle of a write would.
+    let mut wal_files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    wal_files.sort();
+    let last = wal_files.last().unwrap();
+    let len = std::fs::metadata(last).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(last).unwrap();
+    f.set_len(len - 3).unwrap();
+    drop(f);
+
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_entries(&read_all(&mut store).await, (1..=4).map(|i| put_ent(1, i)));
+    assert_eq!(
+        Some(log_id(1, 4)),
+        store.get_log_state().await.unwrap().last_log_id
+    );
+    store.blocking_append([put_ent(2, 5)]).await.unwrap();
+    assert_entries(
+        &read_all(&mut store).await,
+        (1..=4).map(|i| put_ent(1, i)).chain([put_ent(2, 5)]),
+    );
+}
+
+#[tokio::test]
+async fn entries_survive_chunk_rotation_and_cache_eviction() {
+    // Tiny chunks and cache, so that most reads go to closed chunk files.
+    let config = LogStoreConfig {
+        chunk_max_records: 8,
+        chunk_max_size: 4096,
+        log_cache_max_items: 4,
+        log_cache_capacity: 1024,
+        ..LogStoreConfig::default()
+    };
+    let dir = TempDir::new().unwrap();
+    let chunks_before_purge;
+    {
+        let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+        for i in 1..=100 {
+            store.blocking_append([put_ent(1, i)]).await.unwrap();
+        }
+        assert_entries(
+            &read_all(&mut store).await,
+            (1..=100).map(|i| put_ent(1, i)),
+        );
+        chunks_before_purge = wal_file_count(dir.path());
+        assert!(chunks_before_purge > 5, "{chunks_before_purge} chunk files");
+        store.purge(log_id(1, 60)).await.unwrap();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+    }
+    // Chunks holding only purged entries were unlinked after the purge record was synced.
+    assert!(wal_file_count(dir.path()) < chunks_before_purge);
+
+    let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+    assert_entries(
+        &read_all(&mut store).await,
+        (61..=100).map(|i| put_ent(1, i)),
+    );
+    assert_eq!(
+        Some(log_id(1, 60)),
+        store.get_log_state().await.unwrap().last_purged_log_id
+    );
+}
+
+fn wal_file_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "wal")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn committed_is_stored_only_when_it_advances_within_the_log() {
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    store.save_committed(Some(log_id(1, 1))).await.unwrap();
+    assert_eq!(
+        None,
+        store.read_committed().await.unwrap(),
+        "beyond an empty log"
+    );
+
+    store
+        .blocking_append((1..=5).map(|i| put_ent(1, i)))
+        .await
+        .unwrap();
+    store.save_committed(Some(log_id(1, 4))).await.unwrap();
+    store.save_committed(Some(log_id(1, 3))).await.unwrap();
+    store.save_committed(Some(log_id(1, 9))).await.unwrap();
+    store.save_committed(None).await.unwrap();
+    assert_eq!(Some(log_id(1, 4)), store.read_committed().await.unwrap());
+}
+
+#[tokio::test]
+async fn second_open_of_the_same_dir_fails() {
+    let dir = TempDir::new().unwrap();
+    let _store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    let err = LogStore::<TestConfig>::open(dir.path()).unwrap_err();
+    assert_eq!(std::io::ErrorKind::WouldBlock, err.kind());
+}
+
+#[tokio::test]
+async fn open_creates_missing_directories() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("a").join("raft-log");
+    let mut store = LogStore::<TestConfig>::open(&path).unwrap();
+    store.blocking_append([put_ent(1, 1)]).await.unwrap();
+    assert_eq!(1, read_all(&mut store).await.len());
+}

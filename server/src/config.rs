@@ -1,0 +1,363 @@
+//! fetcd's flags: etcd's names, etcd's defaults, and `ETCD_*` environment variables, so an etcd
+//! manifest or systemd unit runs fetcd unchanged.
+//!
+//! Flags fall into three groups, each handled on purpose:
+//! - implemented: they do what etcd's do;
+//! - accepted: they have no meaning for fetcd (e.g. `--logger zap`) or fetcd's behaviour already
+//!   matches; they are parsed so existing command lines keep working;
+//! - refused: fetcd cannot honour them yet (TLS, multi-member clusters, auto compaction, quotas);
+//!   [`Config::validate`] fails with a message naming the flag rather than silently running
+//!   without what the operator asked for.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default `--max-request-bytes`: 1.5 MiB, as etcd.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// Default `--max-txn-ops`, as etcd.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+
+/// fetcd: an etcd-compatible key-value store.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "fetcd", version, about)]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+
+    /// Path to the data directory (default: `<name>.fetcd`).
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Comma-separated URLs to listen on for client traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379",
+        value_delimiter = ','
+    )]
+    pub listen_client_urls: Vec<String>,
+
+    /// Comma-separated client URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379",
+        value_delimiter = ','
+    )]
+    pub advertise_client_urls: Vec<String>,
+
+    /// Comma-separated URLs to listen on for peer traffic (a single member has no peers).
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380",
+        value_delimiter = ','
+    )]
+    pub listen_peer_urls: Vec<String>,
+
+    /// This member's peer URLs to advertise; they determine the member id, as in etcd.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380",
+        value_delimiter = ','
+    )]
+    pub initial_advertise_peer_urls: Vec<String>,
+
+    /// Initial cluster configuration for bootstrapping (`name=peerURL,...`).
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// `new` or `existing`.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+
+    /// Initial cluster token; part of the member and cluster id derivation.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+
+    /// Time (ms) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+
+    /// Time (ms) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+
+    /// Number of committed transactions to trigger a snapshot.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+
+    /// Entries kept in the Raft log behind a snapshot, for slow followers to catch up from.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES",
+        default_value_t = 5000
+    )]
+    pub experimental_snapshot_catchup_entries: u64,
+
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub max_txn_ops: usize,
+
+    /// Log level: debug, info, warn, error, panic or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Accepted for compatibility: fetcd always logs through `tracing`.
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
+    pub logger: String,
+
+    /// Accepted for compatibility: log to stderr (`default`/`stderr`) only.
+    #[arg(
+        long,
+        env = "ETCD_LOG_OUTPUTS",
+        default_value = "default",
+        value_delimiter = ','
+    )]
+    pub log_outputs: Vec<String>,
+
+    /// Accepted for compatibility; fetcd has no v2 API (only `false` is allowed).
+    #[arg(long, env = "ETCD_ENABLE_V2", default_value = "false")]
+    pub enable_v2: String,
+
+    /// Refused until fetcd has quotas: only 0 (etcd's default quota) is accepted.
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+
+    /// Refused until fetcd compacts by itself: only the empty default is accepted.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+
+    /// Accepted with `--auto-compaction-retention`.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", default_value = "false")]
+    pub client_cert_auth: String,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Refused until fetcd serves TLS.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value = "false")]
+    pub peer_client_cert_auth: String,
+
+    /// Refused until fetcd serves metrics: only empty is accepted.
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_delimiter = ',')]
+    pub listen_metrics_urls: Vec<String>,
+}
+
+/// A flag combination fetcd cannot honour.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// A configuration for tests and embedding: one member, data in `data_dir`, a client
+    /// listener on an OS-chosen loopback port.
+    pub fn for_test(data_dir: PathBuf) -> Self {
+        let mut c = Config::parse_from(["fetcd"]);
+        c.data_dir = Some(data_dir);
+        c.listen_client_urls = vec!["http://127.0.0.1:0".into()];
+        c.advertise_client_urls = vec![];
+        c
+    }
+
+    /// `--data-dir`, defaulting to `<name>.fetcd`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.fetcd", self.name)))
+    }
+
+    /// Heartbeat interval as a duration.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval)
+    }
+
+    /// Election timeout as a duration.
+    pub fn election(&self) -> Duration {
+        Duration::from_millis(self.election_timeout)
+    }
+
+    /// Refuses what fetcd cannot do yet, naming the flag.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let refuse = |m: &str| Err(ConfigError(m.to_string()));
+        let truthy = |s: &str| !matches!(s, "" | "false" | "0");
+        if self.listen_client_urls.is_empty() {
+            return refuse("--listen-client-urls must name at least one URL");
+        }
+        for u in self
+            .listen_client_urls
+            .iter()
+            .chain(&self.advertise_client_urls)
+        {
+            if u.starts_with("https://") || u.starts_with("unixs://") {
+                return refuse(&format!("{u}: TLS client URLs are not supported yet"));
+            }
+        }
+        if self.cert_file.is_some()
+            || self.key_file.is_some()
+            || self.trusted_ca_file.is_some()
+            || truthy(&self.client_cert_auth)
+            || self.peer_cert_file.is_some()
+            || self.peer_key_file.is_some()
+            || self.peer_trusted_ca_file.is_some()
+            || truthy(&self.peer_client_cert_auth)
+        {
+            return refuse("TLS flags (--cert-file, --key-file, --trusted-ca-file, --client-cert-auth, --peer-*) are not supported yet");
+        }
+        if let Some(ic) = &self.initial_cluster {
+            let members: Vec<&str> = ic.split(',').filter(|s| !s.is_empty()).collect();
+            if members.len() > 1 {
+                return refuse("--initial-cluster with more than one member: multi-member clusters are not supported yet");
+            }
+            if let Some(m) = members.first() {
+                if m.split('=').next() != Some(self.name.as_str()) {
+                    return refuse(&format!(
+                        "--initial-cluster {ic} does not name this member (--name {})",
+                        self.name
+                    ));
+                }
+            }
+        }
+        if self.initial_cluster_state != "new" && self.initial_cluster_state != "existing" {
+            return refuse("--initial-cluster-state must be 'new' or 'existing'");
+        }
+        if self.initial_cluster_state == "existing" {
+            return refuse(
+                "--initial-cluster-state existing: joining a cluster is not supported yet",
+            );
+        }
+        if truthy(&self.enable_v2) {
+            return refuse("--enable-v2: fetcd serves only the v3 API");
+        }
+        if self.quota_backend_bytes != 0 {
+            return refuse("--quota-backend-bytes: space quotas are not supported yet");
+        }
+        if truthy(&self.auto_compaction_retention) {
+            return refuse(
+                "--auto-compaction-retention: automatic compaction is not supported yet",
+            );
+        }
+        if !self.listen_metrics_urls.is_empty() {
+            return refuse("--listen-metrics-urls: the metrics endpoint is not supported yet");
+        }
+        if self.max_txn_ops == 0 {
+            return refuse("--max-txn-ops must be positive");
+        }
+        if self.max_request_bytes == 0 {
+            return refuse("--max-request-bytes must be positive");
+        }
+        if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
+            return refuse("--election-timeout must be at least 5 times --heartbeat-interval");
+        }
+        for o in &self.log_outputs {
+            if o != "default" && o != "stderr" {
+                return refuse(&format!("--log-outputs {o}: only stderr is supported"));
+            }
+        }
+        Ok(())
+    }
+
+    /// This member's id, derived like etcd's from its sorted peer URLs and the cluster token.
+    pub fn member_id(&self) -> u64 {
+        let mut urls = self.initial_advertise_peer_urls.clone();
+        urls.sort();
+        let mut b = urls.concat().into_bytes();
+        b.extend_from_slice(self.initial_cluster_token.as_bytes());
+        first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
+    }
+
+    /// The cluster id, derived like etcd's from the sorted member ids.
+    pub fn cluster_id(&self) -> u64 {
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.member_id().to_be_bytes());
+        first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
+    }
+}
+
+fn first_u64(h: &[u8; 20]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = Config::parse_from(["fetcd"]);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.data_dir(), PathBuf::from("default.fetcd"));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn refused_flags_name_themselves() {
+        let c = Config::parse_from(["fetcd", "--cert-file", "/x.pem"]);
+        assert!(c.validate().is_err_and(|e| e.0.contains("--cert-file")));
+        let c = Config::parse_from([
+            "fetcd",
+            "--initial-cluster",
+            "a=http://h1:2380,b=http://h2:2380",
+            "--name",
+            "a",
+        ]);
+        assert!(c.validate().is_err_and(|e| e.0.contains("multi-member")));
+    }
+
+    #[test]
+    fn member_id_is_deterministic_and_depends_on_token() {
+        let a = Config::parse_from(["fetcd"]);
+        let b = Config::parse_from(["fetcd", "--initial-cluster-token", "other"]);
+        assert_eq!(a.member_id(), Config::parse_from(["fetcd"]).member_id());
+        assert_ne!(a.member_id(), b.member_id());
+        assert_ne!(a.member_id(), 0);
+    }
+
+    #[test]
+    fn ids_equal_etcds_for_the_same_flags() {
+        // What etcd reports for a member started with default flags.
+        let c = Config::parse_from(["fetcd"]);
+        assert_eq!(c.member_id(), 0x8e9e05c52164694d);
+        assert_eq!(c.cluster_id(), 0xcdf818194e3a8c32);
+    }
+}

@@ -1,0 +1,217 @@
+//! fetcd's server: the etcd v3 gRPC services over one Raft member, as a library.
+//!
+//! The `fetcd` binary is a thin shell over [`EtcdServer`]; tests and embedding programs start the
+//! same server in-process:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fetcd_server::Error> {
+//! let dir = std::path::PathBuf::from("/tmp/fetcd-demo");
+//! let server = fetcd_server::EtcdServer::start(fetcd_server::Config::for_test(dir)).await?;
+//! println!("serving etcd v3 at {}", server.client_url());
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Data path: client → [`services`] (validation, error table, headers) → `fetcd-raft` (proposal,
+//! log, apply) → `fetcd-storage` (MVCC on sled).
+
+pub mod config;
+pub mod node;
+pub mod services;
+pub mod status;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::Config;
+use fetcd_proto::etcdserverpb::auth_server::AuthServer;
+use fetcd_proto::etcdserverpb::cluster_server::ClusterServer;
+use fetcd_proto::etcdserverpb::kv_server::KvServer;
+use fetcd_proto::etcdserverpb::lease_server::LeaseServer;
+use fetcd_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use fetcd_proto::etcdserverpb::watch_server::WatchServer;
+use fetcd_raft::RaftNode;
+use fetcd_raft::RaftNodeConfig;
+pub use node::EtcdNode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::services::kv::KvService;
+use crate::services::unimplemented::Unimplemented;
+
+/// gRPC's framing allowance on top of `--max-request-bytes`, as etcd's `grpcOverheadBytes`:
+/// requests up to the limit reach the server's own size check and get etcd's error text.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag combination fetcd cannot honour.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The member's stores or Raft could not be opened.
+    #[error("open member: {0}")]
+    Open(#[from] fetcd_raft::node::OpenError),
+    /// A client URL could not be parsed or bound.
+    #[error("listen on {url}: {source}")]
+    Listen {
+        /// The URL from `--listen-client-urls`.
+        url: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A gRPC listener failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A server task panicked or was cancelled.
+    #[error("server task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A running fetcd member serving clients.
+pub struct EtcdServer {
+    node: Arc<EtcdNode>,
+    client_urls: Vec<String>,
+    stop: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl std::fmt::Debug for EtcdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdServer")
+            .field("client_urls", &self.client_urls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn host_port(url: &str) -> Result<&str, std::io::Error> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "only http:// client URLs are supported",
+        )
+    })?;
+    Ok(rest.trim_end_matches('/'))
+}
+
+impl EtcdServer {
+    /// Opens the member under `--data-dir`, waits for it to lead (a single member elects itself),
+    /// and starts serving on every `--listen-client-urls` address (port 0 picks a free port).
+    pub async fn start(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let mut rc = RaftNodeConfig::new(config.member_id(), config.data_dir());
+        if let Some(u) = config.initial_advertise_peer_urls.first() {
+            rc.peer_url = u.clone();
+        }
+        rc.heartbeat_interval = config.heartbeat();
+        rc.election_timeout = config.election();
+        rc.snapshot_count = config.snapshot_count;
+        rc.snapshot_catchup_entries = config.experimental_snapshot_catchup_entries;
+        let raft = RaftNode::open(rc).await?;
+        if let Err(e) = raft.wait_for_leader(config.election() * 10).await {
+            tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
+        }
+        let node = EtcdNode::new(
+            raft,
+            config.cluster_id(),
+            config.max_request_bytes,
+            config.max_txn_ops,
+        );
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut client_urls = Vec::new();
+        let mut listeners = Vec::new();
+        for url in &config.listen_client_urls {
+            let addr = host_port(url).map_err(|source| Error::Listen {
+                url: url.clone(),
+                source,
+            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    url: url.clone(),
+                    source,
+                })?;
+            let local: SocketAddr = listener.local_addr().map_err(|source| Error::Listen {
+                url: url.clone(),
+                source,
+            })?;
+            client_urls.push(format!("http://{local}"));
+            tracing::info!(%local, "serving client requests");
+            listeners.push(tokio::spawn(serve(
+                node.clone(),
+                listener,
+                config.max_request_bytes,
+                stop_rx.clone(),
+            )));
+        }
+        Ok(EtcdServer {
+            node,
+            client_urls,
+            stop,
+            listeners,
+        })
+    }
+
+    /// The first client URL actually bound (with the real port).
+    pub fn client_url(&self) -> String {
+        self.client_urls.first().cloned().unwrap_or_default()
+    }
+
+    /// Every client URL actually bound.
+    pub fn client_urls(&self) -> &[String] {
+        &self.client_urls
+    }
+
+    /// The member behind the services.
+    pub fn node(&self) -> &Arc<EtcdNode> {
+        &self.node
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, stops Raft and flushes the store.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        let mut first_err = None;
+        for l in self.listeners {
+            match l.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(Error::Transport(e));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(Error::Join(e));
+                }
+            }
+        }
+        self.node.raft().shutdown().await;
+        tracing::info!("fetcd stopped");
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+async fn serve(
+    node: Arc<EtcdNode>,
+    listener: TcpListener,
+    max_request_bytes: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
+    let kv = KvServer::new(KvService::new(node))
+        .max_decoding_message_size(max_recv)
+        .max_encoding_message_size(usize::MAX);
+    tonic::transport::Server::builder()
+        .add_service(kv)
+        .add_service(WatchServer::new(Unimplemented))
+        .add_service(LeaseServer::new(Unimplemented))
+        .add_service(ClusterServer::new(Unimplemented))
+        .add_service(MaintenanceServer::new(Unimplemented))
+        .add_service(AuthServer::new(Unimplemented))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}

@@ -1,0 +1,112 @@
+//! The server's view of its member: propose with size limits, linearizable read points, and
+//! etcd's response header.
+
+use std::sync::Arc;
+
+use fetcd_proto::etcdserverpb::ResponseHeader;
+use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::InternalRaftRequest;
+use fetcd_proto::raftpb::RequestHeader;
+use fetcd_raft::CommandResponse;
+use fetcd_raft::RaftNode;
+use fetcd_storage::KvStore;
+use fetcd_storage::WriteResponse;
+use prost::Message;
+use tonic::Status;
+
+use crate::status;
+
+/// Shared by every service of one member.
+#[derive(Debug)]
+pub struct EtcdNode {
+    raft: RaftNode,
+    cluster_id: u64,
+    member_id: u64,
+    max_request_bytes: usize,
+    max_txn_ops: usize,
+    next_request_id: std::sync::atomic::AtomicU64,
+}
+
+impl EtcdNode {
+    /// Wraps a running member.
+    pub fn new(
+        raft: RaftNode,
+        cluster_id: u64,
+        max_request_bytes: usize,
+        max_txn_ops: usize,
+    ) -> Arc<Self> {
+        let member_id = raft.id();
+        Arc::new(EtcdNode {
+            raft,
+            cluster_id,
+            member_id,
+            max_request_bytes,
+            max_txn_ops,
+            next_request_id: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// `--max-txn-ops`.
+    pub fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
+    }
+
+    /// The Raft member.
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// The MVCC store, for local reads.
+    pub fn store(&self) -> &Arc<KvStore> {
+        self.raft.store()
+    }
+
+    /// etcd's response header: cluster and member ids, the Raft term, and `revision` (or the
+    /// current revision when the answer did not set one).
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(ResponseHeader::default);
+        h.cluster_id = self.cluster_id;
+        h.member_id = self.member_id;
+        h.raft_term = self.raft.term();
+        if h.revision == 0 {
+            h.revision = self.store().current_revision();
+        }
+    }
+
+    /// Proposes a KV write and returns the store's answer, refusing requests over
+    /// `--max-request-bytes` before they reach the log.
+    pub async fn write(&self, request: Request) -> Result<WriteResponse, Status> {
+        let id = self
+            .next_request_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let req = InternalRaftRequest {
+            header: Some(RequestHeader {
+                id,
+                ..Default::default()
+            }),
+            request: Some(request),
+        };
+        if req.encoded_len() > self.max_request_bytes {
+            return Err(status::request_too_large());
+        }
+        match self.raft.propose(req).await {
+            Err(e) => Err(status::propose_error(&e)),
+            Ok(CommandResponse::Write(w)) => Ok(w),
+            Ok(CommandResponse::Refused(e)) => Err(status::kv_error(&e)),
+            Ok(CommandResponse::None) => {
+                Err(Status::internal("etcdserver: write produced no answer"))
+            }
+        }
+    }
+
+    /// Waits for a linearizable read point (openraft read index); `serializable` reads skip it.
+    pub async fn read_barrier(&self, serializable: bool) -> Result<(), Status> {
+        if serializable {
+            return Ok(());
+        }
+        self.raft
+            .read_barrier()
+            .await
+            .map_err(|e| status::propose_error(&e))
+    }
+}

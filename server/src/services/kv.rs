@@ -1,0 +1,145 @@
+//! etcd's KV service: validate, propose or read, map the error, fill the header.
+
+use std::sync::Arc;
+
+use fetcd_proto::etcdserverpb::kv_server::Kv;
+use fetcd_proto::etcdserverpb::request_op::Request as OpRequest;
+use fetcd_proto::etcdserverpb::CompactionRequest;
+use fetcd_proto::etcdserverpb::CompactionResponse;
+use fetcd_proto::etcdserverpb::DeleteRangeRequest;
+use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::PutResponse;
+use fetcd_proto::etcdserverpb::RangeRequest;
+use fetcd_proto::etcdserverpb::RangeResponse;
+use fetcd_proto::etcdserverpb::TxnRequest;
+use fetcd_proto::etcdserverpb::TxnResponse;
+use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_storage::WriteResponse;
+use tonic::Request as GrpcRequest;
+use tonic::Response;
+use tonic::Status;
+
+use crate::node::EtcdNode;
+use crate::status;
+use crate::validate;
+
+/// The KV service of one member.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    node: Arc<EtcdNode>,
+}
+
+impl KvService {
+    /// A KV service over `node`.
+    pub fn new(node: Arc<EtcdNode>) -> Self {
+        KvService { node }
+    }
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!("etcdserver: unexpected answer to {what}"))
+}
+
+/// True if every Range in the Txn (at any depth) is serializable; such a read-only Txn may skip
+/// the read barrier, as in etcd.
+fn txn_serializable(r: &TxnRequest) -> bool {
+    r.success
+        .iter()
+        .chain(&r.failure)
+        .all(|op| match &op.request {
+            Some(OpRequest::RequestRange(r)) => r.serializable,
+            Some(OpRequest::RequestTxn(t)) => txn_serializable(t),
+            _ => true,
+        })
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn range(
+        &self,
+        req: GrpcRequest<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let r = req.into_inner();
+        validate::range(&r)?;
+        self.node.read_barrier(r.serializable).await?;
+        let mut resp = self
+            .node
+            .store()
+            .range(&r)
+            .map_err(|e| status::storage_error(&e))?
+            .map_err(|e| status::kv_error(&e))?;
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn put(&self, req: GrpcRequest<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        validate::put(&r)?;
+        match self.node.write(Request::Put(r)).await? {
+            WriteResponse::Put(mut resp) => {
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("put")),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete_range(
+        &self,
+        req: GrpcRequest<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = req.into_inner();
+        validate::delete_range(&r)?;
+        match self.node.write(Request::DeleteRange(r)).await? {
+            WriteResponse::DeleteRange(mut resp) => {
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("delete range")),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn txn(&self, req: GrpcRequest<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let r = req.into_inner();
+        validate::txn(&r, self.node.max_txn_ops())?;
+        if fetcd_storage::is_txn_read_only(&r) {
+            // Reads need no log entry: a read point is enough (etcd does the same).
+            self.node.read_barrier(txn_serializable(&r)).await?;
+            let mut resp = self
+                .node
+                .store()
+                .read_txn(&r)
+                .map_err(|e| status::storage_error(&e))?
+                .map_err(|e| status::kv_error(&e))?;
+            self.node.fill_header(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
+        match self.node.write(Request::Txn(r)).await? {
+            WriteResponse::Txn(mut resp) => {
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("txn")),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn compact(
+        &self,
+        req: GrpcRequest<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let r = req.into_inner();
+        match self.node.write(Request::Compaction(r)).await? {
+            WriteResponse::Compaction(mut resp) => {
+                self.node.fill_header(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("compaction")),
+        }
+    }
+}

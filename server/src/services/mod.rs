@@ -1,0 +1,4 @@
+//! One module per etcd gRPC service; handlers stay thin (validate → delegate → map → header).
+
+pub mod kv;
+pub mod unimplemented;

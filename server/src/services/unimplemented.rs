@@ -1,0 +1,118 @@
+//! The services whose issues have not landed yet. Every RPC answers gRPC `Unimplemented` with
+//! the RPC's name — never a fake success a client could mistake for etcd's answer.
+
+use std::pin::Pin;
+
+use fetcd_proto::etcdserverpb as pb;
+use futures::Stream;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tonic::Streaming;
+
+/// A service with no implemented RPC yet.
+#[derive(Debug, Clone, Default)]
+pub struct Unimplemented;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn unimplemented(rpc: &str) -> Status {
+    Status::unimplemented(format!("fetcd: {rpc} is not implemented yet"))
+}
+
+/// Implements a service trait whose every unary RPC answers `Unimplemented`; streaming RPCs
+/// and associated types come in `extra`. (The whole impl is generated so `async_trait` sees the
+/// expanded methods.)
+macro_rules! unimplemented_service {
+    ($trait:path { $($extra:item)* } $($name:ident($req:ident) -> $resp:ident;)*) => {
+        #[tonic::async_trait]
+        impl $trait for Unimplemented {
+            $($extra)*
+            $(
+                async fn $name(&self, _: Request<pb::$req>) -> Result<Response<pb::$resp>, Status> {
+                    Err(unimplemented(stringify!($name)))
+                }
+            )*
+        }
+    };
+}
+
+unimplemented_service! {
+    pb::watch_server::Watch {
+        type WatchStream = BoxStream<pb::WatchResponse>;
+
+        async fn watch(
+            &self,
+            _: Request<Streaming<pb::WatchRequest>>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            Err(unimplemented("Watch"))
+        }
+    }
+}
+
+unimplemented_service! {
+    pb::lease_server::Lease {
+        type LeaseKeepAliveStream = BoxStream<pb::LeaseKeepAliveResponse>;
+
+        async fn lease_keep_alive(
+            &self,
+            _: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+        ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+            Err(unimplemented("LeaseKeepAlive"))
+        }
+    }
+    lease_grant(LeaseGrantRequest) -> LeaseGrantResponse;
+    lease_revoke(LeaseRevokeRequest) -> LeaseRevokeResponse;
+    lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse;
+    lease_leases(LeaseLeasesRequest) -> LeaseLeasesResponse;
+}
+
+unimplemented_service! {
+    pb::cluster_server::Cluster {}
+    member_add(MemberAddRequest) -> MemberAddResponse;
+    member_remove(MemberRemoveRequest) -> MemberRemoveResponse;
+    member_update(MemberUpdateRequest) -> MemberUpdateResponse;
+    member_list(MemberListRequest) -> MemberListResponse;
+    member_promote(MemberPromoteRequest) -> MemberPromoteResponse;
+}
+
+unimplemented_service! {
+    pb::maintenance_server::Maintenance {
+        type SnapshotStream = BoxStream<pb::SnapshotResponse>;
+
+        async fn snapshot(
+            &self,
+            _: Request<pb::SnapshotRequest>,
+        ) -> Result<Response<Self::SnapshotStream>, Status> {
+            Err(unimplemented("Snapshot"))
+        }
+    }
+    alarm(AlarmRequest) -> AlarmResponse;
+    status(StatusRequest) -> StatusResponse;
+    defragment(DefragmentRequest) -> DefragmentResponse;
+    hash(HashRequest) -> HashResponse;
+    hash_kv(HashKvRequest) -> HashKvResponse;
+    move_leader(MoveLeaderRequest) -> MoveLeaderResponse;
+    downgrade(DowngradeRequest) -> DowngradeResponse;
+}
+
+unimplemented_service! {
+    pb::auth_server::Auth {}
+    auth_enable(AuthEnableRequest) -> AuthEnableResponse;
+    auth_disable(AuthDisableRequest) -> AuthDisableResponse;
+    auth_status(AuthStatusRequest) -> AuthStatusResponse;
+    authenticate(AuthenticateRequest) -> AuthenticateResponse;
+    user_add(AuthUserAddRequest) -> AuthUserAddResponse;
+    user_get(AuthUserGetRequest) -> AuthUserGetResponse;
+    user_list(AuthUserListRequest) -> AuthUserListResponse;
+    user_delete(AuthUserDeleteRequest) -> AuthUserDeleteResponse;
+    user_change_password(AuthUserChangePasswordRequest) -> AuthUserChangePasswordResponse;
+    user_grant_role(AuthUserGrantRoleRequest) -> AuthUserGrantRoleResponse;
+    user_revoke_role(AuthUserRevokeRoleRequest) -> AuthUserRevokeRoleResponse;
+    role_add(AuthRoleAddRequest) -> AuthRoleAddResponse;
+    role_get(AuthRoleGetRequest) -> AuthRoleGetResponse;
+    role_list(AuthRoleListRequest) -> AuthRoleListResponse;
+    role_delete(AuthRoleDeleteRequest) -> AuthRoleDeleteResponse;
+    role_grant_permission(AuthRoleGrantPermissionRequest) -> AuthRoleGrantPermissionResponse;
+    role_revoke_permission(AuthRoleRevokePermissionRequest) -> AuthRoleRevokePermissionResponse;
+}

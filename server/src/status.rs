@@ -1,0 +1,44 @@
+//! One table from internal errors to etcd's gRPC status codes and message texts (etcd's
+//! `v3rpc/util.go` `toGRPCErrorMap` and `rpctypes`), so clients that match on the text — clientv3,
+//! kube-apiserver — behave as with etcd.
+
+use fetcd_proto::status as msg;
+use fetcd_raft::ProposeError;
+use fetcd_storage::KvError;
+use fetcd_storage::StorageError;
+use tonic::Status;
+
+/// A refused KV request.
+pub fn kv_error(e: &KvError) -> Status {
+    match e {
+        KvError::Compacted => Status::out_of_range(msg::ERR_COMPACTED),
+        KvError::FutureRevision => Status::out_of_range(msg::ERR_FUTURE_REV),
+        KvError::KeyNotFound => Status::invalid_argument(msg::ERR_KEY_NOT_FOUND),
+        KvError::LeaseNotFound => Status::not_found(msg::ERR_LEASE_NOT_FOUND),
+        other => Status::internal(format!("etcdserver: {other}")),
+    }
+}
+
+/// A failure of the member's own storage while serving a read.
+pub fn storage_error(e: &StorageError) -> Status {
+    tracing::error!(error = %e, "storage failure");
+    Status::internal(format!("etcdserver: storage failure: {e}"))
+}
+
+/// A proposal or read barrier that did not complete.
+pub fn propose_error(e: &ProposeError) -> Status {
+    match e {
+        ProposeError::NoLeader => Status::unavailable(msg::ERR_NO_LEADER),
+        ProposeError::NotLeader(_) => Status::unavailable(msg::ERR_NO_LEADER),
+        ProposeError::Stopped(why) => {
+            tracing::warn!(%why, "request on a stopped member");
+            Status::unavailable(msg::ERR_STOPPED)
+        }
+        ProposeError::Timeout => Status::unavailable(msg::ERR_TIMEOUT),
+    }
+}
+
+/// A request larger than `--max-request-bytes`.
+pub fn request_too_large() -> Status {
+    Status::invalid_argument(msg::ERR_REQUEST_TOO_LARGE)
+}

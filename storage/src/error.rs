@@ -1,0 +1,41 @@
+//! Errors of the MVCC store.
+//!
+//! Two kinds, kept apart on purpose: [`KvError`] is an answer to a client request (the request was
+//! wrong for the current state; nothing was written and the store goes on), while
+//! [`StorageError`] means the disk or the data on it failed and the store cannot go on safely.
+
+/// A request that the store refused; nothing of it was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KvError {
+    /// The requested revision is older than the compaction revision.
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    /// The requested revision is newer than the current revision.
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// `ignore_value` / `ignore_lease` on a key that does not exist.
+    #[error("key not found")]
+    KeyNotFound,
+    /// A put refers to a lease that does not exist.
+    #[error("requested lease not found")]
+    LeaseNotFound,
+}
+
+/// The store failed underneath; the caller must stop applying.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// sled reported an I/O or corruption error.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// Bytes on disk that this crate cannot have written.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// I/O outside sled (snapshot files).
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shorthand for results that can fail only underneath.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -1,0 +1,647 @@
+//! The MVCC store: key index in memory, every revision of every key in sled.
+//!
+//! Layout in sled (one `Db`, the trees named in [`schema`]):
+//! - `key`: encoded [`Revision`] (+ tombstone mark) → protobuf `mvccpb.KeyValue`. Immutable once
+//!   written; only compaction deletes from it.
+//! - `meta`: the consistent index (an opaque blob the Raft layer hands in with every write, written
+//!   in the same sled transaction as the data it covers) and the scheduled / finished compaction
+//!   revisions.
+//!
+//! Invariants (etcd bug 13766 came from breaking the first two):
+//! 1. The consistent index is written atomically with the data it produced.
+//! 2. The in-memory key index and current revision change only after that sled write succeeded.
+//! 3. Every request is checked completely before anything is written, so a refused request leaves
+//!    no trace.
+//! 4. The in-memory index is derived state: [`KvStore::open`] rebuilds it from the `key` tree.
+//!
+//! sled is not the durability boundary: its flush does not fsync on Linux. The Raft log is; after
+//! a crash the Raft layer re-applies the log from the consistent index found here.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::MutexGuard;
+use std::sync::RwLock;
+use std::sync::RwLockReadGuard;
+
+use fetcd_proto::etcdserverpb::CompactionRequest;
+use fetcd_proto::etcdserverpb::CompactionResponse;
+use fetcd_proto::etcdserverpb::DeleteRangeRequest;
+use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::PutResponse;
+use fetcd_proto::etcdserverpb::RangeRequest;
+use fetcd_proto::etcdserverpb::RangeResponse;
+use fetcd_proto::etcdserverpb::TxnRequest;
+use fetcd_proto::etcdserverpb::TxnResponse;
+use fetcd_proto::mvccpb::KeyValue;
+use prost::Message;
+use sled::transaction::ConflictableTransactionError;
+use sled::transaction::TransactionError;
+use sled::Transactional;
+
+use crate::key_index::KeyIndex;
+use crate::kv::KeyRange;
+use crate::kv::ReadView;
+use crate::ops;
+use crate::revision::Revision;
+use crate::schema;
+use crate::KvError;
+use crate::Result;
+use crate::StorageError;
+
+/// How many `key` tree deletions physical compaction puts in one sled batch.
+const COMPACTION_BATCH: usize = 10_000;
+
+/// The index and the revisions it is valid for, published together so a reader never sees a
+/// revision whose index changes are missing.
+#[derive(Debug, Default)]
+struct IndexState {
+    keys: BTreeMap<Vec<u8>, KeyIndex>,
+    /// The newest revision; 1 for an empty store, as in etcd.
+    current: i64,
+    /// Reads below this revision are refused; -1 before the first compaction.
+    compact: i64,
+}
+
+/// A change the store will write: one Raft entry's worth of KV work.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOp {
+    /// Put one key.
+    Put(PutRequest),
+    /// Delete a key range.
+    DeleteRange(DeleteRangeRequest),
+    /// A transaction; may also be read-only.
+    Txn(TxnRequest),
+    /// Drop history below a revision.
+    Compaction(CompactionRequest),
+    /// Nothing for the KV space (a Raft blank or membership entry), but its consistent index
+    /// must still be recorded.
+    Noop,
+}
+
+/// The answer to one [`WriteOp`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteResponse {
+    /// Answer to [`WriteOp::Put`].
+    Put(PutResponse),
+    /// Answer to [`WriteOp::DeleteRange`].
+    DeleteRange(DeleteRangeResponse),
+    /// Answer to [`WriteOp::Txn`].
+    Txn(TxnResponse),
+    /// Answer to [`WriteOp::Compaction`].
+    Compaction(CompactionResponse),
+    /// Answer to [`WriteOp::Noop`].
+    Noop,
+}
+
+/// Receives `(tree, key, value)` records from [`KvStore::export`].
+pub type ExportSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
+
+/// The MVCC key-value store (etcd's `mvcc.store`).
+pub struct KvStore {
+    db: sled::Db,
+    key_tree: sled::Tree,
+    meta_tree: sled::Tree,
+    index: RwLock<IndexState>,
+    /// One writer at a time; writes are applied in Raft log order anyway.
+    writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore").finish_non_exhaustive()
+    }
+}
+
+impl KvStore {
+    /// Opens the store in `db`, rebuilding the key index from the `key` tree and finishing a
+    /// compaction that a crash interrupted.
+    pub fn open(db: sled::Db) -> Result<Self> {
+        let key_tree = db.open_tree(schema::KEY_TREE)?;
+        let meta_tree = db.open_tree(schema::META_TREE)?;
+        let store = KvStore {
+            db,
+            key_tree,
+            meta_tree,
+            index: RwLock::new(IndexState::default()),
+            writer: Mutex::new(()),
+        };
+        store.restore()?;
+        Ok(store)
+    }
+
+    /// Opens (or creates) a sled database at `path` and the store in it.
+    pub fn open_path(path: &std::path::Path) -> Result<Self> {
+        Self::open(sled::Config::new().path(path).open()?)
+    }
+
+    /// Rebuilds the in-memory state from sled (etcd's `restore` / `restoreIntoIndex`).
+    fn restore(&self) -> Result<()> {
+        let scheduled = self
+            .read_meta_i64(schema::SCHEDULED_COMPACT_REV)?
+            .unwrap_or(-1);
+        let finished = self
+            .read_meta_i64(schema::FINISHED_COMPACT_REV)?
+            .unwrap_or(-1);
+        let mut st = IndexState {
+            keys: BTreeMap::new(),
+            current: 1,
+            compact: finished,
+        };
+        for item in self.key_tree.iter() {
+            let (k, v) = item?;
+            let (rev, tombstone) = Revision::from_bytes(&k)
+                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+            let kv = decode_kv(&v)?;
+            st.current = st.current.max(rev.main);
+            match st.keys.get_mut(&kv.key) {
+                Some(ki) if tombstone => {
+                    if ki.is_live() {
+                        ki.tombstone(rev);
+                    }
+                }
+                Some(ki) => ki.put(rev),
+                // A tombstone whose puts were compacted away says nothing.
+                None if tombstone => {}
+                None => {
+                    let created = Revision::new(kv.create_revision, 0);
+                    st.keys
+                        .insert(kv.key, KeyIndex::restore(created, rev, kv.version));
+                }
+            }
+        }
+        st.current = st.current.max(scheduled).max(finished);
+        let keys = st.keys.len();
+        *self.write_index() = st;
+        if scheduled > finished {
+            tracing::info!(scheduled, finished, "finishing interrupted compaction");
+            self.compact_locked(scheduled)?;
+        }
+        tracing::info!(
+            keys,
+            revision = self.current_revision(),
+            "mvcc store restored"
+        );
+        Ok(())
+    }
+
+    /// The newest revision.
+    pub fn current_revision(&self) -> i64 {
+        self.read_index().current
+    }
+
+    /// The revision of the last compaction (-1 if none).
+    pub fn compact_revision(&self) -> i64 {
+        self.read_index().compact
+    }
+
+    /// The consistent index last written with data: the Raft layer's opaque applied marker.
+    pub fn consistent_index(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .meta_tree
+            .get(schema::CONSISTENT_INDEX)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Serves a Range at the current or a historical revision (never through Raft).
+    pub fn range(&self, req: &RangeRequest) -> Result<std::result::Result<RangeResponse, KvError>> {
+        let view = CommittedView {
+            st: self.read_index(),
+            key_tree: &self.key_tree,
+        };
+        ops::range(&view, req)
+    }
+
+    /// Serves a Txn that only reads (no put or delete in any branch) without taking the writer.
+    pub fn read_txn(&self, req: &TxnRequest) -> Result<std::result::Result<TxnResponse, KvError>> {
+        let mut txn = WriteTxn::new(self, None);
+        ops::txn(&mut txn, req)
+    }
+
+    /// Applies write operations in order, each tagged with the consistent index to record with
+    /// it. Returns one answer per operation; `Err` means storage failed and nothing after the
+    /// last durable consistent index may be assumed applied.
+    pub fn apply<I>(&self, ops_in: I) -> Result<Vec<std::result::Result<WriteResponse, KvError>>>
+    where
+        I: IntoIterator<Item = (WriteOp, Vec<u8>)>,
+    {
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut txn = WriteTxn::new(self, Some(guard));
+        for (op, consistent_index) in ops_in {
+            let res = match op {
+                WriteOp::Put(req) => ops::put(&mut txn, &req)?.map(WriteResponse::Put),
+                WriteOp::DeleteRange(req) => {
+                    ops::delete_range(&mut txn, &req)?.map(WriteResponse::DeleteRange)
+                }
+                WriteOp::Txn(req) => ops::txn(&mut txn, &req)?.map(WriteResponse::Txn),
+                WriteOp::Noop => Ok(WriteResponse::Noop),
+                WriteOp::Compaction(req) => {
+                    // Compaction rewrites the committed index: commit what is staged first.
+                    let guard = txn.commit()?;
+                    let res = self.compact(&req, &consistent_index)?;
+                    txn = WriteTxn::new(self, guard);
+                    if res.is_err() {
+                        // A refused compaction wrote nothing; its index is recorded like a Noop's.
+                        txn.consistent_index = Some(consistent_index);
+                    }
+                    out.push(res.map(WriteResponse::Compaction));
+                    continue;
+                }
+            };
+            txn.end_op();
+            txn.consistent_index = Some(consistent_index);
+            out.push(res);
+        }
+        txn.commit()?;
+        Ok(out)
+    }
+
+    /// Compacts at `req.revision`. The caller holds the writer.
+    fn compact(
+        &self,
+        req: &CompactionRequest,
+        consistent_index: &[u8],
+    ) -> Result<std::result::Result<CompactionResponse, KvError>> {
+        let rev = req.revision;
+        let current = {
+            let st = self.read_index();
+            if rev <= st.compact {
+                return Ok(Err(KvError::Compacted));
+            }
+            if rev > st.current {
+                return Ok(Err(KvError::FutureRevision));
+            }
+            st.current
+        };
+        // Schedule first, atomically with the consistent index: a crash after this point
+        // finishes the compaction on restart instead of re-applying the entry.
+        let mut batch = sled::Batch::default();
+        batch.insert(schema::SCHEDULED_COMPACT_REV, &rev.to_be_bytes());
+        batch.insert(schema::CONSISTENT_INDEX, consistent_index);
+        self.meta_tree.apply_batch(batch)?;
+        self.compact_locked(rev)?;
+        Ok(Ok(CompactionResponse {
+            header: Some(ops::header(current)),
+        }))
+    }
+
+    /// Compacts the index, then deletes unreachable revisions from the `key` tree in batches, then
+    /// records the compaction as finished.
+    fn compact_locked(&self, rev: i64) -> Result<()> {
+        let mut keep = HashSet::new();
+        {
+            let mut st = self.write_index();
+            st.keys.retain(|_, ki| {
+                ki.compact(rev, &mut keep);
+                !ki.is_empty()
+            });
+            st.compact = rev;
+        }
+        let end = Revision::main_start_bytes(rev + 1);
+        let mut batch = sled::Batch::default();
+        let mut n = 0usize;
+        let mut deleted = 0usize;
+        for item in self.key_tree.range(..end) {
+            let (k, _) = item?;
+            let (r, _) = Revision::from_bytes(&k)
+                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+            if keep.contains(&r) {
+                continue;
+            }
+            batch.remove(k);
+            n += 1;
+            if n == COMPACTION_BATCH {
+                self.key_tree.apply_batch(std::mem::take(&mut batch))?;
+                deleted += n;
+                n = 0;
+            }
+        }
+        self.key_tree.apply_batch(batch)?;
+        deleted += n;
+        self.meta_tree
+            .insert(schema::FINISHED_COMPACT_REV, &rev.to_be_bytes())?;
+        tracing::info!(revision = rev, deleted, "compaction finished");
+        Ok(())
+    }
+
+    /// Asks sled to write its buffers out. Not an fsync on Linux (sled 0.34); durability comes from
+    /// the Raft log. Used before snapshots and on clean shutdown to shorten replay.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes every tree this store owns as `(tree, key, value)` records, for Raft snapshots.
+    /// Holds the writer so the copy is one consistent revision.
+    pub fn export(&self, out: &mut ExportSink<'_>) -> Result<()> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, tree) in [
+            (schema::KEY_TREE, &self.key_tree),
+            (schema::META_TREE, &self.meta_tree),
+        ] {
+            for item in tree.iter() {
+                let (k, v) = item?;
+                out(name, &k, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole store with exported records (a Raft snapshot install) and rebuilds the
+    /// index. `records` yields `(tree, key, value)`.
+    pub fn import<I>(&self, records: I) -> Result<()>
+    where
+        I: IntoIterator<Item = Result<(String, Vec<u8>, Vec<u8>)>>,
+    {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.key_tree.clear()?;
+        self.meta_tree.clear()?;
+        for rec in records {
+            let (name, k, v) = rec?;
+            match name.as_str() {
+                schema::KEY_TREE => self.key_tree.insert(k, v)?,
+                schema::META_TREE => self.meta_tree.insert(k, v)?,
+                other => return Err(StorageError::Corrupt(format!("unknown tree {other}"))),
+            };
+        }
+        self.restore()
+    }
+
+    fn read_meta_i64(&self, key: &str) -> Result<Option<i64>> {
+        match self.meta_tree.get(key)? {
+            None => Ok(None),
+            Some(v) => {
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
+                    StorageError::Corrupt(format!("meta {key} is {} bytes", v.len()))
+                })?;
+                Ok(Some(i64::from_be_bytes(b)))
+            }
+        }
+    }
+
+    fn read_index(&self) -> RwLockReadGuard<'_, IndexState> {
+        // A panic while holding the lock cannot leave the index half-updated: publication is a
+        // sequence of whole-entry inserts after the sled commit. Keep serving.
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, IndexState> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn decode_kv(v: &[u8]) -> Result<KeyValue> {
+    KeyValue::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
+}
+
+fn load_from(key_tree: &sled::Tree, rev: Revision) -> Result<KeyValue> {
+    let v = key_tree.get(rev.to_bytes(false))?.ok_or_else(|| {
+        StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
+    })?;
+    decode_kv(&v)
+}
+
+/// The committed state, as plain reads see it.
+struct CommittedView<'a> {
+    st: RwLockReadGuard<'a, IndexState>,
+    key_tree: &'a sled::Tree,
+}
+
+impl ReadView for CommittedView<'_> {
+    fn rev(&self) -> i64 {
+        self.st.current
+    }
+
+    fn compact_rev(&self) -> i64 {
+        self.st.compact
+    }
+
+    fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool) {
+        let Some(bounds) = range.bounds() else {
+            return;
+        };
+        for (k, ki) in self.st.keys.range::<[u8], _>(bounds) {
+            if !f(k, ki) {
+                break;
+            }
+        }
+    }
+
+    fn load(&self, rev: Revision) -> Result<KeyValue> {
+        load_from(self.key_tree, rev)
+    }
+}
+
+/// A write transaction over the committed state (etcd's `storeTxnWrite`): changes are staged in
+/// an overlay of key-index entries and a sled batch, visible to later reads of the same
+/// transaction, and published only by [`WriteTxn::commit`].
+///
+/// One `WriteTxn` may carry several operations (a batch of Raft entries); each operation that
+/// changes something takes the next main revision.
+pub(crate) struct WriteTxn<'a> {
+    store: &'a KvStore,
+    base: Option<RwLockReadGuard<'a, IndexState>>,
+    writer: Option<MutexGuard<'a, ()>>,
+    overlay: BTreeMap<Vec<u8>, KeyIndex>,
+    staged: HashMap<Revision, KeyValue>,
+    batch: sled::Batch,
+    batch_len: usize,
+    /// The revision the current operation started from.
+    begin_rev: i64,
+    /// Changes of the current operation; their count is the next sub revision.
+    changes: usize,
+    consistent_index: Option<Vec<u8>>,
+}
+
+impl<'a> WriteTxn<'a> {
+    fn new(store: &'a KvStore, writer: Option<MutexGuard<'a, ()>>) -> Self {
+        let base = store.read_index();
+        let begin_rev = base.current;
+        WriteTxn {
+            store,
+            base: Some(base),
+            writer,
+            overlay: BTreeMap::new(),
+            staged: HashMap::new(),
+            batch: sled::Batch::default(),
+            batch_len: 0,
+            begin_rev,
+            changes: 0,
+            consistent_index: None,
+        }
+    }
+
+    fn base(&self) -> &IndexState {
+        // Present from `new` until `commit` consumes the transaction.
+        match &self.base {
+            Some(b) => b,
+            None => unreachable!("WriteTxn used after commit"),
+        }
+    }
+
+    /// True if this transaction may write (it holds the store's writer).
+    pub(crate) fn writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Number of changes the current operation made so far.
+    pub(crate) fn changes(&self) -> usize {
+        self.changes
+    }
+
+    /// The revision the current operation's writes get.
+    fn write_rev(&self) -> i64 {
+        self.begin_rev + 1
+    }
+
+    fn key_index_mut(&mut self, key: &[u8]) -> &mut KeyIndex {
+        if !self.overlay.contains_key(key) {
+            let ki = self.base().keys.get(key).cloned().unwrap_or_default();
+            self.overlay.insert(key.to_vec(), ki);
+        }
+        self.overlay.entry(key.to_vec()).or_default()
+    }
+
+    /// Stages a put of `key` and returns its revision (etcd's `storeTxnWrite.put`).
+    pub(crate) fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+        let rev = Revision::new(self.write_rev(), self.changes as i64);
+        let ki = self.key_index_mut(key);
+        let (created, version) = match ki.generations.last() {
+            Some(g) if !g.revs.is_empty() => (g.created.main, g.ver + 1),
+            _ => (rev.main, 1),
+        };
+        ki.put(rev);
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: created,
+            mod_revision: rev.main,
+            version,
+            value,
+            lease,
+        };
+        self.batch.insert(rev.to_bytes(false), kv.encode_to_vec());
+        self.batch_len += 1;
+        self.staged.insert(rev, kv);
+        self.changes += 1;
+        rev.main
+    }
+
+    /// Stages deletes of every key of `range` live now; returns how many.
+    pub(crate) fn delete_range(&mut self, range: &KeyRange) -> i64 {
+        let at = self.rev();
+        let mut keys = Vec::new();
+        self.for_each_key(range, &mut |k, ki| {
+            if ki.get(at).is_some() {
+                keys.push(k.to_vec());
+            }
+            true
+        });
+        for key in &keys {
+            let rev = Revision::new(self.write_rev(), self.changes as i64);
+            self.key_index_mut(key).tombstone(rev);
+            let kv = KeyValue {
+                key: key.clone(),
+                ..Default::default()
+            };
+            self.batch.insert(rev.to_bytes(true), kv.encode_to_vec());
+            self.batch_len += 1;
+            self.changes += 1;
+        }
+        keys.len() as i64
+    }
+
+    /// Closes the current operation: if it changed anything, the revision advances.
+    fn end_op(&mut self) {
+        if self.changes > 0 {
+            self.begin_rev += 1;
+            self.changes = 0;
+        }
+    }
+
+    /// Writes the staged batch and the consistent index in one sled transaction, then publishes
+    /// the index changes. Returns the writer guard for reuse.
+    fn commit(mut self) -> Result<Option<MutexGuard<'a, ()>>> {
+        self.end_op();
+        let store = self.store;
+        if self.batch_len > 0 || self.consistent_index.is_some() {
+            let batch = std::mem::take(&mut self.batch);
+            let ci = self.consistent_index.take();
+            (&store.key_tree, &store.meta_tree)
+                .transaction(|(kt, mt)| {
+                    kt.apply_batch(&batch)?;
+                    if let Some(ci) = &ci {
+                        mt.insert(schema::CONSISTENT_INDEX, ci.as_slice())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Storage(e) => StorageError::Sled(e),
+                    TransactionError::Abort(()) => {
+                        StorageError::Corrupt("write transaction aborted".into())
+                    }
+                })?;
+        }
+        // Only now, with the data in sled, does anyone get to see it.
+        drop(self.base.take());
+        if !self.overlay.is_empty() || self.begin_rev != store.current_revision() {
+            let mut st = store.write_index();
+            for (k, ki) in std::mem::take(&mut self.overlay) {
+                st.keys.insert(k, ki);
+            }
+            st.current = self.begin_rev;
+        }
+        Ok(self.writer.take())
+    }
+}
+
+impl ReadView for WriteTxn<'_> {
+    fn rev(&self) -> i64 {
+        if self.changes > 0 {
+            self.begin_rev + 1
+        } else {
+            self.begin_rev
+        }
+    }
+
+    fn compact_rev(&self) -> i64 {
+        self.base().compact
+    }
+
+    fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool) {
+        let Some(bounds) = range.bounds() else {
+            return;
+        };
+        let mut base = self.base().keys.range::<[u8], _>(bounds).peekable();
+        let mut over = self.overlay.range::<[u8], _>(bounds).peekable();
+        loop {
+            let next = match (base.peek(), over.peek()) {
+                (None, None) => break,
+                (Some(_), None) => base.next(),
+                (None, Some(_)) => over.next(),
+                (Some((bk, _)), Some((ok, _))) => match bk.cmp(ok) {
+                    std::cmp::Ordering::Less => base.next(),
+                    std::cmp::Ordering::Greater => over.next(),
+                    std::cmp::Ordering::Equal => {
+                        base.next();
+                        over.next()
+                    }
+                },
+            };
+            if let Some((k, ki)) = next {
+                if !f(k, ki) {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn load(&self, rev: Revision) -> Result<KeyValue> {
+        match self.staged.get(&rev) {
+            Some(kv) => Ok(kv.clone()),
+            None => load_from(&self.store.key_tree, rev),
+        }
+    }
+}

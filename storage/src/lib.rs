@@ -1,0 +1,29 @@
+//! fetcd's storage: etcd's MVCC model on sled.
+//!
+//! Layers, bottom up:
+//! - [`revision`]: `(main, sub)` revisions and their byte layout in sled.
+//! - [`key_index`]: per-key history in generations (etcd's `keyIndex`).
+//! - [`kvstore`]: the store — sled trees, the in-memory index, write transactions, compaction.
+//! - `ops`: etcd's request semantics (Range, Put, DeleteRange, Txn) over a read view.
+//!
+//! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
+//! request/response types from `fetcd-proto` and an opaque "consistent index" blob from whoever
+//! drives it, and knows nothing of how the writes were agreed on.
+
+mod error;
+pub mod key_index;
+mod kv;
+pub mod kvstore;
+mod ops;
+pub mod revision;
+pub mod schema;
+
+pub use error::KvError;
+pub use error::Result;
+pub use error::StorageError;
+pub use kv::KeyRange;
+pub use kvstore::KvStore;
+pub use kvstore::WriteOp;
+pub use kvstore::WriteResponse;
+pub use ops::is_txn_read_only;
+pub use revision::Revision;

@@ -1,0 +1,420 @@
+//! etcd's request semantics as functions over a view: Range, Put, DeleteRange, Txn.
+//!
+//! Each function checks everything before it writes (etcd's `checkRequests` before
+//! `executeTxn`), so a refused request leaves the transaction untouched.
+
+use fetcd_proto::etcdserverpb::compare::CompareResult;
+use fetcd_proto::etcdserverpb::compare::CompareTarget;
+use fetcd_proto::etcdserverpb::compare::TargetUnion;
+use fetcd_proto::etcdserverpb::range_request::SortOrder;
+use fetcd_proto::etcdserverpb::range_request::SortTarget;
+use fetcd_proto::etcdserverpb::request_op::Request;
+use fetcd_proto::etcdserverpb::response_op::Response;
+use fetcd_proto::etcdserverpb::Compare;
+use fetcd_proto::etcdserverpb::DeleteRangeRequest;
+use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::PutResponse;
+use fetcd_proto::etcdserverpb::RangeRequest;
+use fetcd_proto::etcdserverpb::RangeResponse;
+use fetcd_proto::etcdserverpb::ResponseHeader;
+use fetcd_proto::etcdserverpb::ResponseOp;
+use fetcd_proto::etcdserverpb::TxnRequest;
+use fetcd_proto::etcdserverpb::TxnResponse;
+use fetcd_proto::mvccpb::KeyValue;
+
+use crate::kv::visible_revisions;
+use crate::kv::KeyRange;
+use crate::kv::ReadView;
+use crate::kvstore::WriteTxn;
+use crate::KvError;
+use crate::Result;
+
+type Answer<T> = Result<std::result::Result<T, KvError>>;
+
+/// A response header carrying only the revision; the server fills in the cluster fields.
+pub(crate) fn header(revision: i64) -> ResponseHeader {
+    ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}
+
+/// Checks a read revision against the view like etcd's `rangeKeys`; returns the revision to read.
+fn read_rev(view: &dyn ReadView, rev: i64) -> std::result::Result<i64, KvError> {
+    let cur = view.rev();
+    if rev > cur {
+        return Err(KvError::FutureRevision);
+    }
+    let rev = if rev <= 0 { cur } else { rev };
+    if rev < view.compact_rev() {
+        return Err(KvError::Compacted);
+    }
+    Ok(rev)
+}
+
+/// The live key-values of `range` at `rev`: at most `limit` (0 = all), plus the total count.
+fn range_keys(
+    view: &dyn ReadView,
+    range: &KeyRange,
+    rev: i64,
+    limit: usize,
+    count_only: bool,
+) -> Result<(Vec<KeyValue>, usize)> {
+    let (revs, count) = visible_revisions(view, range, rev, if count_only { 1 } else { limit });
+    if count_only {
+        return Ok((Vec::new(), count));
+    }
+    let mut kvs = Vec::with_capacity(revs.len());
+    for v in revs {
+        kvs.push(view.load(v.modified)?);
+    }
+    Ok((kvs, count))
+}
+
+/// Range with etcd's server-side options (limit + `more`, filters, sort, keys/count only).
+pub(crate) fn range(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangeResponse> {
+    let rev = match read_rev(view, req.revision) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    // Sorting or filtering needs every key; otherwise fetch one extra to learn `more`.
+    let limit = if sort_order != SortOrder::None || filtered || req.limit <= 0 {
+        0
+    } else {
+        req.limit as usize + 1
+    };
+    let range = KeyRange::new(&req.key, &req.range_end);
+    let (mut kvs, count) = range_keys(view, &range, rev, limit, req.count_only)?;
+
+    if req.max_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision <= req.max_mod_revision);
+    }
+    if req.min_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision >= req.min_mod_revision);
+    }
+    if req.max_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision <= req.max_create_revision);
+    }
+    if req.min_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision >= req.min_create_revision);
+    }
+
+    // Keys come out ascending; a non-key target with no order means ascending, as in etcd.
+    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
+        SortOrder::Ascend
+    } else {
+        sort_order
+    };
+    if order != SortOrder::None {
+        let cmp = |a: &KeyValue, b: &KeyValue| match sort_target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        // Stable, and descending flips the comparison rather than the result, so ties keep key
+        // order both ways, as etcd's `sort.Sort(sort.Reverse(..))` (an insertion sort for the
+        // small results clients compare) leaves them.
+        if order == SortOrder::Descend {
+            kvs.sort_by(|a, b| cmp(b, a));
+        } else {
+            kvs.sort_by(cmp);
+        }
+    }
+
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    Ok(Ok(RangeResponse {
+        header: Some(header(view.rev())),
+        kvs,
+        more,
+        count: count as i64,
+    }))
+}
+
+/// The key-value of `key` visible now, if any.
+fn get_one(view: &dyn ReadView, key: &[u8]) -> Result<Option<KeyValue>> {
+    let (mut kvs, _) = range_keys(view, &KeyRange::Single(key.to_vec()), view.rev(), 1, false)?;
+    Ok(kvs.pop())
+}
+
+/// Whether a lease exists. The lease table arrives with the Lease service; until then no lease can
+/// be granted (LeaseGrant answers Unimplemented), so every non-zero lease is unknown.
+fn lease_exists(_lease: i64) -> bool {
+    false
+}
+
+/// Checks a plain Put before it writes, in etcd's `applierV3backend.Put` order: lease first.
+/// (Puts inside a Txn are checked by [`check_path`], key first.)
+fn check_put(view: &dyn ReadView, req: &PutRequest) -> Answer<()> {
+    if req.lease != 0 && !lease_exists(req.lease) {
+        return Ok(Err(KvError::LeaseNotFound));
+    }
+    if (req.ignore_value || req.ignore_lease) && get_one(view, &req.key)?.is_none() {
+        return Ok(Err(KvError::KeyNotFound));
+    }
+    Ok(Ok(()))
+}
+
+fn do_put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse> {
+    let prev = if req.prev_kv || req.ignore_value || req.ignore_lease {
+        get_one(txn, &req.key)?
+    } else {
+        None
+    };
+    let value = match (&prev, req.ignore_value) {
+        (Some(p), true) => p.value.clone(),
+        _ => req.value.clone(),
+    };
+    let lease = match (&prev, req.ignore_lease) {
+        (Some(p), true) => p.lease,
+        _ => req.lease,
+    };
+    let rev = txn.put(&req.key, value, lease);
+    Ok(PutResponse {
+        header: Some(header(rev)),
+        prev_kv: if req.prev_kv { prev } else { None },
+    })
+}
+
+/// Put (etcd's `applierV3backend.Put`).
+pub(crate) fn put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Answer<PutResponse> {
+    if let Err(e) = check_put(txn, req)? {
+        return Ok(Err(e));
+    }
+    Ok(Ok(do_put(txn, req)?))
+}
+
+/// DeleteRange (etcd's `applierV3backend.DeleteRange`): every key in one revision.
+pub(crate) fn delete_range(
+    txn: &mut WriteTxn<'_>,
+    req: &DeleteRangeRequest,
+) -> Answer<DeleteRangeResponse> {
+    let range = KeyRange::new(&req.key, &req.range_end);
+    let prev_kvs = if req.prev_kv {
+        range_keys(txn, &range, txn.rev(), 0, false)?.0
+    } else {
+        Vec::new()
+    };
+    let deleted = txn.delete_range(&range);
+    Ok(Ok(DeleteRangeResponse {
+        header: Some(header(txn.rev())),
+        deleted,
+        prev_kvs,
+    }))
+}
+
+/// Evaluates one compare like etcd's `applyCompare`: every key in its range must satisfy it; a
+/// missing key compares as an empty key-value, except that a value compare on it always fails.
+fn compare(view: &dyn ReadView, c: &Compare) -> Result<bool> {
+    let range = KeyRange::new(&c.key, &c.range_end);
+    let (kvs, _) = range_keys(view, &range, view.rev(), 0, false)?;
+    let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    if kvs.is_empty() {
+        if target == CompareTarget::Value {
+            return Ok(false);
+        }
+        return Ok(compare_kv(c, target, &KeyValue::default()));
+    }
+    Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+}
+
+fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    let int = |want: i64, have: i64| have.cmp(&want);
+    let ord = match target {
+        CompareTarget::Value => {
+            let want: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        }
+        CompareTarget::Version => int(
+            match c.target_union {
+                Some(TargetUnion::Version(v)) => v,
+                _ => 0,
+            },
+            kv.version,
+        ),
+        CompareTarget::Create => int(
+            match c.target_union {
+                Some(TargetUnion::CreateRevision(v)) => v,
+                _ => 0,
+            },
+            kv.create_revision,
+        ),
+        CompareTarget::Mod => int(
+            match c.target_union {
+                Some(TargetUnion::ModRevision(v)) => v,
+                _ => 0,
+            },
+            kv.mod_revision,
+        ),
+        CompareTarget::Lease => int(
+            match c.target_union {
+                Some(TargetUnion::Lease(v)) => v,
+                _ => 0,
+            },
+            kv.lease,
+        ),
+    };
+    match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
+        CompareResult::Equal => ord.is_eq(),
+        CompareResult::NotEqual => ord.is_ne(),
+        CompareResult::Greater => ord.is_gt(),
+        CompareResult::Less => ord.is_lt(),
+    }
+}
+
+/// Which branch each (nested) Txn takes, decided on the state before the Txn writes anything
+/// (etcd's `compareToPath`), in the order the Txns execute.
+fn compare_to_path(view: &dyn ReadView, req: &TxnRequest, path: &mut Vec<bool>) -> Result<()> {
+    let mut ok = true;
+    for c in &req.compare {
+        if !compare(view, c)? {
+            ok = false;
+            break;
+        }
+    }
+    path.push(ok);
+    let ops = if ok { &req.success } else { &req.failure };
+    for op in ops {
+        if let Some(Request::RequestTxn(t)) = &op.request {
+            compare_to_path(view, t, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Which requests a pass of [`check_path`] checks.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Check {
+    Puts,
+    Ranges,
+}
+
+/// Checks the puts or the ranges of the chosen branches before any write (etcd's
+/// `checkRequests`, which runs once for puts, then once for ranges).
+fn check_path(
+    view: &dyn ReadView,
+    req: &TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+    check: Check,
+) -> Answer<()> {
+    let ok = path.get(*at).copied().unwrap_or(false);
+    *at += 1;
+    for op in if ok { &req.success } else { &req.failure } {
+        let res = match &op.request {
+            Some(Request::RequestRange(r)) if check == Check::Ranges => {
+                read_rev(view, r.revision).map(|_| ())
+            }
+            // etcd's `checkRequestPut`: unlike a plain Put, the key before the lease.
+            Some(Request::RequestPut(p)) if check == Check::Puts => {
+                if (p.ignore_value || p.ignore_lease) && get_one(view, &p.key)?.is_none() {
+                    Err(KvError::KeyNotFound)
+                } else if p.lease != 0 && !lease_exists(p.lease) {
+                    Err(KvError::LeaseNotFound)
+                } else {
+                    Ok(())
+                }
+            }
+            Some(Request::RequestTxn(t)) => check_path(view, t, path, at, check)?,
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn execute(
+    txn: &mut WriteTxn<'_>,
+    req: &TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+) -> Answer<TxnResponse> {
+    let ok = path.get(*at).copied().unwrap_or(false);
+    *at += 1;
+    let mut responses = Vec::new();
+    for op in if ok { &req.success } else { &req.failure } {
+        let resp = match &op.request {
+            Some(Request::RequestRange(r)) => match range(txn, r)? {
+                Ok(r) => Response::ResponseRange(r),
+                Err(e) => return Ok(Err(e)),
+            },
+            Some(Request::RequestPut(p)) => Response::ResponsePut(do_put(txn, p)?),
+            Some(Request::RequestDeleteRange(d)) => match delete_range(txn, d)? {
+                Ok(r) => Response::ResponseDeleteRange(r),
+                Err(e) => return Ok(Err(e)),
+            },
+            Some(Request::RequestTxn(t)) => match execute(txn, t, path, at)? {
+                Ok(r) => Response::ResponseTxn(r),
+                Err(e) => return Ok(Err(e)),
+            },
+            None => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(resp),
+        });
+    }
+    Ok(Ok(TxnResponse {
+        // Nested Txns carry an empty header, as in etcd; the outer one is set by `txn`.
+        header: Some(ResponseHeader::default()),
+        succeeded: ok,
+        responses,
+    }))
+}
+
+/// True if no branch of `req` (at any depth) writes.
+pub fn is_txn_read_only(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .all(|op| match &op.request {
+            Some(Request::RequestRange(_)) | None => true,
+            Some(Request::RequestTxn(t)) => is_txn_read_only(t),
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => false,
+        })
+}
+
+/// Txn (etcd's `applierV3backend.Txn`): compares, checks, then executes one branch at one
+/// revision.
+pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnResponse> {
+    let mut path = Vec::new();
+    compare_to_path(txn, req, &mut path)?;
+    for check in [Check::Puts, Check::Ranges] {
+        if let Err(e) = check_path(txn, req, &path, &mut 0, check)? {
+            return Ok(Err(e));
+        }
+    }
+    if !txn.writable() && !is_txn_read_only(req) {
+        return Err(crate::StorageError::Corrupt(
+            "a writing Txn reached the read-only path".into(),
+        ));
+    }
+    let mut resp = match execute(txn, req, &path, &mut 0)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let _ = txn.changes();
+    resp.header = Some(header(txn.rev()));
+    Ok(Ok(resp))
+}

@@ -1,0 +1,12 @@
+//! Names of sled trees and meta keys: the on-disk contract of this crate.
+
+/// Every revision of every key: encoded revision → `mvccpb.KeyValue`.
+pub const KEY_TREE: &str = "key";
+/// Small records about the store itself.
+pub const META_TREE: &str = "meta";
+/// Meta key: the Raft layer's applied marker, written with the data it covers.
+pub const CONSISTENT_INDEX: &str = "consistent_index";
+/// Meta key: a compaction that was decided (8-byte big-endian revision).
+pub const SCHEDULED_COMPACT_REV: &str = "scheduled_compact_rev";
+/// Meta key: the last compaction whose physical deletion completed.
+pub const FINISHED_COMPACT_REV: &str = "finished_compact_rev";
