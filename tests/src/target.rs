@@ -1,0 +1,133 @@
+//! Servers a scenario can run against: real etcd (reference) and the candidate (fetcd, or a
+//! second etcd when the `fetcd` feature is off / `FETCD_TESTS_CANDIDATE=etcd`).
+
+use anyhow::bail;
+use etcd_client::Client;
+
+use crate::etcd::EtcdProcess;
+
+/// Environment variable choosing the differential candidate: `etcd` or `fetcd`.
+/// Default: `fetcd` when built with `--features fetcd`, otherwise `etcd`.
+pub const CANDIDATE_ENV: &str = "FETCD_TESTS_CANDIDATE";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Real etcd child process.
+    Etcd,
+    /// In-process fetcd (requires the `fetcd` cargo feature).
+    Fetcd,
+}
+
+impl TargetKind {
+    /// The candidate selected by `$FETCD_TESTS_CANDIDATE` (see [`CANDIDATE_ENV`]).
+    pub fn candidate() -> anyhow::Result<TargetKind> {
+        match std::env::var(CANDIDATE_ENV) {
+            Ok(v) if v == "etcd" => Ok(TargetKind::Etcd),
+            Ok(v) if v == "fetcd" => Ok(TargetKind::Fetcd),
+            Ok(v) => bail!("{CANDIDATE_ENV}={v:?}: expected `etcd` or `fetcd`"),
+            Err(_) if cfg!(feature = "fetcd") => Ok(TargetKind::Fetcd),
+            Err(_) => Ok(TargetKind::Etcd),
+        }
+    }
+
+    /// Starts a fresh server of this kind (fresh data dir, revision 1).
+    pub async fn start(self, label: impl Into<String>) -> anyhow::Result<Target> {
+        let label = label.into();
+        let inner = match self {
+            TargetKind::Etcd => Inner::Etcd(EtcdProcess::start().await?),
+            #[cfg(feature = "fetcd")]
+            TargetKind::Fetcd => Inner::Fetcd(crate::fetcd::start_fetcd().await?),
+            #[cfg(not(feature = "fetcd"))]
+            TargetKind::Fetcd => bail!(
+                "the fetcd target needs the `fetcd` cargo feature: \
+                 cargo test -p fetcd-tests --features fetcd"
+            ),
+        };
+        Ok(Target {
+            label,
+            kind: self,
+            inner,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Etcd => "etcd",
+            TargetKind::Fetcd => "fetcd",
+        }
+    }
+}
+
+enum Inner {
+    Etcd(EtcdProcess),
+    #[cfg(feature = "fetcd")]
+    Fetcd(crate::fetcd::FetcdInstance),
+}
+
+/// A running server plus the label used for it in diffs.
+pub struct Target {
+    label: String,
+    kind: TargetKind,
+    inner: Inner,
+}
+
+impl Target {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    pub fn client_url(&self) -> String {
+        match &self.inner {
+            Inner::Etcd(p) => p.client_url(),
+            #[cfg(feature = "fetcd")]
+            Inner::Fetcd(f) => f.client_url(),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        crate::etcd::connect(&self.client_url()).await
+    }
+
+    /// For etcd: the last lines of its log (empty for fetcd).
+    pub fn log_tail(&self, lines: usize) -> String {
+        match &self.inner {
+            Inner::Etcd(p) => p.log_tail(lines),
+            #[cfg(feature = "fetcd")]
+            Inner::Fetcd(_) => {
+                let _ = lines;
+                String::new()
+            }
+        }
+    }
+
+    /// Stops the server (etcd: kill + wait; fetcd: graceful shutdown).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        match self.inner {
+            Inner::Etcd(p) => {
+                drop(p);
+                Ok(())
+            }
+            #[cfg(feature = "fetcd")]
+            Inner::Fetcd(f) => f.stop().await,
+        }
+    }
+}
+
+/// Starts the reference (always real etcd) and the candidate ([`TargetKind::candidate`])
+/// concurrently. Labels: `etcd` and `fetcd`, or `etcd` and `etcd2`.
+pub async fn start_pair() -> anyhow::Result<(Target, Target)> {
+    let candidate = TargetKind::candidate()?;
+    let candidate_label = match candidate {
+        TargetKind::Etcd => "etcd2",
+        TargetKind::Fetcd => "fetcd",
+    };
+    let (reference, candidate) = tokio::join!(
+        TargetKind::Etcd.start("etcd"),
+        candidate.start(candidate_label)
+    );
+    Ok((reference?, candidate?))
+}
