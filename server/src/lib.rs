@@ -16,6 +16,7 @@
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
 pub mod config;
+pub mod limits;
 pub mod node;
 pub mod services;
 pub mod status;
@@ -204,6 +205,7 @@ async fn serve(
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);
     tonic::transport::Server::builder()
+        .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
         .add_service(kv)
         .add_service(WatchServer::new(Unimplemented))
         .add_service(LeaseServer::new(Unimplemented))
