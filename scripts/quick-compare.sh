@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-20000}
-command -v etcd >/dev/null || { apt-get update -qq && apt-get install -y -qq etcd-server etcd-client >/dev/null; }
+if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq etcd-server etcd-client protobuf-compiler >/dev/null
+fi
 cargo build --release --locked -p fetcd-server -p fetcd-bench >/dev/null
 tmp=$(mktemp -d)
 pids=()

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Runs fetcd's whole test suite on a fresh machine. It installs what the tests need — real etcd
-# and etcdctl from Debian (the reference for differential tests); protoc is vendored by the
-# build — then checks formatting and lints, builds once and runs every test.
+# Runs fetcd's whole test suite on a fresh machine. It installs what the tests need from Debian —
+# real etcd and etcdctl (the reference for differential tests) and protoc (the third-party
+# etcd-client crate the tests use compiles its protos with it; fetcd's own build vendors protoc)
+# — then checks formatting and lints, builds once and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
-  echo "==> installing etcd-server and etcd-client (reference server and etcdctl)"
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # Debian's package may start its own etcd on the default ports; the tests start their own
 # servers on free loopback ports, so a packaged one only costs memory.
