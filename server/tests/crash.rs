@@ -85,7 +85,7 @@ async fn write_load(
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("crash/{round}/{w}/{i:06}");
                 let value = format!("v{i}");
-                let rev = if i % 2 == 0 {
+                let rev = if i.is_multiple_of(2) {
                     match c.put(key.clone(), value.clone(), None).await {
                         Ok(r) => r.header().unwrap().revision(),
                         Err(_) => break,

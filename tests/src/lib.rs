@@ -3,8 +3,9 @@
 //! servers (reference etcd vs candidate) and diffs the transcripts, and etcdctl helpers.
 //!
 //! Running:
-//! * `cargo test -p fetcd-tests` — etcd vs a second etcd (validates harness and scenarios);
-//! * `cargo test -p fetcd-tests --features fetcd` — etcd vs in-process fetcd;
+//! * `cargo test -p fetcd-tests` — etcd vs in-process fetcd (feature `fetcd`, on by default);
+//! * `cargo test -p fetcd-tests --no-default-features` — etcd vs a second etcd (validates the
+//!   harness and the scenarios themselves);
 //! * `FETCD_TESTS_CANDIDATE=etcd|fetcd` overrides the candidate;
 //! * `FETCD_TESTS_VERBOSE=1 ... -- --nocapture` prints both full transcripts;
 //! * `ETCD_BIN` / `ETCDCTL_BIN` override `/usr/bin/etcd` / `/usr/bin/etcdctl`.

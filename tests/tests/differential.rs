@@ -6,9 +6,8 @@
 
 use anyhow::{ensure, Result};
 use etcd_client::{
-    CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseGrantOptions,
-    LeaseTimeToLiveOptions, PutOptions, ResponseHeader, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse,
+    CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    ResponseHeader, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use fetcd_tests::observe::revision;
 use fetcd_tests::{expect_grpc_error, run_differential, Session};
@@ -194,6 +193,16 @@ async fn put_scenario(s: &mut Session) -> Result<()> {
         .get("foo after ignore_value+ignore_lease", "foo", None)
         .await?;
     ensure_rev(r.header(), 6, "ignore_value+ignore_lease put")?;
+    // Checked on the request alone, before any lease lookup.
+    let r = s
+        .put(
+            "ignore_lease together with a lease",
+            "foo",
+            "v",
+            Some(PutOptions::new().with_ignore_lease().with_lease(0x1234)),
+        )
+        .await;
+    expect_grpc_error(&r, "InvalidArgument", LEASE_PROVIDED)?;
 
     // Binary keys and values, empty value.
     s.put(
