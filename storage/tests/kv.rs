@@ -1,0 +1,679 @@
+//! Example tests for the rules of etcd's MVCC store that are easy to get subtly wrong.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use fetcd_proto::etcdserverpb::compare::CompareResult;
+use fetcd_proto::etcdserverpb::compare::CompareTarget;
+use fetcd_proto::etcdserverpb::compare::TargetUnion;
+use fetcd_proto::etcdserverpb::range_request::SortOrder;
+use fetcd_proto::etcdserverpb::range_request::SortTarget;
+use fetcd_proto::etcdserverpb::request_op::Request;
+use fetcd_proto::etcdserverpb::response_op::Response;
+use fetcd_proto::etcdserverpb::CompactionRequest;
+use fetcd_proto::etcdserverpb::Compare;
+use fetcd_proto::etcdserverpb::DeleteRangeRequest;
+use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::RangeRequest;
+use fetcd_proto::etcdserverpb::RangeResponse;
+use fetcd_proto::etcdserverpb::RequestOp;
+use fetcd_proto::etcdserverpb::ResponseHeader;
+use fetcd_proto::etcdserverpb::TxnRequest;
+use fetcd_proto::etcdserverpb::TxnResponse;
+use fetcd_proto::mvccpb::KeyValue;
+use fetcd_storage::schema;
+use fetcd_storage::KvError;
+use fetcd_storage::KvStore;
+use fetcd_storage::Revision;
+use fetcd_storage::WriteOp;
+use fetcd_storage::WriteResponse;
+
+use crate::common::open;
+use crate::common::open_db;
+
+// --- helpers ---------------------------------------------------------------------------------
+
+fn put_req(key: &str, value: &str) -> PutRequest {
+    PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    }
+}
+
+fn del_req(key: &str, range_end: &str) -> DeleteRangeRequest {
+    DeleteRangeRequest {
+        key: key.into(),
+        range_end: range_end.into(),
+        prev_kv: false,
+    }
+}
+
+fn get_req(key: &str, revision: i64) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        revision,
+        ..Default::default()
+    }
+}
+
+/// Every key, at `revision`.
+fn all_req(revision: i64) -> RangeRequest {
+    RangeRequest {
+        key: vec![0],
+        range_end: vec![0],
+        revision,
+        ..Default::default()
+    }
+}
+
+fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: value.into(),
+        create_revision: create,
+        mod_revision: modified,
+        version,
+        lease: 0,
+    }
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+fn op(r: Request) -> RequestOp {
+    RequestOp { request: Some(r) }
+}
+
+/// Applies one operation with the consistent index `ci`.
+fn apply_ci(s: &KvStore, op: WriteOp, ci: &[u8]) -> Result<WriteResponse, KvError> {
+    let mut out = s.apply([(op, ci.to_vec())]).unwrap();
+    assert_eq!(out.len(), 1);
+    out.pop().unwrap()
+}
+
+fn apply(s: &KvStore, op: WriteOp) -> Result<WriteResponse, KvError> {
+    apply_ci(s, op, b"ci")
+}
+
+/// Puts `key` and returns the response revision.
+fn put(s: &KvStore, key: &str, value: &str) -> i64 {
+    match apply(s, WriteOp::Put(put_req(key, value))).unwrap() {
+        WriteResponse::Put(r) => r.header.unwrap().revision,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Deletes `[key, range_end)` and returns `(deleted, header revision)`.
+fn delete(s: &KvStore, key: &str, range_end: &str) -> (i64, i64) {
+    match apply(s, WriteOp::DeleteRange(del_req(key, range_end))).unwrap() {
+        WriteResponse::DeleteRange(r) => (r.deleted, r.header.unwrap().revision),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn compact(s: &KvStore, revision: i64) -> Result<WriteResponse, KvError> {
+    apply(
+        s,
+        WriteOp::Compaction(CompactionRequest {
+            revision,
+            physical: false,
+        }),
+    )
+}
+
+fn txn(s: &KvStore, t: TxnRequest) -> Result<TxnResponse, KvError> {
+    match apply(s, WriteOp::Txn(t))? {
+        WriteResponse::Txn(r) => Ok(r),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn range(s: &KvStore, r: &RangeRequest) -> Result<RangeResponse, KvError> {
+    s.range(r).unwrap()
+}
+
+fn get(s: &KvStore, key: &str, revision: i64) -> Result<Vec<KeyValue>, KvError> {
+    range(s, &get_req(key, revision)).map(|r| r.kvs)
+}
+
+fn temp_store() -> (tempfile::TempDir, KvStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    (dir, s)
+}
+
+fn reopen(dir: &tempfile::TempDir, s: KvStore) -> KvStore {
+    s.flush().unwrap();
+    drop(s);
+    open(dir.path())
+}
+
+/// Every revision from the compaction revision (or 1) to the current one, as `all_req` sees it.
+fn history(s: &KvStore) -> Vec<Result<RangeResponse, KvError>> {
+    (s.compact_revision().max(1)..=s.current_revision())
+        .map(|rev| range(s, &all_req(rev)))
+        .collect()
+}
+
+// --- revisions -------------------------------------------------------------------------------
+
+#[test]
+fn empty_store_is_at_revision_1_and_first_write_gets_2() {
+    let (_dir, s) = temp_store();
+    assert_eq!(s.current_revision(), 1);
+    assert_eq!(s.compact_revision(), -1);
+    let empty = range(&s, &all_req(0)).unwrap();
+    assert_eq!(empty.header, header(1));
+    assert_eq!(empty.count, 0);
+
+    assert_eq!(put(&s, "a", "1"), 2);
+    assert_eq!(s.current_revision(), 2);
+    assert_eq!(get(&s, "a", 0).unwrap(), vec![kv("a", "1", 2, 2, 1)]);
+    // Revision 1 is readable: the empty store.
+    assert_eq!(get(&s, "a", 1).unwrap(), vec![]);
+}
+
+#[test]
+fn requests_that_change_nothing_keep_the_revision() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1");
+
+    // A delete of nothing: header is the current revision, no new revision.
+    assert_eq!(delete(&s, "zz", ""), (0, 2));
+    assert_eq!(delete(&s, "b", "c"), (0, 2));
+    assert_eq!(s.current_revision(), 2);
+
+    // A Txn whose chosen branch only reads, or deletes nothing.
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![
+            op(Request::RequestRange(get_req("a", 0))),
+            op(Request::RequestDeleteRange(del_req("nope", ""))),
+        ],
+        failure: vec![],
+    };
+    let r = txn(&s, t).unwrap();
+    assert_eq!(r.header, header(2));
+    assert_eq!(s.current_revision(), 2);
+
+    // A refused request.
+    let leased = PutRequest {
+        lease: 42,
+        ..put_req("a", "2")
+    };
+    assert_eq!(apply(&s, WriteOp::Put(leased)), Err(KvError::LeaseNotFound));
+    assert_eq!(apply(&s, WriteOp::Noop), Ok(WriteResponse::Noop));
+    assert_eq!(s.current_revision(), 2);
+
+    // The next write takes the next revision.
+    assert_eq!(put(&s, "b", "1"), 3);
+}
+
+#[test]
+fn version_and_create_revision_restart_after_delete() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "a", "2"); // 3
+    assert_eq!(delete(&s, "a", ""), (1, 4));
+    put(&s, "a", "3"); // 5
+    assert_eq!(get(&s, "a", 3).unwrap(), vec![kv("a", "2", 2, 3, 2)]);
+    assert_eq!(get(&s, "a", 4).unwrap(), vec![]);
+    assert_eq!(get(&s, "a", 5).unwrap(), vec![kv("a", "3", 5, 5, 1)]);
+}
+
+#[test]
+fn future_revision_is_refused() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1");
+    assert_eq!(get(&s, "a", 3), Err(KvError::FutureRevision));
+    assert_eq!(get(&s, "a", 2).unwrap().len(), 1);
+    // Same inside a Txn, checked against the revision before the Txn writes.
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![
+            op(Request::RequestPut(put_req("b", "1"))),
+            op(Request::RequestRange(get_req("b", 3))),
+        ],
+        failure: vec![],
+    };
+    assert_eq!(txn(&s, t), Err(KvError::FutureRevision));
+    assert_eq!(s.current_revision(), 2);
+}
+
+// --- compaction ------------------------------------------------------------------------------
+
+#[test]
+fn compaction_revision_itself_stays_readable() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "a", "2"); // 3
+    put(&s, "b", "1"); // 4
+    put(&s, "a", "3"); // 5
+
+    match compact(&s, 4).unwrap() {
+        WriteResponse::Compaction(r) => assert_eq!(r.header, header(5)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(s.compact_revision(), 4);
+    assert_eq!(s.current_revision(), 5);
+    assert_eq!(get(&s, "a", 4).unwrap(), vec![kv("a", "2", 2, 3, 2)]);
+    assert_eq!(get(&s, "a", 5).unwrap(), vec![kv("a", "3", 2, 5, 3)]);
+    assert_eq!(get(&s, "a", 3), Err(KvError::Compacted));
+    assert_eq!(get(&s, "a", 1), Err(KvError::Compacted));
+    // Revision 0 still means "current".
+    assert_eq!(get(&s, "b", 0).unwrap(), vec![kv("b", "1", 4, 4, 1)]);
+
+    // At or below the compaction revision: Compacted; above the current one: FutureRevision.
+    assert_eq!(compact(&s, 4), Err(KvError::Compacted));
+    assert_eq!(compact(&s, 2), Err(KvError::Compacted));
+    assert_eq!(compact(&s, 6), Err(KvError::FutureRevision));
+    assert!(compact(&s, 5).is_ok());
+    assert_eq!(compact(&s, 5), Err(KvError::Compacted));
+}
+
+#[test]
+fn compaction_checks_compacted_before_future() {
+    let (_dir, s) = temp_store();
+    // Fresh store: compaction revision -1, current 1.
+    assert_eq!(compact(&s, -1), Err(KvError::Compacted));
+    assert_eq!(compact(&s, 2), Err(KvError::FutureRevision));
+    assert!(compact(&s, 0).is_ok());
+    assert_eq!(compact(&s, 0), Err(KvError::Compacted));
+    assert!(compact(&s, 1).is_ok());
+    assert_eq!(s.compact_revision(), 1);
+}
+
+#[test]
+fn restart_keeps_the_revision_after_compacting_everything_away() {
+    let (dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "b", "1"); // 3
+    assert_eq!(delete(&s, "a", "c"), (2, 4));
+    assert!(compact(&s, 4).is_ok());
+    assert_eq!(range(&s, &all_req(0)).unwrap().count, 0);
+
+    let s = reopen(&dir, s);
+    // Nothing is left in the key tree, yet the revision must not go back.
+    assert_eq!(s.current_revision(), 4);
+    assert_eq!(s.compact_revision(), 4);
+    assert_eq!(get(&s, "a", 3), Err(KvError::Compacted));
+    assert_eq!(range(&s, &all_req(4)).unwrap().header, header(4));
+    assert_eq!(put(&s, "a", "2"), 5);
+    assert_eq!(get(&s, "a", 0).unwrap(), vec![kv("a", "2", 5, 5, 1)]);
+}
+
+#[test]
+fn restart_rebuilds_versions_of_compacted_keys() {
+    let (dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "a", "2"); // 3
+    put(&s, "a", "3"); // 4
+    put(&s, "b", "1"); // 5
+    assert!(compact(&s, 4).is_ok());
+    let before = history(&s);
+
+    let s = reopen(&dir, s);
+    assert_eq!(history(&s), before);
+    // The rebuilt index knows the version and creation of a key whose early history is gone.
+    put(&s, "a", "4"); // 6
+    assert_eq!(get(&s, "a", 0).unwrap(), vec![kv("a", "4", 2, 6, 4)]);
+}
+
+#[test]
+fn an_interrupted_compaction_is_finished_on_reopen() {
+    let (dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "a", "2"); // 3
+    put(&s, "b", "1"); // 4
+    assert_eq!(delete(&s, "b", ""), (1, 5));
+    put(&s, "a", "3"); // 6
+    assert!(compact(&s, 2).is_ok());
+    s.flush().unwrap();
+    drop(s);
+
+    // A crash between scheduling compaction at 5 and finishing it: the schedule is on disk,
+    // the finished mark still says 2 and no revision was deleted.
+    {
+        let db = open_db(dir.path());
+        let meta = db.open_tree(schema::META_TREE).unwrap();
+        assert_eq!(
+            meta.get(schema::FINISHED_COMPACT_REV)
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            2i64.to_be_bytes()
+        );
+        meta.insert(schema::SCHEDULED_COMPACT_REV, &5i64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    let s = open(dir.path());
+    assert_eq!(s.compact_revision(), 5);
+    assert_eq!(s.current_revision(), 6);
+    assert_eq!(get(&s, "a", 4), Err(KvError::Compacted));
+    assert_eq!(get(&s, "a", 5).unwrap(), vec![kv("a", "2", 2, 3, 2)]);
+    assert_eq!(get(&s, "b", 5).unwrap(), vec![]);
+    assert_eq!(get(&s, "a", 6).unwrap(), vec![kv("a", "3", 2, 6, 3)]);
+    s.flush().unwrap();
+    drop(s);
+
+    // The compaction really happened on disk: it is marked finished, and only a's revision 3
+    // (visible at 5) and 6 are left; b's put and tombstone are gone.
+    let db = open_db(dir.path());
+    let meta = db.open_tree(schema::META_TREE).unwrap();
+    assert_eq!(
+        meta.get(schema::FINISHED_COMPACT_REV)
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        5i64.to_be_bytes()
+    );
+    let keys = db.open_tree(schema::KEY_TREE).unwrap();
+    let revs: Vec<Revision> = keys
+        .iter()
+        .keys()
+        .map(|k| Revision::from_bytes(&k.unwrap()).unwrap().0)
+        .collect();
+    assert_eq!(revs, vec![Revision::new(3, 0), Revision::new(6, 0)]);
+}
+
+// --- consistent index, export / import -------------------------------------------------------
+
+#[test]
+fn consistent_index_is_written_with_the_data() {
+    let (dir, s) = temp_store();
+    assert_eq!(s.consistent_index().unwrap(), None);
+    apply_ci(&s, WriteOp::Put(put_req("a", "1")), b"ci-1").unwrap();
+    let s = reopen(&dir, s);
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-1".to_vec()));
+    assert_eq!(get(&s, "a", 0).unwrap(), vec![kv("a", "1", 2, 2, 1)]);
+
+    // Every applied entry records its index, including ones that change nothing or are refused.
+    apply_ci(&s, WriteOp::Noop, b"ci-2").unwrap();
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-2".to_vec()));
+    let leased = PutRequest {
+        lease: 9,
+        ..put_req("a", "2")
+    };
+    assert_eq!(
+        apply_ci(&s, WriteOp::Put(leased), b"ci-3"),
+        Err(KvError::LeaseNotFound)
+    );
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-3".to_vec()));
+    let future = WriteOp::Compaction(CompactionRequest {
+        revision: 100,
+        physical: false,
+    });
+    assert_eq!(apply_ci(&s, future, b"ci-4"), Err(KvError::FutureRevision));
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-4".to_vec()));
+    let ok = WriteOp::Compaction(CompactionRequest {
+        revision: 2,
+        physical: false,
+    });
+    assert!(apply_ci(&s, ok, b"ci-5").is_ok());
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-5".to_vec()));
+
+    // A batch records the index of its last entry, compaction in the middle or not.
+    let out = s
+        .apply([
+            (WriteOp::Put(put_req("b", "1")), b"ci-6".to_vec()),
+            (
+                WriteOp::Compaction(CompactionRequest {
+                    revision: 3,
+                    physical: false,
+                }),
+                b"ci-7".to_vec(),
+            ),
+            (WriteOp::Put(put_req("c", "1")), b"ci-8".to_vec()),
+        ])
+        .unwrap();
+    assert!(out.iter().all(Result::is_ok));
+    let s = reopen(&dir, s);
+    assert_eq!(s.consistent_index().unwrap(), Some(b"ci-8".to_vec()));
+    assert_eq!(s.current_revision(), 4);
+    assert_eq!(s.compact_revision(), 3);
+}
+
+#[test]
+fn export_import_round_trip() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "b", "1"); // 3
+    put(&s, "a", "2"); // 4
+    delete(&s, "b", ""); // 5
+    put(&s, "c", "1"); // 6
+    assert!(compact(&s, 3).is_ok());
+    put(&s, "b", "2"); // 7
+    apply_ci(&s, WriteOp::Noop, b"last").unwrap();
+
+    let mut records = Vec::new();
+    s.export(&mut |tree, k, v| {
+        records.push(Ok((tree.to_string(), k.to_vec(), v.to_vec())));
+        Ok(())
+    })
+    .unwrap();
+
+    let (_dir2, t) = temp_store();
+    put(&t, "stale", "x"); // replaced by the import
+    t.import(records).unwrap();
+    assert_eq!(t.current_revision(), s.current_revision());
+    assert_eq!(t.compact_revision(), 3);
+    assert_eq!(t.consistent_index().unwrap(), Some(b"last".to_vec()));
+    assert_eq!(history(&t), history(&s));
+    assert_eq!(get(&t, "a", 2), Err(KvError::Compacted));
+    assert_eq!(get(&t, "stale", 0).unwrap(), vec![]);
+    // And it goes on from there.
+    assert_eq!(put(&t, "a", "3"), 8);
+    assert_eq!(get(&t, "a", 0).unwrap(), vec![kv("a", "3", 2, 8, 3)]);
+}
+
+// --- Range -----------------------------------------------------------------------------------
+
+#[test]
+fn count_ignores_limit_and_filters() {
+    let (_dir, s) = temp_store();
+    for k in ["a", "b", "c", "d"] {
+        put(&s, k, "v"); // 2..=5
+    }
+    let r = range(
+        &s,
+        &RangeRequest {
+            limit: 2,
+            ..all_req(0)
+        },
+    )
+    .unwrap();
+    assert_eq!((r.kvs.len(), r.more, r.count), (2, true, 4));
+    let r = range(
+        &s,
+        &RangeRequest {
+            min_mod_revision: 4,
+            ..all_req(0)
+        },
+    )
+    .unwrap();
+    assert_eq!((r.kvs.len(), r.more, r.count), (2, false, 4));
+    let r = range(
+        &s,
+        &RangeRequest {
+            limit: 4,
+            ..all_req(0)
+        },
+    )
+    .unwrap();
+    assert_eq!((r.kvs.len(), r.more), (4, false));
+    let r = range(
+        &s,
+        &RangeRequest {
+            count_only: true,
+            limit: 1,
+            ..all_req(0)
+        },
+    )
+    .unwrap();
+    assert_eq!((r.kvs.len(), r.more, r.count), (0, false, 4));
+}
+
+#[test]
+fn descending_sort_keeps_ties_in_key_order() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "b", "1"); // 3
+    put(&s, "c", "1"); // 4
+    put(&s, "c", "2"); // 5
+    let keys = |r: RangeResponse| -> Vec<String> {
+        r.kvs
+            .into_iter()
+            .map(|kv| String::from_utf8(kv.key).unwrap())
+            .collect()
+    };
+    let by_version = |order: SortOrder| RangeRequest {
+        sort_order: order as i32,
+        sort_target: SortTarget::Version as i32,
+        ..all_req(0)
+    };
+    // etcd: sort.Sort(sort.Reverse(byVersion)) leaves a and b (both version 1) in key order.
+    assert_eq!(
+        keys(range(&s, &by_version(SortOrder::Descend)).unwrap()),
+        ["c", "a", "b"]
+    );
+    assert_eq!(
+        keys(range(&s, &by_version(SortOrder::Ascend)).unwrap()),
+        ["a", "b", "c"]
+    );
+    // A non-key target with no order sorts ascending.
+    assert_eq!(
+        keys(range(&s, &by_version(SortOrder::None)).unwrap()),
+        ["a", "b", "c"]
+    );
+}
+
+// --- Txn -------------------------------------------------------------------------------------
+
+fn cmp(key: &str, target: CompareTarget, result: CompareResult, union: TargetUnion) -> Compare {
+    Compare {
+        result: result as i32,
+        target: target as i32,
+        key: key.into(),
+        range_end: vec![],
+        target_union: Some(union),
+    }
+}
+
+#[test]
+fn compares_on_a_missing_key() {
+    let (_dir, s) = temp_store();
+    let holds = |c: Compare| {
+        let t = TxnRequest {
+            compare: vec![c],
+            success: vec![],
+            failure: vec![],
+        };
+        s.read_txn(&t).unwrap().unwrap().succeeded
+    };
+    use CompareResult::*;
+    use CompareTarget::*;
+    // A missing key is an empty key-value: version, create, mod and lease are 0 ...
+    assert!(holds(cmp("x", Version, Equal, TargetUnion::Version(0))));
+    assert!(holds(cmp(
+        "x",
+        Create,
+        Equal,
+        TargetUnion::CreateRevision(0)
+    )));
+    assert!(holds(cmp("x", Mod, Less, TargetUnion::ModRevision(1))));
+    assert!(holds(cmp("x", Lease, Equal, TargetUnion::Lease(0))));
+    // ... but a value compare on it always fails, even "not equal".
+    assert!(!holds(cmp("x", Value, Equal, TargetUnion::Value(vec![]))));
+    assert!(!holds(cmp(
+        "x",
+        Value,
+        NotEqual,
+        TargetUnion::Value(b"v".to_vec())
+    )));
+}
+
+#[test]
+fn txn_headers_and_nested_txn() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    let nested = TxnRequest {
+        compare: vec![cmp(
+            "a",
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value(b"1".to_vec()),
+        )],
+        success: vec![op(Request::RequestPut(put_req("b", "1")))],
+        failure: vec![],
+    };
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![
+            op(Request::RequestPut(put_req("a", "2"))),
+            op(Request::RequestTxn(nested)),
+            op(Request::RequestRange(get_req("a", 0))),
+        ],
+        failure: vec![],
+    };
+    let r = txn(&s, t).unwrap();
+    assert_eq!(r.header, header(3));
+    assert!(r.succeeded);
+    let Some(Response::ResponseTxn(n)) = &r.responses[1].response else {
+        panic!("{r:?}")
+    };
+    // Nested: empty header; its compare saw the state before the outer Txn wrote a=2.
+    assert_eq!(n.header, Some(ResponseHeader::default()));
+    assert!(n.succeeded);
+    let Some(Response::ResponseRange(g)) = &r.responses[2].response else {
+        panic!("{r:?}")
+    };
+    // A range inside the Txn sees the Txn's own writes, at the Txn's revision.
+    assert_eq!(g.header, header(3));
+    assert_eq!(g.kvs, vec![kv("a", "2", 2, 3, 2)]);
+    assert_eq!(get(&s, "b", 0).unwrap(), vec![kv("b", "1", 3, 3, 1)]);
+}
+
+#[test]
+fn txn_checks_puts_before_ranges_and_keys_before_leases() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    let missing_key_and_lease = PutRequest {
+        key: "x".into(),
+        lease: 5,
+        ignore_value: true,
+        ..Default::default()
+    };
+    // A plain Put checks the lease first ...
+    assert_eq!(
+        apply(&s, WriteOp::Put(missing_key_and_lease.clone())),
+        Err(KvError::LeaseNotFound)
+    );
+    // ... a put inside a Txn the key first (etcd's checkRequestPut) ...
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![op(Request::RequestPut(missing_key_and_lease))],
+        failure: vec![],
+    };
+    assert_eq!(txn(&s, t), Err(KvError::KeyNotFound));
+    // ... and every put of a Txn is checked before any of its ranges.
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![
+            op(Request::RequestRange(get_req("a", 10))),
+            op(Request::RequestPut(PutRequest {
+                lease: 5,
+                ..put_req("a", "2")
+            })),
+        ],
+        failure: vec![],
+    };
+    assert_eq!(txn(&s, t), Err(KvError::LeaseNotFound));
+    assert_eq!(s.current_revision(), 2);
+}
