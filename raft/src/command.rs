@@ -1,14 +1,17 @@
 //! The replicated command (payload of every normal Raft entry) and its answer.
 //!
-//! The command is fetcd's `InternalRaftRequest` protobuf; Raft entries are serialized with serde
-//! (openraft's `serde` feature), so both types serialize *as their protobuf bytes*: one encoding
-//! on disk, on the wire between peers, and in snapshots.
+//! A command is a batch of fetcd `InternalRaftRequest`s (`InternalRaftBatch`): client requests
+//! that arrived together share one log append, one fdatasync and one state-machine transaction,
+//! yet each is applied in order with its own revision, as if it had its own entry. Raft entries
+//! are serialized with serde (openraft's `serde` feature), so the command serializes *as its
+//! protobuf bytes*: one encoding on disk, between peers, and in snapshots.
 
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::TxnResponse;
 use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::InternalRaftBatch;
 use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_storage::KvError;
 use fetcd_storage::WriteOp;
@@ -20,25 +23,41 @@ use serde::Deserializer;
 use serde::Serialize;
 use serde::Serializer;
 
-/// One client write, as agreed on by Raft.
+/// Client writes agreed on together by Raft.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Command(pub InternalRaftRequest);
+pub struct Command(pub InternalRaftBatch);
 
 impl Command {
-    /// The storage operation this command performs.
-    pub fn to_write_op(&self) -> WriteOp {
-        match &self.0.request {
-            Some(Request::Put(r)) => WriteOp::Put(r.clone()),
-            Some(Request::DeleteRange(r)) => WriteOp::DeleteRange(r.clone()),
-            Some(Request::Txn(r)) => WriteOp::Txn(r.clone()),
-            Some(Request::Compaction(r)) => WriteOp::Compaction(*r),
-            // Lease and alarm commands arrive with their services; none can be proposed before.
-            Some(Request::LeaseGrant(_))
-            | Some(Request::LeaseRevoke(_))
-            | Some(Request::LeaseCheckpoint(_))
-            | Some(Request::Alarm(_))
-            | None => WriteOp::Noop,
-        }
+    /// A command carrying `requests`, applied in order.
+    pub fn new(requests: Vec<InternalRaftRequest>) -> Self {
+        Command(InternalRaftBatch { requests })
+    }
+
+    /// The requests, in apply order.
+    pub fn requests(&self) -> &[InternalRaftRequest] {
+        &self.0.requests
+    }
+}
+
+/// True for requests that must be proposed alone: a compaction commits the store in the middle
+/// of applying, which must not split a batch (the applied marker covers whole entries).
+pub fn must_propose_alone(req: &InternalRaftRequest) -> bool {
+    matches!(req.request, Some(Request::Compaction(_)))
+}
+
+/// The storage operation one request performs.
+pub fn to_write_op(req: &InternalRaftRequest) -> WriteOp {
+    match &req.request {
+        Some(Request::Put(r)) => WriteOp::Put(r.clone()),
+        Some(Request::DeleteRange(r)) => WriteOp::DeleteRange(r.clone()),
+        Some(Request::Txn(r)) => WriteOp::Txn(r.clone()),
+        Some(Request::Compaction(r)) => WriteOp::Compaction(*r),
+        // Lease and alarm commands arrive with their services; none can be proposed before.
+        Some(Request::LeaseGrant(_))
+        | Some(Request::LeaseRevoke(_))
+        | Some(Request::LeaseCheckpoint(_))
+        | Some(Request::Alarm(_))
+        | None => WriteOp::Noop,
     }
 }
 
@@ -51,7 +70,7 @@ impl Serialize for Command {
 impl<'de> Deserialize<'de> for Command {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let b: Vec<u8> = serde_bytes_vec(d)?;
-        InternalRaftRequest::decode(b.as_slice())
+        InternalRaftBatch::decode(b.as_slice())
             .map(Command)
             .map_err(D::Error::custom)
     }
@@ -81,9 +100,14 @@ fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error>
     d.deserialize_byte_buf(V)
 }
 
-/// The state machine's answer to one entry.
+/// The state machine's answers to one entry, one per request of its command (none for blank and
+/// membership entries).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandResponse(pub Vec<ApplyResult>);
+
+/// The state machine's answer to one request.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub enum CommandResponse {
+pub enum ApplyResult {
     /// A blank or membership entry, or a command with no KV effect.
     #[default]
     None,
@@ -93,17 +117,17 @@ pub enum CommandResponse {
     Refused(KvError),
 }
 
-impl From<Result<WriteResponse, KvError>> for CommandResponse {
+impl From<Result<WriteResponse, KvError>> for ApplyResult {
     fn from(r: Result<WriteResponse, KvError>) -> Self {
         match r {
-            Ok(WriteResponse::Noop) => CommandResponse::None,
-            Ok(w) => CommandResponse::Write(w),
-            Err(e) => CommandResponse::Refused(e),
+            Ok(WriteResponse::Noop) => ApplyResult::None,
+            Ok(w) => ApplyResult::Write(w),
+            Err(e) => ApplyResult::Refused(e),
         }
     }
 }
 
-// Wire tags for `CommandResponse`; stable, never reuse a number.
+// Wire tags for `ApplyResult`; stable, never reuse a number.
 const TAG_NONE: u8 = 0;
 const TAG_PUT: u8 = 1;
 const TAG_DELETE: u8 = 2;
@@ -114,20 +138,16 @@ const TAG_ERR_FUTURE_REV: u8 = 101;
 const TAG_ERR_KEY_NOT_FOUND: u8 = 102;
 const TAG_ERR_LEASE_NOT_FOUND: u8 = 103;
 
-impl Serialize for CommandResponse {
+impl Serialize for ApplyResult {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let (tag, bytes): (u8, Vec<u8>) = match self {
-            CommandResponse::None => (TAG_NONE, vec![]),
-            CommandResponse::Write(WriteResponse::Put(r)) => (TAG_PUT, r.encode_to_vec()),
-            CommandResponse::Write(WriteResponse::DeleteRange(r)) => {
-                (TAG_DELETE, r.encode_to_vec())
-            }
-            CommandResponse::Write(WriteResponse::Txn(r)) => (TAG_TXN, r.encode_to_vec()),
-            CommandResponse::Write(WriteResponse::Compaction(r)) => {
-                (TAG_COMPACTION, r.encode_to_vec())
-            }
-            CommandResponse::Write(WriteResponse::Noop) => (TAG_NONE, vec![]),
-            CommandResponse::Refused(e) => (
+            ApplyResult::None => (TAG_NONE, vec![]),
+            ApplyResult::Write(WriteResponse::Put(r)) => (TAG_PUT, r.encode_to_vec()),
+            ApplyResult::Write(WriteResponse::DeleteRange(r)) => (TAG_DELETE, r.encode_to_vec()),
+            ApplyResult::Write(WriteResponse::Txn(r)) => (TAG_TXN, r.encode_to_vec()),
+            ApplyResult::Write(WriteResponse::Compaction(r)) => (TAG_COMPACTION, r.encode_to_vec()),
+            ApplyResult::Write(WriteResponse::Noop) => (TAG_NONE, vec![]),
+            ApplyResult::Refused(e) => (
                 match e {
                     KvError::Compacted => TAG_ERR_COMPACTED,
                     KvError::FutureRevision => TAG_ERR_FUTURE_REV,
@@ -168,29 +188,25 @@ impl<'de> Deserialize<'de> for BytesBuf {
     }
 }
 
-impl<'de> Deserialize<'de> for CommandResponse {
+impl<'de> Deserialize<'de> for ApplyResult {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let (tag, BytesBuf(b)) = <(u8, BytesBuf)>::deserialize(d)?;
         let b = b.as_slice();
         let dec = |e: prost::DecodeError| D::Error::custom(e);
         Ok(match tag {
-            TAG_NONE => CommandResponse::None,
-            TAG_PUT => {
-                CommandResponse::Write(WriteResponse::Put(PutResponse::decode(b).map_err(dec)?))
-            }
-            TAG_DELETE => CommandResponse::Write(WriteResponse::DeleteRange(
+            TAG_NONE => ApplyResult::None,
+            TAG_PUT => ApplyResult::Write(WriteResponse::Put(PutResponse::decode(b).map_err(dec)?)),
+            TAG_DELETE => ApplyResult::Write(WriteResponse::DeleteRange(
                 DeleteRangeResponse::decode(b).map_err(dec)?,
             )),
-            TAG_TXN => {
-                CommandResponse::Write(WriteResponse::Txn(TxnResponse::decode(b).map_err(dec)?))
-            }
-            TAG_COMPACTION => CommandResponse::Write(WriteResponse::Compaction(
+            TAG_TXN => ApplyResult::Write(WriteResponse::Txn(TxnResponse::decode(b).map_err(dec)?)),
+            TAG_COMPACTION => ApplyResult::Write(WriteResponse::Compaction(
                 CompactionResponse::decode(b).map_err(dec)?,
             )),
-            TAG_ERR_COMPACTED => CommandResponse::Refused(KvError::Compacted),
-            TAG_ERR_FUTURE_REV => CommandResponse::Refused(KvError::FutureRevision),
-            TAG_ERR_KEY_NOT_FOUND => CommandResponse::Refused(KvError::KeyNotFound),
-            TAG_ERR_LEASE_NOT_FOUND => CommandResponse::Refused(KvError::LeaseNotFound),
+            TAG_ERR_COMPACTED => ApplyResult::Refused(KvError::Compacted),
+            TAG_ERR_FUTURE_REV => ApplyResult::Refused(KvError::FutureRevision),
+            TAG_ERR_KEY_NOT_FOUND => ApplyResult::Refused(KvError::KeyNotFound),
+            TAG_ERR_LEASE_NOT_FOUND => ApplyResult::Refused(KvError::LeaseNotFound),
             t => return Err(D::Error::custom(format!("unknown response tag {t}"))),
         })
     }
@@ -207,24 +223,31 @@ mod tests {
 
     #[test]
     fn command_and_response_round_trip_through_bincode() {
-        let cmd = Command(InternalRaftRequest {
+        let put = |k: &[u8]| InternalRaftRequest {
             header: Some(RequestHeader {
                 id: 7,
                 ..Default::default()
             }),
             request: Some(Request::Put(PutRequest {
-                key: b"k".to_vec(),
+                key: k.to_vec(),
                 value: b"v".to_vec(),
                 ..Default::default()
             })),
-        });
+        };
+        let cmd = Command::new(vec![put(b"a"), put(b"b")]);
         let b = bincode::serialize(&cmd).unwrap();
         assert_eq!(bincode::deserialize::<Command>(&b).unwrap(), cmd);
+        let resp = CommandResponse(vec![
+            ApplyResult::None,
+            ApplyResult::Refused(KvError::KeyNotFound),
+        ]);
+        let b = bincode::serialize(&resp).unwrap();
+        assert_eq!(bincode::deserialize::<CommandResponse>(&b).unwrap(), resp);
 
         for resp in [
-            CommandResponse::None,
-            CommandResponse::Refused(KvError::Compacted),
-            CommandResponse::Write(WriteResponse::Put(PutResponse {
+            ApplyResult::None,
+            ApplyResult::Refused(KvError::Compacted),
+            ApplyResult::Write(WriteResponse::Put(PutResponse {
                 header: Some(ResponseHeader {
                     revision: 9,
                     ..Default::default()
@@ -233,7 +256,7 @@ mod tests {
             })),
         ] {
             let b = bincode::serialize(&resp).unwrap();
-            assert_eq!(bincode::deserialize::<CommandResponse>(&b).unwrap(), resp);
+            assert_eq!(bincode::deserialize::<ApplyResult>(&b).unwrap(), resp);
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod network;
 pub mod node;
 pub mod state_machine;
 
+pub use command::ApplyResult;
 pub use command::Command;
 pub use command::CommandResponse;
 pub use node::ProposeError;

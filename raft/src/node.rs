@@ -14,13 +14,19 @@ use std::time::Duration;
 
 use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_storage::KvStore;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use openraft::error::ClientWriteError;
 use openraft::error::RaftError;
 use openraft::BasicNode;
 use openraft::SnapshotPolicy;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
+use crate::command::must_propose_alone;
+use crate::command::ApplyResult;
 use crate::command::Command;
-use crate::command::CommandResponse;
 use crate::log_store::LogStore;
 use crate::network::Network;
 use crate::state_machine::StateMachine;
@@ -84,7 +90,7 @@ pub enum OpenError {
 
 /// Why a proposal or read barrier failed. None of these means the request was applied, except
 /// [`ProposeError::Timeout`], after which the outcome is unknown (as in etcd).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProposeError {
     /// There is no leader right now.
     #[error("no leader")]
@@ -100,11 +106,28 @@ pub enum ProposeError {
     Timeout,
 }
 
+/// Most requests one Raft entry carries.
+const MAX_BATCH_REQUESTS: usize = 512;
+/// Most request bytes one Raft entry carries (a single larger request still goes alone).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Batches proposed but not yet answered. openraft 0.9 runs a leader's log appends and applies
+/// in order, so one entry's fsync cannot overlap the next; two in flight keep the log busy while
+/// the previous batch is applied and answered, and everything arriving meanwhile forms the next.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
+
+/// A request waiting to be proposed, and where its answer goes.
+struct Proposal {
+    req: InternalRaftRequest,
+    size: usize,
+    done: oneshot::Sender<Result<ApplyResult, ProposeError>>,
+}
+
 /// A running member.
 pub struct RaftNode {
     raft: typ::Raft,
     state_machine: Arc<StateMachine>,
     config: RaftNodeConfig,
+    proposals: mpsc::Sender<Proposal>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -173,10 +196,13 @@ impl RaftNode {
                 tracing::warn!(error = %e, "could not trigger election");
             }
         }
+        let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
+        tokio::spawn(run_batcher(raft.clone(), rx, config.request_timeout));
         Ok(RaftNode {
             raft,
             state_machine,
             config,
+            proposals,
         })
     }
 
@@ -197,21 +223,19 @@ impl RaftNode {
         res.unwrap_or(Err(ProposeError::NoLeader))
     }
 
-    /// Proposes `req` and returns the state machine's answer once it is applied here.
-    pub async fn propose(&self, req: InternalRaftRequest) -> Result<CommandResponse, ProposeError> {
-        let fut = self.raft.client_write(Command(req));
-        match tokio::time::timeout(self.config.request_timeout, fut).await {
+    /// Proposes `req` and returns the state machine's answer once it is applied here. Requests
+    /// proposed concurrently share Raft entries (see [`run_batcher`]).
+    pub async fn propose(&self, req: InternalRaftRequest) -> Result<ApplyResult, ProposeError> {
+        let (done, answer) = oneshot::channel();
+        let size = req.encoded_len();
+        self.proposals
+            .send(Proposal { req, size, done })
+            .await
+            .map_err(|_| ProposeError::Stopped("proposal queue closed".into()))?;
+        match tokio::time::timeout(self.config.request_timeout, answer).await {
             Err(_) => Err(ProposeError::Timeout),
-            Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id
-            {
-                None => Err(ProposeError::NoLeader),
-                Some(l) => Err(ProposeError::NotLeader(Some(l))),
-            },
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ProposeError::Stopped(e.to_string()))
-            }
-            Ok(Err(RaftError::Fatal(f))) => Err(ProposeError::Stopped(f.to_string())),
+            Ok(Err(_)) => Err(ProposeError::Stopped("proposal dropped".into())),
+            Ok(Ok(r)) => r,
         }
     }
 
@@ -268,6 +292,85 @@ impl RaftNode {
         }
         if let Err(e) = self.store().flush() {
             tracing::warn!(error = %e, "kv store flush on shutdown");
+        }
+    }
+}
+
+/// Groups queued proposals into Raft entries: whatever is waiting when a batch can be proposed
+/// goes into one entry (one append, one fdatasync, one state-machine transaction), up to
+/// [`MAX_BATCH_REQUESTS`] / [`MAX_BATCH_BYTES`]. A request that must go alone (compaction) ends the
+/// batch and is proposed by itself.
+async fn run_batcher(raft: typ::Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut carry: Option<Proposal> = None;
+    loop {
+        if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+            in_flight.next().await;
+            continue;
+        }
+        let first = match carry.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                biased;
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => break,
+                },
+            },
+        };
+        let alone = must_propose_alone(&first.req);
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while !alone && batch.len() < MAX_BATCH_REQUESTS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) if must_propose_alone(&p.req) || bytes + p.size > MAX_BATCH_BYTES => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    bytes += p.size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        in_flight.push(propose_batch(raft.clone(), batch, timeout));
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// Proposes one batch as one entry and hands each request its own answer.
+async fn propose_batch(raft: typ::Raft, batch: Vec<Proposal>, timeout: Duration) {
+    let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
+    let n = reqs.len();
+    let result = match tokio::time::timeout(timeout, raft.client_write(Command::new(reqs))).await {
+        Err(_) => Err(ProposeError::Timeout),
+        Ok(Ok(resp)) if resp.data.0.len() == n => Ok(resp.data.0),
+        Ok(Ok(resp)) => Err(ProposeError::Stopped(format!(
+            "state machine answered {} of {n} requests",
+            resp.data.0.len()
+        ))),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
+            None => Err(ProposeError::NoLeader),
+            Some(l) => Err(ProposeError::NotLeader(Some(l))),
+        },
+        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+            Err(ProposeError::Stopped(e.to_string()))
+        }
+        Ok(Err(RaftError::Fatal(f))) => Err(ProposeError::Stopped(f.to_string())),
+    };
+    match result {
+        Ok(answers) => {
+            for (done, answer) in dones.into_iter().zip(answers) {
+                // The client may have given up (timeout); its answer has nowhere to go.
+                let _ = done.send(Ok(answer));
+            }
+        }
+        Err(e) => {
+            for done in dones {
+                let _ = done.send(Err(e.clone()));
+            }
         }
     }
 }

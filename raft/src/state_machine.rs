@@ -34,6 +34,8 @@ use openraft::StoredMembership;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::command::to_write_op;
+use crate::command::ApplyResult;
 use crate::command::CommandResponse;
 use crate::NodeId;
 use crate::TypeConfig;
@@ -239,17 +241,26 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
     {
         let mut applied = self.applied();
         let mut batch = Vec::new();
+        // How many store operations each entry contributed, to split the answers back.
+        let mut per_entry = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
-            let op = match &entry.payload {
-                EntryPayload::Blank => fetcd_storage::WriteOp::Noop,
-                EntryPayload::Normal(cmd) => cmd.to_write_op(),
+            let ops: Vec<fetcd_storage::WriteOp> = match &entry.payload {
+                EntryPayload::Blank => vec![fetcd_storage::WriteOp::Noop],
+                EntryPayload::Normal(cmd) => cmd.requests().iter().map(to_write_op).collect(),
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    fetcd_storage::WriteOp::Noop
+                    vec![fetcd_storage::WriteOp::Noop]
                 }
             };
-            batch.push((op, applied.encode()));
+            let marker = applied.encode();
+            per_entry.push((ops.len(), matches!(entry.payload, EntryPayload::Normal(_))));
+            if ops.is_empty() {
+                // An empty command still advances the applied marker.
+                batch.push((fetcd_storage::WriteOp::Noop, marker));
+            } else {
+                batch.extend(ops.into_iter().map(|op| (op, marker.clone())));
+            }
         }
         let results = self
             .store
@@ -259,7 +270,21 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
                 None => StorageIOError::write_state_machine(&e),
             })?;
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
-        Ok(results.into_iter().map(CommandResponse::from).collect())
+        let mut results = results.into_iter();
+        let mut out = Vec::with_capacity(per_entry.len());
+        for (n, normal) in per_entry {
+            let answers: Vec<ApplyResult> = results
+                .by_ref()
+                .take(n.max(1))
+                .map(ApplyResult::from)
+                .collect();
+            out.push(CommandResponse(if normal {
+                answers.into_iter().take(n).collect()
+            } else {
+                Vec::new()
+            }));
+        }
+        Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::services::kv::KvService;
 use crate::services::unimplemented::Unimplemented;
@@ -201,6 +202,15 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
+    // Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        }
+        conn
+    });
     let kv = KvServer::new(KvService::new(node))
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);
@@ -212,7 +222,7 @@ async fn serve(
         .add_service(ClusterServer::new(Unimplemented))
         .add_service(MaintenanceServer::new(Unimplemented))
         .add_service(AuthServer::new(Unimplemented))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await

@@ -7,7 +7,7 @@ use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::raftpb::internal_raft_request::Request;
 use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_proto::raftpb::RequestHeader;
-use fetcd_raft::CommandResponse;
+use fetcd_raft::ApplyResult;
 use fetcd_raft::RaftNode;
 use fetcd_storage::KvStore;
 use fetcd_storage::WriteResponse;
@@ -91,9 +91,9 @@ impl EtcdNode {
         }
         match self.raft.propose(req).await {
             Err(e) => Err(status::propose_error(&e)),
-            Ok(CommandResponse::Write(w)) => Ok(w),
-            Ok(CommandResponse::Refused(e)) => Err(status::kv_error(&e)),
-            Ok(CommandResponse::None) => {
+            Ok(ApplyResult::Write(w)) => Ok(w),
+            Ok(ApplyResult::Refused(e)) => Err(status::kv_error(&e)),
+            Ok(ApplyResult::None) => {
                 Err(Status::internal("etcdserver: write produced no answer"))
             }
         }
