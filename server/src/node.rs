@@ -93,9 +93,7 @@ impl EtcdNode {
             Err(e) => Err(status::propose_error(&e)),
             Ok(ApplyResult::Write(w)) => Ok(w),
             Ok(ApplyResult::Refused(e)) => Err(status::kv_error(&e)),
-            Ok(ApplyResult::None) => {
-                Err(Status::internal("etcdserver: write produced no answer"))
-            }
+            Ok(ApplyResult::None) => Err(Status::internal("etcdserver: write produced no answer")),
         }
     }
 

@@ -5,8 +5,9 @@
 //! fsynced snapshot plus the Raft log — sled is a cache of the log, not the durability boundary.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Child;
 use std::process::Command;
@@ -14,7 +15,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
-use std::time::Instant;
 
 use etcd_client::Client;
 use etcd_client::Compare;
@@ -22,13 +22,8 @@ use etcd_client::CompareOp;
 use etcd_client::GetOptions;
 use etcd_client::TxnOp;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::connect_when_serving;
+use common::free_port;
 
 fn spawn_fetcd(dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_fetcd"))
@@ -47,19 +42,6 @@ fn spawn_fetcd(dir: &Path, port: u16) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
-}
-
-async fn connect(port: u16) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut c) = Client::connect([format!("http://127.0.0.1:{port}")], None).await {
-            if c.get("probe", None).await.is_ok() {
-                return c;
-            }
-        }
-        assert!(Instant::now() < deadline, "fetcd did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Acknowledged writes: key → (value, revision it was acknowledged at).
@@ -157,7 +139,7 @@ async fn acknowledged_writes_survive_sigkill() {
     for round in 0..rounds {
         let port = free_port();
         let mut child = spawn_fetcd(dir.path(), port);
-        let mut c = connect(port).await;
+        let mut c = connect_when_serving(port).await;
         verify(&mut c, &acked).await;
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -177,7 +159,7 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     let port = free_port();
     let mut child = spawn_fetcd(dir.path(), port);
-    let mut c = connect(port).await;
+    let mut c = connect_when_serving(port).await;
     verify(&mut c, &acked).await;
     child.kill().unwrap();
     child.wait().unwrap();

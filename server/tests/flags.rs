@@ -2,19 +2,15 @@
 //! fetcd cannot honour yet stop it with a message naming them, and SIGTERM stops it cleanly.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
+mod common;
+
 use std::process::Command;
 use std::process::Stdio;
 use std::time::Duration;
 use std::time::Instant;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::connect_when_serving;
+use common::free_port;
 
 #[test]
 fn refused_flags_stop_the_binary_and_name_the_flag() {
@@ -59,17 +55,7 @@ async fn etcd_environment_variables_configure_it_and_sigterm_stops_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut c = loop {
-        if let Ok(mut c) = etcd_client::Client::connect([url.as_str()], None).await {
-            if c.get("k", None).await.is_ok() {
-                break c;
-            }
-        }
-        assert!(Instant::now() < deadline, "fetcd did not come up on {url}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut c = connect_when_serving(port).await;
     let ops = |n: usize| {
         etcd_client::Txn::new().and_then(
             (0..n)
