@@ -45,13 +45,13 @@ pub fn must_propose_alone(req: &InternalRaftRequest) -> bool {
     matches!(req.request, Some(Request::Compaction(_)))
 }
 
-/// The storage operation one request performs.
-pub fn to_write_op(req: &InternalRaftRequest) -> WriteOp {
-    match &req.request {
-        Some(Request::Put(r)) => WriteOp::Put(r.clone()),
-        Some(Request::DeleteRange(r)) => WriteOp::DeleteRange(r.clone()),
-        Some(Request::Txn(r)) => WriteOp::Txn(r.clone()),
-        Some(Request::Compaction(r)) => WriteOp::Compaction(*r),
+/// The storage operation one request performs (consumes it: values are moved, not copied).
+pub fn into_write_op(req: InternalRaftRequest) -> WriteOp {
+    match req.request {
+        Some(Request::Put(r)) => WriteOp::Put(r),
+        Some(Request::DeleteRange(r)) => WriteOp::DeleteRange(r),
+        Some(Request::Txn(r)) => WriteOp::Txn(r),
+        Some(Request::Compaction(r)) => WriteOp::Compaction(r),
         // Lease and alarm commands arrive with their services; none can be proposed before.
         Some(Request::LeaseGrant(_))
         | Some(Request::LeaseRevoke(_))

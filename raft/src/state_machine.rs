@@ -34,7 +34,7 @@ use openraft::StoredMembership;
 use serde::Deserialize;
 use serde::Serialize;
 
-use crate::command::to_write_op;
+use crate::command::into_write_op;
 use crate::command::ApplyResult;
 use crate::command::CommandResponse;
 use crate::NodeId;
@@ -245,16 +245,19 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
         let mut per_entry = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
-            let ops: Vec<fetcd_storage::WriteOp> = match &entry.payload {
+            let normal = matches!(entry.payload, EntryPayload::Normal(_));
+            let ops: Vec<fetcd_storage::WriteOp> = match entry.payload {
                 EntryPayload::Blank => vec![fetcd_storage::WriteOp::Noop],
-                EntryPayload::Normal(cmd) => cmd.requests().iter().map(to_write_op).collect(),
+                EntryPayload::Normal(cmd) => {
+                    cmd.0.requests.into_iter().map(into_write_op).collect()
+                }
                 EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     vec![fetcd_storage::WriteOp::Noop]
                 }
             };
             let marker = applied.encode();
-            per_entry.push((ops.len(), matches!(entry.payload, EntryPayload::Normal(_))));
+            per_entry.push((ops.len(), normal));
             if ops.is_empty() {
                 // An empty command still advances the applied marker.
                 batch.push((fetcd_storage::WriteOp::Noop, marker));
