@@ -11,7 +11,7 @@
 //! * `ETCD_BIN` / `ETCDCTL_BIN` override `/usr/bin/etcd` / `/usr/bin/etcdctl`.
 //!
 //! Writing a scenario:
-//! ```ignore
+//! ```text
 //! async fn my_scenario(s: &mut Session) -> anyhow::Result<()> {
 //!     let r = s.put("put a", "a", "1", None).await?;        // recorded + returned
 //!     anyhow::ensure!(r.header().unwrap().revision() == 2); // absolute fact
