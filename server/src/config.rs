@@ -103,6 +103,11 @@ pub struct Config {
     )]
     pub experimental_snapshot_catchup_entries: u64,
 
+    /// Interval of progress notifications for watches that ask for them (a Go duration: `10m`,
+    /// `5s`, `500ms`).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
+    pub experimental_watch_progress_notify_interval: Duration,
+
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
@@ -280,6 +285,9 @@ impl Config {
         if self.max_txn_ops == 0 {
             return refuse("--max-txn-ops must be positive");
         }
+        if self.experimental_watch_progress_notify_interval.is_zero() {
+            return refuse("--experimental-watch-progress-notify-interval must be positive");
+        }
         if self.max_request_bytes == 0 {
             return refuse("--max-request-bytes must be positive");
         }
@@ -309,6 +317,42 @@ impl Config {
         b.extend_from_slice(&self.member_id().to_be_bytes());
         first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
     }
+}
+
+/// Parses a Go `time.Duration` string as etcd's flags take it: a sequence of number+unit pairs
+/// (`h`, `m`, `s`, `ms`, `us`/`µs`, `ns`), e.g. `1m30s`, `100ms`, `1.5h`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += n * secs;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
 }
 
 fn first_u64(h: &[u8; 20]) -> u64 {
@@ -351,6 +395,15 @@ mod tests {
         assert_eq!(a.member_id(), Config::parse_from(["fetcd"]).member_id());
         assert_ne!(a.member_id(), b.member_id());
         assert_ne!(a.member_id(), 0);
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_go_duration("10").is_err());
+        assert!(parse_go_duration("5x").is_err());
     }
 
     #[test]

@@ -36,13 +36,13 @@ use fetcd_raft::RaftNode;
 use fetcd_raft::RaftNodeConfig;
 pub use node::EtcdNode;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
 use crate::services::kv::KvService;
 use crate::services::unimplemented::Unimplemented;
+use crate::services::watch::WatchService;
 
 /// gRPC's framing allowance on top of `--max-request-bytes`, as etcd's `grpcOverheadBytes`:
 /// requests up to the limit reach the server's own size check and get etcd's error text.
@@ -78,7 +78,7 @@ pub enum Error {
 pub struct EtcdServer {
     node: Arc<EtcdNode>,
     client_urls: Vec<String>,
-    stop: watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
@@ -124,7 +124,12 @@ impl EtcdServer {
             config.max_txn_ops,
         );
 
-        let (stop, stop_rx) = watch::channel(false);
+        let watch = WatchService::new(
+            node.clone(),
+            config.experimental_watch_progress_notify_interval,
+            config.max_request_bytes,
+        );
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut client_urls = Vec::new();
         let mut listeners = Vec::new();
         for url in &config.listen_client_urls {
@@ -146,6 +151,7 @@ impl EtcdServer {
             tracing::info!(%local, "serving client requests");
             listeners.push(tokio::spawn(serve(
                 node.clone(),
+                watch.clone(),
                 listener,
                 config.max_request_bytes,
                 stop_rx.clone(),
@@ -197,9 +203,10 @@ impl EtcdServer {
 
 async fn serve(
     node: Arc<EtcdNode>,
+    watch: WatchService,
     listener: TcpListener,
     max_request_bytes: usize,
-    mut stop: watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
     // Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
@@ -217,7 +224,11 @@ async fn serve(
     tonic::transport::Server::builder()
         .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
         .add_service(kv)
-        .add_service(WatchServer::new(Unimplemented))
+        .add_service(
+            WatchServer::new(watch)
+                .max_decoding_message_size(max_recv)
+                .max_encoding_message_size(usize::MAX),
+        )
         .add_service(LeaseServer::new(Unimplemented))
         .add_service(ClusterServer::new(Unimplemented))
         .add_service(MaintenanceServer::new(Unimplemented))

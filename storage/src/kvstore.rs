@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::sync::RwLock;
@@ -33,8 +34,12 @@ use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
 use fetcd_proto::etcdserverpb::RangeResponse;
+use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::etcdserverpb::TxnRequest;
 use fetcd_proto::etcdserverpb::TxnResponse;
+use fetcd_proto::etcdserverpb::WatchResponse;
+use fetcd_proto::mvccpb::event::EventType;
+use fetcd_proto::mvccpb::Event;
 use fetcd_proto::mvccpb::KeyValue;
 use prost::Message;
 use sled::transaction::ConflictableTransactionError;
@@ -47,6 +52,12 @@ use crate::kv::ReadView;
 use crate::ops;
 use crate::revision::Revision;
 use crate::schema;
+use crate::watch::CatchUp;
+use crate::watch::SendOutcome;
+use crate::watch::WatchHub;
+use crate::watch::WatchKey;
+use crate::watch::WatchSink;
+use crate::watch::WatchSpec;
 use crate::KvError;
 use crate::Result;
 use crate::StorageError;
@@ -107,6 +118,8 @@ pub struct KvStore {
     index: RwLock<IndexState>,
     /// One writer at a time; writes are applied in Raft log order anyway.
     writer: Mutex<()>,
+    /// Watchers, notified at commit.
+    hub: WatchHub,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -127,6 +140,7 @@ impl KvStore {
             meta_tree,
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
+            hub: WatchHub::default(),
         };
         store.restore()?;
         Ok(store)
@@ -174,7 +188,9 @@ impl KvStore {
         }
         st.current = st.current.max(scheduled).max(finished);
         let keys = st.keys.len();
+        let current = st.current;
         *self.write_index() = st;
+        self.hub.set_current(current);
         if scheduled > finished {
             tracing::info!(scheduled, finished, "finishing interrupted compaction");
             self.compact_locked(scheduled)?;
@@ -370,6 +386,145 @@ impl KvStore {
         self.restore()
     }
 
+    /// Registers a watcher (inactive until [`KvStore::activate_watch`]); returns the revision its
+    /// `created` response reports. The server queues `created` before activating, so no event
+    /// can overtake it.
+    pub fn watch(&self, key: WatchKey, spec: WatchSpec, sink: Arc<dyn WatchSink>) -> i64 {
+        self.hub.register(key, spec, sink)
+    }
+
+    /// Starts delivery to a registered watcher: history first (if it starts in the past), then
+    /// live events.
+    pub fn activate_watch(&self, key: WatchKey) {
+        self.hub.activate(key)
+    }
+
+    /// Removes a watcher; false if it was unknown.
+    pub fn cancel_watch(&self, key: WatchKey) -> bool {
+        self.hub.cancel(key)
+    }
+
+    /// Removes every watcher of a closed stream.
+    pub fn cancel_watch_stream(&self, stream: u64) {
+        self.hub.cancel_stream(stream)
+    }
+
+    /// A stream's progress request: the revision to report if all its watchers are synced,
+    /// otherwise `None`, and the answer goes to `sink` once they are.
+    pub fn request_progress(&self, stream: u64, sink: Arc<dyn WatchSink>) -> Option<i64> {
+        self.hub.request_progress(stream, sink)
+    }
+
+    /// The revision for a periodic progress notification of one watcher, if it is synced.
+    pub fn watcher_progress(&self, key: WatchKey) -> Option<i64> {
+        self.hub.watcher_progress(key)
+    }
+
+    /// True while some watcher waits for history (or a progress answer for room).
+    pub fn has_unsynced_watchers(&self) -> bool {
+        self.hub.has_unsynced()
+    }
+
+    /// The watcher registry (sizes, for metrics and tests).
+    pub fn watchers(&self) -> &WatchHub {
+        &self.hub
+    }
+
+    /// One catch-up round (etcd's `syncWatchers`): every unsynced watcher gets up to
+    /// `max_revisions` revisions of its history; a watcher that reaches the current revision
+    /// turns synced; one behind the compaction revision is canceled with `compact_revision`.
+    pub fn sync_watchers(&self, max_revisions: i64) -> Result<()> {
+        for w in self.hub.unsynced() {
+            self.catch_up(&w, max_revisions.max(1))?;
+        }
+        self.hub.retry_progress();
+        Ok(())
+    }
+
+    fn catch_up(&self, w: &CatchUp, max_revisions: i64) -> Result<()> {
+        let current = self.current_revision();
+        if w.min_rev > current {
+            self.hub.advance(w, w.min_rev);
+            return Ok(());
+        }
+        let to = current.min(w.min_rev.saturating_add(max_revisions - 1));
+        let events = self.history(&w.spec.range, w.min_rev, to)?;
+        // Checked after reading: a compaction that started meanwhile may have removed part of
+        // what was read, and then the watcher must be told, not handed a gap.
+        let compact = self.compact_revision();
+        if w.min_rev < compact {
+            let resp = WatchResponse {
+                header: Some(ResponseHeader {
+                    revision: current,
+                    ..Default::default()
+                }),
+                watch_id: w.key.id,
+                compact_revision: compact,
+                canceled: true,
+                ..Default::default()
+            };
+            match w.sink.try_send(resp) {
+                SendOutcome::Full => {}
+                SendOutcome::Sent | SendOutcome::Closed => self.hub.cancel_caught_up(w),
+            }
+            return Ok(());
+        }
+        let events: Vec<Event> = events
+            .into_iter()
+            .filter(|e| w.spec.wants_event(e))
+            .collect();
+        if !events.is_empty() {
+            let resp = WatchResponse {
+                header: Some(ResponseHeader {
+                    revision: current,
+                    ..Default::default()
+                }),
+                watch_id: w.key.id,
+                events,
+                ..Default::default()
+            };
+            match w.sink.try_send(resp) {
+                SendOutcome::Sent => {}
+                SendOutcome::Full => return Ok(()),
+                SendOutcome::Closed => {
+                    self.hub.cancel_caught_up(w);
+                    return Ok(());
+                }
+            }
+        }
+        self.hub.advance(w, to + 1);
+        Ok(())
+    }
+
+    /// The events of `range` in revisions `[from, to]`, in order, from the `key` tree.
+    pub fn history(&self, range: &KeyRange, from: i64, to: i64) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        let start = Revision::main_start_bytes(from.max(0));
+        let end = Revision::main_start_bytes(to.saturating_add(1));
+        for item in self.key_tree.range(start..end) {
+            let (k, v) = item?;
+            let (rev, tombstone) = Revision::from_bytes(&k)
+                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+            let kv = decode_kv(&v)?;
+            if !range.contains(&kv.key) {
+                continue;
+            }
+            out.push(if tombstone {
+                delete_event(kv.key, rev.main)
+            } else {
+                Event {
+                    r#type: EventType::Put as i32,
+                    kv: Some(kv),
+                    prev_kv: None,
+                }
+            });
+        }
+        Ok(out)
+    }
+
     fn read_meta_i64(&self, key: &str) -> Result<Option<i64>> {
         match self.meta_tree.get(key)? {
             None => Ok(None),
@@ -390,6 +545,19 @@ impl KvStore {
 
     fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, IndexState> {
         self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A DELETE event as etcd reports it: the key and the deleting revision.
+fn delete_event(key: Vec<u8>, rev: i64) -> Event {
+    Event {
+        r#type: EventType::Delete as i32,
+        kv: Some(KeyValue {
+            key,
+            mod_revision: rev,
+            ..Default::default()
+        }),
+        prev_kv: None,
     }
 }
 
@@ -453,6 +621,10 @@ pub(crate) struct WriteTxn<'a> {
     begin_rev: i64,
     /// Changes of the current operation; their count is the next sub revision.
     changes: usize,
+    /// Events of the current operation (one revision).
+    events: Vec<Event>,
+    /// Events of the operations already ended, per revision, for the watchers at commit.
+    revisions: Vec<(i64, Vec<Event>)>,
     consistent_index: Option<Vec<u8>>,
 }
 
@@ -470,6 +642,8 @@ impl<'a> WriteTxn<'a> {
             batch_len: 0,
             begin_rev,
             changes: 0,
+            events: Vec::new(),
+            revisions: Vec::new(),
             consistent_index: None,
         }
     }
@@ -524,6 +698,11 @@ impl<'a> WriteTxn<'a> {
         };
         self.batch.insert(rev.to_bytes(false), kv.encode_to_vec());
         self.batch_len += 1;
+        self.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv.clone()),
+            prev_kv: None,
+        });
         self.staged.insert(rev, kv);
         self.changes += 1;
         rev.main
@@ -548,6 +727,7 @@ impl<'a> WriteTxn<'a> {
             };
             self.batch.insert(rev.to_bytes(true), kv.encode_to_vec());
             self.batch_len += 1;
+            self.events.push(delete_event(key.clone(), rev.main));
             self.changes += 1;
         }
         keys.len() as i64
@@ -558,6 +738,8 @@ impl<'a> WriteTxn<'a> {
         if self.changes > 0 {
             self.begin_rev += 1;
             self.changes = 0;
+            self.revisions
+                .push((self.begin_rev, std::mem::take(&mut self.events)));
         }
     }
 
@@ -592,6 +774,10 @@ impl<'a> WriteTxn<'a> {
                 st.keys.insert(k, ki);
             }
             st.current = self.begin_rev;
+            // Still under the index lock: watchers get revision R before any reader sees R.
+            for (rev, events) in &self.revisions {
+                store.hub.notify(*rev, events);
+            }
         }
         Ok(self.writer.take())
     }

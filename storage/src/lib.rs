@@ -5,6 +5,7 @@
 //! - [`key_index`]: per-key history in generations (etcd's `keyIndex`).
 //! - [`kvstore`]: the store — sled trees, the in-memory index, write transactions, compaction.
 //! - `ops`: etcd's request semantics (Range, Put, DeleteRange, Txn) over a read view.
+//! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
 //!
 //! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
 //! request/response types from `fetcd-proto` and an opaque "consistent index" blob from whoever
@@ -17,6 +18,7 @@ pub mod kvstore;
 mod ops;
 pub mod revision;
 pub mod schema;
+pub mod watch;
 
 pub use error::KvError;
 pub use error::Result;
@@ -27,3 +29,7 @@ pub use kvstore::WriteOp;
 pub use kvstore::WriteResponse;
 pub use ops::is_txn_read_only;
 pub use revision::Revision;
+pub use watch::SendOutcome;
+pub use watch::WatchKey;
+pub use watch::WatchSink;
+pub use watch::WatchSpec;

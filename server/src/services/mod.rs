@@ -2,3 +2,4 @@
 
 pub mod kv;
 pub mod unimplemented;
+pub mod watch;

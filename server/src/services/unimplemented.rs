@@ -38,19 +38,6 @@ macro_rules! unimplemented_service {
 }
 
 unimplemented_service! {
-    pb::watch_server::Watch {
-        type WatchStream = BoxStream<pb::WatchResponse>;
-
-        async fn watch(
-            &self,
-            _: Request<Streaming<pb::WatchRequest>>,
-        ) -> Result<Response<Self::WatchStream>, Status> {
-            Err(unimplemented("Watch"))
-        }
-    }
-}
-
-unimplemented_service! {
     pb::lease_server::Lease {
         type LeaseKeepAliveStream = BoxStream<pb::LeaseKeepAliveResponse>;
 
