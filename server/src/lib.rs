@@ -124,12 +124,14 @@ impl EtcdServer {
             config.max_txn_ops,
         );
 
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let watch = WatchService::new(
             node.clone(),
             config.experimental_watch_progress_notify_interval,
-            config.max_request_bytes,
+            // etcd fragments at the same size it accepts: the limit plus gRPC's allowance.
+            config.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES),
+            stop_rx.clone(),
         );
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut client_urls = Vec::new();
         let mut listeners = Vec::new();
         for url in &config.listen_client_urls {

@@ -73,6 +73,15 @@ impl EtcdNode {
         }
     }
 
+    /// Fills only the ids and the term, keeping `revision` as it is (even 0, which some watch
+    /// responses carry in etcd).
+    pub fn fill_ids(&self, header: &mut Option<ResponseHeader>) {
+        let h = header.get_or_insert_with(ResponseHeader::default);
+        h.cluster_id = self.cluster_id;
+        h.member_id = self.member_id;
+        h.raft_term = self.raft.term();
+    }
+
     /// Proposes a KV write and returns the store's answer, refusing requests over
     /// `--max-request-bytes` before they reach the log.
     pub async fn write(&self, request: Request) -> Result<WriteResponse, Status> {

@@ -433,41 +433,56 @@ impl KvStore {
     /// One catch-up round (etcd's `syncWatchers`): every unsynced watcher gets up to
     /// `max_revisions` revisions of its history; a watcher that reaches the current revision
     /// turns synced; one behind the compaction revision is canceled with `compact_revision`.
-    pub fn sync_watchers(&self, max_revisions: i64) -> Result<()> {
+    /// Returns how many watchers got something (0: every laggard waits for its client).
+    pub fn sync_watchers(&self, max_revisions: i64) -> Result<usize> {
+        let mut progressed = 0;
         for w in self.hub.unsynced() {
-            self.catch_up(&w, max_revisions.max(1))?;
+            if self.catch_up(&w, max_revisions.max(1))? {
+                progressed += 1;
+            }
         }
         self.hub.retry_progress();
-        Ok(())
+        Ok(progressed)
     }
 
-    fn catch_up(&self, w: &CatchUp, max_revisions: i64) -> Result<()> {
+    /// One watcher's catch-up step; true if it moved forward.
+    fn catch_up(&self, w: &CatchUp, max_revisions: i64) -> Result<bool> {
+        if w.sink.is_full() {
+            // Its client is not reading; reading history now would be wasted work.
+            return Ok(false);
+        }
         let current = self.current_revision();
         if w.min_rev > current {
-            self.hub.advance(w, w.min_rev);
-            return Ok(());
+            return Ok(self.hub.advance(w, w.min_rev));
         }
         let to = current.min(w.min_rev.saturating_add(max_revisions - 1));
-        let events = self.history(&w.spec.range, w.min_rev, to)?;
+        // Like etcd, a negative start revision reads no history (it only fails against a
+        // compaction, below).
+        let from = if w.min_rev < 0 {
+            current + 1
+        } else {
+            w.min_rev
+        };
+        let events = self.history(&w.spec.range, from, to)?;
         // Checked after reading: a compaction that started meanwhile may have removed part of
         // what was read, and then the watcher must be told, not handed a gap.
         let compact = self.compact_revision();
         if w.min_rev < compact {
+            // etcd sends this one with header revision 0.
             let resp = WatchResponse {
-                header: Some(ResponseHeader {
-                    revision: current,
-                    ..Default::default()
-                }),
+                header: Some(ResponseHeader::default()),
                 watch_id: w.key.id,
                 compact_revision: compact,
                 canceled: true,
                 ..Default::default()
             };
-            match w.sink.try_send(resp) {
-                SendOutcome::Full => {}
-                SendOutcome::Sent | SendOutcome::Closed => self.hub.cancel_caught_up(w),
-            }
-            return Ok(());
+            return Ok(match w.sink.try_send(resp) {
+                SendOutcome::Full => false,
+                SendOutcome::Sent | SendOutcome::Closed => {
+                    self.hub.cancel_caught_up(w);
+                    true
+                }
+            });
         }
         let events: Vec<Event> = events
             .into_iter()
@@ -485,15 +500,15 @@ impl KvStore {
             };
             match w.sink.try_send(resp) {
                 SendOutcome::Sent => {}
-                SendOutcome::Full => return Ok(()),
+                SendOutcome::Full => return Ok(false),
                 SendOutcome::Closed => {
                     self.hub.cancel_caught_up(w);
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
-        self.hub.advance(w, to + 1);
-        Ok(())
+        let next = if w.min_rev < 0 { current + 1 } else { to + 1 };
+        Ok(self.hub.advance(w, next))
     }
 
     /// The events of `range` in revisions `[from, to]`, in order, from the `key` tree.

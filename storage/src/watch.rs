@@ -61,6 +61,9 @@ pub enum SendOutcome {
 pub trait WatchSink: Send + Sync {
     /// Queues `resp` without waiting.
     fn try_send(&self, resp: WatchResponse) -> SendOutcome;
+
+    /// True if nothing could be queued now; catch-up skips the history read then.
+    fn is_full(&self) -> bool;
 }
 
 /// What a watcher wants, decoded from a `WatchCreateRequest`.
@@ -239,7 +242,9 @@ impl WatchHub {
     pub(crate) fn register(&self, key: WatchKey, spec: WatchSpec, sink: Arc<dyn WatchSink>) -> i64 {
         let mut st = self.lock();
         let current = st.current;
-        let min_rev = if spec.start_revision > 0 {
+        // 0 means "after now"; a negative start is kept as etcd keeps it (no history, and a
+        // compacted cancel once a compaction passes it).
+        let min_rev = if spec.start_revision != 0 {
             spec.start_revision
         } else {
             current + 1
@@ -342,6 +347,10 @@ impl WatchHub {
             let Some(w) = st.watchers.get(&key) else {
                 continue;
             };
+            // A watcher that starts in the future is synced but waits for its start revision.
+            if rev < w.min_rev {
+                continue;
+            }
             let evs: Vec<Event> = idxs
                 .into_iter()
                 .map(|i| &events[i])

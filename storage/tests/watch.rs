@@ -48,6 +48,10 @@ impl WatchSink for TestSink {
         q.push_back(resp);
         SendOutcome::Sent
     }
+
+    fn is_full(&self) -> bool {
+        self.q.lock().unwrap().len() >= self.cap
+    }
 }
 
 fn put(store: &KvStore, k: &str, v: &str) -> i64 {

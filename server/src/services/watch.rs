@@ -57,6 +57,8 @@ const ERR_EMPTY_WATCHER_RANGE: &str = "mvcc: watcher range is empty";
 #[derive(Clone)]
 pub struct WatchService {
     node: Arc<EtcdNode>,
+    /// Becomes true when the server stops: open streams end so shutdown can complete.
+    stop: tokio::sync::watch::Receiver<bool>,
     next_stream: Arc<AtomicU64>,
     progress_interval: Duration,
     max_request_bytes: usize,
@@ -71,11 +73,17 @@ impl std::fmt::Debug for WatchService {
 
 impl WatchService {
     /// A Watch service over `node`; spawns the catch-up task that feeds lagging watchers.
-    pub fn new(node: Arc<EtcdNode>, progress_interval: Duration, max_request_bytes: usize) -> Self {
+    pub fn new(
+        node: Arc<EtcdNode>,
+        progress_interval: Duration,
+        max_request_bytes: usize,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let catch_up = Arc::new(Notify::new());
         tokio::spawn(catch_up_loop(node.clone(), catch_up.clone()));
         WatchService {
             node,
+            stop,
             next_stream: Arc::new(AtomicU64::new(1)),
             progress_interval,
             max_request_bytes,
@@ -94,16 +102,32 @@ async fn catch_up_loop(node: Arc<EtcdNode>, wake: Arc<Notify>) {
             _ = tokio::time::sleep(CATCH_UP_INTERVAL) => {}
         }
         let Some(node) = weak.upgrade() else { return };
-        let store = node.store();
-        while store.has_unsynced_watchers() {
-            if let Err(e) = store.sync_watchers(CATCH_UP_REVISIONS) {
-                tracing::error!(error = %e, "watch catch-up failed");
-                break;
-            }
-            // Let full queues drain before trying again.
-            tokio::task::yield_now().await;
-            if store.has_unsynced_watchers() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        let store = node.store().clone();
+        drop(node);
+        // Rounds read history from sled: keep them off the async workers. Stop when a round
+        // moved nobody forward (every laggard waits for its client to read); the next wake-up
+        // or tick retries.
+        loop {
+            let s = store.clone();
+            let round = tokio::task::spawn_blocking(move || {
+                if s.has_unsynced_watchers() {
+                    s.sync_watchers(CATCH_UP_REVISIONS).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await;
+            match round {
+                Ok(Ok(Some(n))) if n > 0 => continue,
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "watch catch-up failed");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "watch catch-up task failed");
+                    break;
+                }
             }
         }
     }
@@ -120,6 +144,10 @@ impl WatchSink for QueueSink {
             Err(mpsc::error::TrySendError::Closed(_)) => SendOutcome::Closed,
         }
     }
+
+    fn is_full(&self) -> bool {
+        self.0.capacity() == 0
+    }
 }
 
 /// Per-watch options the send loop applies.
@@ -132,10 +160,25 @@ struct WatchOpts {
     active: bool,
 }
 
-/// State shared by a stream's two loops.
-struct StreamState {
+/// One client stream, shared by its receive and send loops.
+struct StreamCtx {
+    node: Arc<EtcdNode>,
+    /// Server-wide stream id (the store keys watchers by it).
+    id: u64,
+    /// The stream's ordered queue (events, created, canceled, progress).
+    queue: mpsc::Sender<WatchResponse>,
     watches: Mutex<HashMap<i64, WatchOpts>>,
     next_id: Mutex<i64>,
+    catch_up: Arc<Notify>,
+}
+
+impl StreamCtx {
+    fn key(&self, id: i64) -> WatchKey {
+        WatchKey {
+            stream: self.id,
+            id,
+        }
+    }
 }
 
 type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
@@ -158,29 +201,28 @@ impl Watch for WatchService {
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (queue_tx, queue_rx) = mpsc::channel(STREAM_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(STREAM_QUEUE);
-        let state = Arc::new(StreamState {
+        let ctx = Arc::new(StreamCtx {
+            node: self.node.clone(),
+            id: stream_id,
+            queue: queue_tx,
             watches: Mutex::new(HashMap::new()),
             next_id: Mutex::new(0),
+            catch_up: self.catch_up.clone(),
         });
         let requests = req.into_inner();
         tokio::spawn(recv_loop(
-            self.node.clone(),
-            stream_id,
+            ctx.clone(),
             requests,
-            queue_tx.clone(),
-            state.clone(),
-            self.catch_up.clone(),
             out_tx.clone(),
+            self.stop.clone(),
         ));
         tokio::spawn(send_loop(
-            self.node.clone(),
-            stream_id,
+            ctx,
             queue_rx,
-            queue_tx,
             out_tx,
-            state,
             self.progress_interval,
             self.max_request_bytes,
+            self.stop.clone(),
         ));
         let out = tokio_stream::wrappers::ReceiverStream::new(out_rx);
         Ok(Response::new(Box::pin(out)))
@@ -200,34 +242,32 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 
 /// Reads the client's requests until the stream ends, then removes the stream's watchers.
 async fn recv_loop(
-    node: Arc<EtcdNode>,
-    stream: u64,
+    ctx: Arc<StreamCtx>,
     mut requests: Streaming<WatchRequest>,
-    queue: mpsc::Sender<WatchResponse>,
-    state: Arc<StreamState>,
-    catch_up: Arc<Notify>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let (node, stream, queue) = (&ctx.node, ctx.id, &ctx.queue);
     loop {
-        let req = match requests.message().await {
+        let next = tokio::select! {
+            r = requests.message() => r,
+            _ = stopped(&mut stop) => break,
+        };
+        let req = match next {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            // The client closed its sending side: it may still read (etcd keeps the stream).
+            // The send loop ends the stream when the client goes away.
+            Ok(None) => return,
             Err(e) => {
                 tracing::debug!(error = %e, stream, "watch stream closed by error");
                 break;
             }
         };
         let ok = match req.request_union {
-            Some(RequestUnion::CreateRequest(c)) => {
-                create(&node, stream, c, &queue, &state, &catch_up).await
-            }
+            Some(RequestUnion::CreateRequest(c)) => create(&ctx, c).await,
             Some(RequestUnion::CancelRequest(c)) => {
-                let key = WatchKey {
-                    stream,
-                    id: c.watch_id,
-                };
-                let known = lock(&state.watches).remove(&c.watch_id).is_some();
-                node.store().cancel_watch(key);
+                let known = lock(&ctx.watches).remove(&c.watch_id).is_some();
+                node.store().cancel_watch(ctx.key(c.watch_id));
                 if known {
                     let resp = WatchResponse {
                         header: header(node.store().current_revision()),
@@ -246,7 +286,7 @@ async fn recv_loop(
                     Some(rev) => queue.send(progress_response(rev)).await.is_ok(),
                     // Answered by the catch-up once this stream's watchers are synced.
                     None => {
-                        catch_up.notify_one();
+                        ctx.catch_up.notify_one();
                         true
                     }
                 }
@@ -261,14 +301,8 @@ async fn recv_loop(
     drop(out);
 }
 
-async fn create(
-    node: &Arc<EtcdNode>,
-    stream: u64,
-    c: WatchCreateRequest,
-    queue: &mpsc::Sender<WatchResponse>,
-    state: &Arc<StreamState>,
-    catch_up: &Arc<Notify>,
-) -> bool {
+async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
+    let (node, queue) = (&ctx.node, &ctx.queue);
     // etcd: an empty key means "\0", the smallest key.
     let key = if c.key.is_empty() {
         vec![0]
@@ -297,7 +331,7 @@ async fn create(
         }
     }
     let id = {
-        let mut watches = lock(&state.watches);
+        let mut watches = lock(&ctx.watches);
         let id = if c.watch_id != 0 {
             if watches.contains_key(&c.watch_id) {
                 None
@@ -305,7 +339,7 @@ async fn create(
                 Some(c.watch_id)
             }
         } else {
-            let mut next = lock(&state.next_id);
+            let mut next = lock(&ctx.next_id);
             while watches.contains_key(&*next) {
                 *next += 1;
             }
@@ -331,7 +365,7 @@ async fn create(
     };
     let no_put = c.filters.contains(&0);
     let no_delete = c.filters.contains(&1);
-    let key = WatchKey { stream, id };
+    let key = ctx.key(id);
     let spec = WatchSpec {
         range,
         start_revision: c.start_revision,
@@ -350,21 +384,18 @@ async fn create(
         return false;
     }
     node.store().activate_watch(key);
-    catch_up.notify_one();
+    ctx.catch_up.notify_one();
     true
 }
 
 /// Turns the stream's queue into gRPC responses: prev_kv, header, fragments, progress ticks.
-#[allow(clippy::too_many_arguments)]
 async fn send_loop(
-    node: Arc<EtcdNode>,
-    stream: u64,
+    ctx: Arc<StreamCtx>,
     mut queue: mpsc::Receiver<WatchResponse>,
-    queue_tx: mpsc::Sender<WatchResponse>,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
-    state: Arc<StreamState>,
     progress_interval: Duration,
     max_request_bytes: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(progress_interval);
     ticker.tick().await;
@@ -372,7 +403,7 @@ async fn send_loop(
         tokio::select! {
             resp = queue.recv() => {
                 let Some(resp) = resp else { break };
-                if !deliver(&node, &state, resp, &out, max_request_bytes).await {
+                if !deliver(&ctx, resp, &out, max_request_bytes).await {
                     break;
                 }
             }
@@ -380,7 +411,7 @@ async fn send_loop(
                 // Periodic progress for quiet, synced watches that asked for it; queued behind
                 // their events so it never runs ahead of them.
                 let due: Vec<i64> = {
-                    let mut watches = lock(&state.watches);
+                    let mut watches = lock(&ctx.watches);
                     let mut due = Vec::new();
                     for (id, o) in watches.iter_mut() {
                         if o.progress_notify && !o.active {
@@ -391,35 +422,48 @@ async fn send_loop(
                     due
                 };
                 for id in due {
-                    if let Some(rev) = node.store().watcher_progress(WatchKey { stream, id }) {
+                    if let Some(rev) = ctx.node.store().watcher_progress(ctx.key(id)) {
                         let resp = WatchResponse { header: header(rev), watch_id: id, ..Default::default() };
-                        let _ = queue_tx.try_send(resp);
+                        let _ = ctx.queue.try_send(resp);
                     }
                 }
             }
             _ = out.closed() => break,
+            _ = stopped(&mut stop) => break,
         }
     }
-    node.store().cancel_watch_stream(stream);
+    ctx.node.store().cancel_watch_stream(ctx.id);
+}
+
+/// Resolves once the server stops (never, if the stop signal is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn deliver(
-    node: &Arc<EtcdNode>,
-    state: &Arc<StreamState>,
+    ctx: &StreamCtx,
     mut resp: WatchResponse,
     out: &mpsc::Sender<Result<WatchResponse, Status>>,
     max_request_bytes: usize,
 ) -> bool {
-    let opts = lock(&state.watches).get(&resp.watch_id).copied();
+    let node = &ctx.node;
+    let opts = lock(&ctx.watches).get(&resp.watch_id).copied();
     if !resp.events.is_empty() {
-        if let Some(o) = lock(&state.watches).get_mut(&resp.watch_id) {
+        if let Some(o) = lock(&ctx.watches).get_mut(&resp.watch_id) {
             o.active = true;
         }
         if opts.is_some_and(|o| o.prev_kv) {
             fill_prev_kv(node, &mut resp);
         }
     }
-    node.fill_header(&mut resp.header);
+    node.fill_ids(&mut resp.header);
     if opts.is_some_and(|o| o.fragment)
         && resp.encoded_len() >= max_request_bytes
         && resp.events.len() > 1
