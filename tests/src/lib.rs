@@ -26,11 +26,13 @@
 pub mod diff;
 pub mod etcd;
 pub mod etcdctl;
+pub mod etcdctl_stream;
 #[cfg(feature = "fetcd")]
 pub mod fetcd;
 pub mod observe;
 pub mod session;
 pub mod target;
+pub mod watch;
 
 pub use diff::{assert_same_observations, compare_observations, diff_values, FieldDiff};
 pub use etcd::{connect, etcd_bin, etcdctl_bin, free_port, EtcdProcess};
