@@ -1,7 +1,9 @@
 //! `fetcd-bench`: drives an etcd v3 endpoint with the third-party `etcd-client` crate, so fetcd
 //! and etcd are measured by the same client. Flags follow etcd's `benchmark` tool where they
-//! exist. This is the quick core workload set (put, range); the full suite and `--compare`
-//! orchestration grow with the benchmark issue.
+//! exist. This is the quick core workload set (put, range, watch, watch-latency); the full suite
+//! and `--compare` orchestration grow with the benchmark issue.
+
+mod watch;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -21,23 +23,39 @@ enum Workload {
     Put,
     /// Get keys written beforehand (linearizable unless `--consistency s`).
     Range,
+    /// Watch throughput: `--watchers` watch `--key` (or the prefix with `--prefix`), then
+    /// `--clients` writers put `--total` times as fast as they can (or at `--put-rate`); reports
+    /// events delivered per second over all watchers until every event arrived.
+    Watch,
+    /// Watch latency: like `watch`, but puts are paced at `--put-rate` (default 100/s); reports
+    /// put→event latency percentiles over all (put, watcher) pairs.
+    WatchLatency,
+}
+
+impl Workload {
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_else(|| format!("{self:?}").to_lowercase())
+    }
 }
 
 #[derive(Debug, Parser)]
 #[command(name = "fetcd-bench", about)]
-struct Args {
+pub(crate) struct Args {
     /// What to run.
     workload: Workload,
     /// Comma-separated client URLs; clients are spread over them.
     #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
     endpoints: Vec<String>,
-    /// Concurrent clients (requests in flight).
+    /// Concurrent clients (requests in flight); for watch workloads, the concurrent writers.
     #[arg(long, default_value_t = 16)]
     clients: usize,
-    /// gRPC connections shared by the clients.
+    /// gRPC connections shared by the clients; for watch workloads, the connections the watch
+    /// streams are spread over (writers get one connection of their own).
     #[arg(long, default_value_t = 1)]
     conns: usize,
-    /// Total requests.
+    /// Total requests (for watch workloads: puts).
     #[arg(long, default_value_t = 10_000)]
     total: u64,
     /// Key size in bytes.
@@ -55,6 +73,29 @@ struct Args {
     /// Print one JSON line instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Watch workloads: total watchers.
+    #[arg(long, default_value_t = 1)]
+    watchers: usize,
+    /// Watch workloads: gRPC watch streams the watchers are multiplexed on, spread round-robin
+    /// over `--conns` (0 = one stream per connection, as Go's clientv3 does; `--streams` equal to
+    /// `--watchers` gives every watcher its own stream).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
+    /// Watch workloads: the watched key, or the watched prefix with `--prefix` (puts then go to
+    /// `<key>/<n>` with `--key-size` digits, over `--key-space-size` keys).
+    #[arg(long, default_value = "fetcd-bench/watch")]
+    key: String,
+    /// Watch workloads: watch `--key` as a prefix and spread the puts over keys under it.
+    #[arg(long)]
+    prefix: bool,
+    /// Watch workloads: puts per second over all writers (0 = unlimited). Default 100 for
+    /// watch-latency, unlimited for watch.
+    #[arg(long)]
+    put_rate: Option<u64>,
+    /// Watch workloads: seconds to wait after the last put for outstanding events; events still
+    /// missing then count as errors.
+    #[arg(long, default_value_t = 10.0)]
+    grace: f64,
 }
 
 fn key(i: u64, size: usize) -> Vec<u8> {
@@ -77,6 +118,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if matches!(args.workload, Workload::Watch | Workload::WatchLatency) {
+        return watch::run(&args).await;
+    }
     let key_space = if args.key_space_size == 0 {
         args.total.max(1)
     } else {
@@ -139,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
                             .await
                             .map(|_| ())
                     }
+                    // Handled by `watch::run` before any client task starts.
+                    Workload::Watch | Workload::WatchLatency => Ok(()),
                 };
                 lat.push(t.elapsed());
                 if r.is_err() {
@@ -158,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = ops / elapsed.as_secs_f64();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let summary = serde_json::json!({
-        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "workload": args.workload.name(),
         "clients": args.clients,
         "total": lat.len(),
         "errors": errors.load(Ordering::Relaxed),

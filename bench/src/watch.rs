@@ -1,0 +1,590 @@
+//! The watch workloads, modelled on etcd's `benchmark watch` and `benchmark watch-latency`.
+//!
+//! `--watchers` watchers watch one key (or a prefix), multiplexed on `--streams` gRPC watch
+//! streams spread over `--conns` connections: every stream is one `Client::watch` call (one
+//! HTTP/2 stream), and further watchers join it with `WatchRequestSender::watch`, i.e. extra
+//! `WatchCreateRequest`s on the same bidi stream. `--clients` writers then put `--total` values,
+//! paced at `--put-rate`, on a connection of their own.
+//!
+//! Every put's value starts with its sequence number (8 bytes, little endian), and the writer
+//! stores the time taken just before sending the put under that number, so a watcher can turn
+//! each event into a put→event latency the moment it arrives, even when the event overtakes the
+//! put response. The writer also stores the put response's revision, and the event's
+//! `mod_revision` is checked against it; each watcher must see strictly increasing revisions.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use etcd_client::Client;
+use etcd_client::WatchOptions;
+use tokio::sync::watch;
+
+use crate::key;
+use crate::Args;
+use crate::Workload;
+
+/// How long the watchers may take to be created before the run is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Per-put timeout; a put that takes longer counts as an error.
+const PUT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Latencies a stream task buffers before merging them into the shared histogram.
+const FLUSH_EVERY: usize = 4096;
+/// Watch errors printed to stderr before the rest are only counted.
+const MAX_PRINTED_ERRORS: u64 = 5;
+
+/// Log-linear histogram of nanosecond values: exact below 256 ns, then 128 sub-buckets per
+/// power of two (relative error under 0.4 %), grown on demand.
+#[derive(Default)]
+struct Hist {
+    counts: Vec<u64>,
+    n: u64,
+}
+
+const SUB_BITS: u32 = 7;
+const SUB: u64 = 1 << SUB_BITS;
+
+fn bucket_of(v: u64) -> usize {
+    if v < 2 * SUB {
+        return v as usize;
+    }
+    let e = 63 - v.leading_zeros();
+    let shift = e - SUB_BITS;
+    let m = v >> shift;
+    (2 * SUB + u64::from(shift - 1) * SUB + (m - SUB)) as usize
+}
+
+fn bucket_value(i: usize) -> u64 {
+    let i = i as u64;
+    if i < 2 * SUB {
+        return i;
+    }
+    let j = i - 2 * SUB;
+    let shift = j / SUB + 1;
+    let m = j % SUB + SUB;
+    (m << shift) + (1 << (shift - 1))
+}
+
+impl Hist {
+    fn record(&mut self, v: u64) {
+        let b = bucket_of(v);
+        if self.counts.len() <= b {
+            self.counts.resize(b + 1, 0);
+        }
+        self.counts[b] += 1;
+        self.n += 1;
+    }
+
+    /// Same rank rule as `crate::percentile`: the value at index round((n-1)·p).
+    fn percentile(&self, p: f64) -> Duration {
+        if self.n == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((self.n - 1) as f64 * p).round() as u64;
+        let mut cum = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cum += c;
+            if cum > rank {
+                return Duration::from_nanos(bucket_value(i));
+            }
+        }
+        Duration::ZERO
+    }
+}
+
+/// State shared by the writers, the stream tasks and the reporter.
+struct Shared {
+    epoch: Instant,
+    total: u64,
+    /// Per put: nanoseconds since `epoch` just before it was sent, plus one (0 = not sent yet).
+    sent_at: Vec<AtomicU64>,
+    /// Per put: the revision of its response (0 = not known yet).
+    revision: Vec<AtomicI64>,
+    created: AtomicUsize,
+    /// Stream tasks still reading; the drain stops early once none is left.
+    live_streams: AtomicUsize,
+    /// Events that matched one of our puts, first time for their watcher.
+    delivered: AtomicU64,
+    /// Watch responses that carried at least one such event (events / responses shows how much
+    /// the server batches).
+    responses: AtomicU64,
+    /// Nanoseconds since `epoch` when the latest matching event arrived.
+    last_event: AtomicU64,
+    /// Stream failures, refused or canceled watchers.
+    watch_errors: AtomicU64,
+    /// Events whose revision was not above the watcher's previous one.
+    order_errors: AtomicU64,
+    /// Events whose `mod_revision` differs from the revision the put returned.
+    revision_mismatches: AtomicU64,
+    hist: Mutex<Hist>,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Counts a watch error, printing only the first few.
+    fn watch_error(&self, msg: std::fmt::Arguments<'_>) {
+        let n = self.watch_errors.fetch_add(1, Ordering::Relaxed);
+        if n < MAX_PRINTED_ERRORS {
+            eprintln!("{msg}");
+        } else if n == MAX_PRINTED_ERRORS {
+            eprintln!("(further watch errors are only counted)");
+        }
+    }
+
+    fn merge(&self, lat: &mut Vec<u64>) {
+        let mut h = match self.hist.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for v in lat.drain(..) {
+            h.record(v);
+        }
+    }
+}
+
+fn watch_options(prefix: bool) -> WatchOptions {
+    if prefix {
+        WatchOptions::new().with_prefix()
+    } else {
+        WatchOptions::new()
+    }
+}
+
+/// One gRPC watch stream carrying `watchers` watchers on `key`.
+async fn run_stream(
+    mut client: Client,
+    key: Vec<u8>,
+    prefix: bool,
+    watchers: usize,
+    sh: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stream = match client.watch(key.clone(), Some(watch_options(prefix))).await {
+        Ok(s) => s,
+        Err(e) => {
+            sh.watch_error(format_args!("watch stream: {e}"));
+            sh.live_streams.fetch_sub(1, Ordering::Release);
+            return;
+        }
+    };
+    let (mut tx, mut rx) = stream.split();
+    // The other watchers join the stream from a task of their own, so their created responses
+    // are read while the requests go out (otherwise both directions could fill up). The sender
+    // stays alive until the run stops, so the request side is never half-closed.
+    let mut sender_stop = stop.clone();
+    let sender_sh = sh.clone();
+    let sender = tokio::spawn(async move {
+        for _ in 1..watchers {
+            if let Err(e) = tx.watch(key.clone(), Some(watch_options(prefix))).await {
+                sender_sh.watch_error(format_args!("watch create: {e}"));
+                break;
+            }
+        }
+        let _ = sender_stop.wait_for(|s| *s).await;
+        drop(tx);
+    });
+    // watch id -> last revision seen
+    let mut last_rev: HashMap<i64, i64> = HashMap::with_capacity(watchers);
+    let mut lat = Vec::with_capacity(FLUSH_EVERY);
+    loop {
+        let msg = tokio::select! {
+            m = rx.message() => m,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let resp = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                if !*stop.borrow() {
+                    sh.watch_error(format_args!("watch stream closed by the server"));
+                }
+                break;
+            }
+            Err(e) => {
+                sh.watch_error(format_args!("watch stream: {e}"));
+                break;
+            }
+        };
+        let now = sh.now();
+        if resp.canceled() {
+            sh.watch_error(format_args!(
+                "watcher {} canceled: {}",
+                resp.watch_id(),
+                resp.cancel_reason()
+            ));
+            continue;
+        }
+        if resp.created() {
+            last_rev.insert(resp.watch_id(), 0);
+            sh.created.fetch_add(1, Ordering::Release);
+        }
+        let mut matched = 0;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let v = kv.value();
+            if v.len() < 8 {
+                continue;
+            }
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&v[..8]);
+            let seq = u64::from_le_bytes(seq);
+            if seq >= sh.total {
+                continue;
+            }
+            let sent = sh.sent_at[seq as usize].load(Ordering::Acquire);
+            if sent == 0 {
+                // Not one of this run's puts (e.g. a concurrent writer).
+                continue;
+            }
+            let rev = kv.mod_revision();
+            let put_rev = sh.revision[seq as usize].load(Ordering::Relaxed);
+            if put_rev != 0 && put_rev != rev {
+                sh.revision_mismatches.fetch_add(1, Ordering::Relaxed);
+            }
+            let last = last_rev.entry(resp.watch_id()).or_insert(0);
+            if rev <= *last {
+                sh.order_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            *last = rev;
+            lat.push(now.saturating_sub(sent - 1));
+            matched += 1;
+        }
+        if matched > 0 {
+            sh.delivered.fetch_add(matched, Ordering::Relaxed);
+            sh.responses.fetch_add(1, Ordering::Relaxed);
+            sh.last_event.fetch_max(now, Ordering::Relaxed);
+            if lat.len() >= FLUSH_EVERY {
+                sh.merge(&mut lat);
+            }
+        }
+    }
+    sh.merge(&mut lat);
+    sh.live_streams.fetch_sub(1, Ordering::Release);
+    let _ = sender.await;
+}
+
+struct PutStats {
+    ok: u64,
+    errors: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_writer(
+    mut client: Client,
+    sh: Arc<Shared>,
+    next: Arc<AtomicU64>,
+    start: Instant,
+    rate: u64,
+    key_base: Vec<u8>,
+    prefix: bool,
+    key_space: u64,
+    key_size: usize,
+    val_size: usize,
+) -> PutStats {
+    let mut st = PutStats { ok: 0, errors: 0 };
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= sh.total {
+            break;
+        }
+        if rate > 0 {
+            let at = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let k = if prefix {
+            let mut k = key_base.clone();
+            k.push(b'/');
+            k.extend(key(i % key_space, key_size));
+            k
+        } else {
+            key_base.clone()
+        };
+        let mut v = vec![b'v'; val_size.max(8)];
+        v[..8].copy_from_slice(&i.to_le_bytes());
+        sh.sent_at[i as usize].store(sh.now() + 1, Ordering::Release);
+        match tokio::time::timeout(PUT_TIMEOUT, client.put(k, v, None)).await {
+            Ok(Ok(resp)) => {
+                let rev = resp.header().map_or(0, |h| h.revision());
+                sh.revision[i as usize].store(rev, Ordering::Relaxed);
+                st.ok += 1;
+            }
+            Ok(Err(e)) => {
+                if st.errors < MAX_PRINTED_ERRORS {
+                    eprintln!("put: {e}");
+                }
+                st.errors += 1;
+            }
+            Err(_) => {
+                if st.errors < MAX_PRINTED_ERRORS {
+                    eprintln!("put: timed out after {PUT_TIMEOUT:?}");
+                }
+                st.errors += 1;
+            }
+        }
+    }
+    st
+}
+
+pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.watchers > 0, "--watchers must be at least 1");
+    anyhow::ensure!(!args.endpoints.is_empty(), "no --endpoints");
+    let total = args.total;
+    let put_rate = args.put_rate.unwrap_or(match args.workload {
+        Workload::WatchLatency => 100,
+        _ => 0,
+    });
+    let key_space = if args.key_space_size == 0 {
+        total.max(1)
+    } else {
+        args.key_space_size
+    };
+    let n_conns = args.conns.max(1);
+    let n_streams = if args.streams == 0 {
+        n_conns
+    } else {
+        args.streams
+    }
+    .min(args.watchers);
+    let grace = Duration::from_secs_f64(args.grace.max(0.0));
+
+    let sh = Arc::new(Shared {
+        epoch: Instant::now(),
+        total,
+        sent_at: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        revision: (0..total).map(|_| AtomicI64::new(0)).collect(),
+        created: AtomicUsize::new(0),
+        live_streams: AtomicUsize::new(n_streams),
+        delivered: AtomicU64::new(0),
+        responses: AtomicU64::new(0),
+        last_event: AtomicU64::new(0),
+        watch_errors: AtomicU64::new(0),
+        order_errors: AtomicU64::new(0),
+        revision_mismatches: AtomicU64::new(0),
+        hist: Mutex::new(Hist::default()),
+    });
+
+    let mut conns = Vec::new();
+    for i in 0..n_conns {
+        let ep = &args.endpoints[i % args.endpoints.len()];
+        conns.push(
+            Client::connect([ep.as_str()], None)
+                .await
+                .with_context(|| format!("connect {ep}"))?,
+        );
+    }
+    let put_ep = &args.endpoints[0];
+    let put_client = Client::connect([put_ep.as_str()], None)
+        .await
+        .with_context(|| format!("connect {put_ep}"))?;
+
+    // Watch phase: create every watcher and wait until all are confirmed.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let setup_start = Instant::now();
+    let mut streams = Vec::with_capacity(n_streams);
+    for s in 0..n_streams {
+        let w = args.watchers / n_streams + usize::from(s < args.watchers % n_streams);
+        streams.push(tokio::spawn(run_stream(
+            conns[s % conns.len()].clone(),
+            args.key.clone().into_bytes(),
+            args.prefix,
+            w,
+            sh.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    loop {
+        let created = sh.created.load(Ordering::Acquire);
+        if created >= args.watchers {
+            break;
+        }
+        let errs = sh.watch_errors.load(Ordering::Relaxed);
+        if errs > 0 || setup_start.elapsed() > SETUP_TIMEOUT {
+            let _ = stop_tx.send(true);
+            anyhow::bail!(
+                "only {created} of {} watchers created after {:.1}s ({errs} watch errors)",
+                args.watchers,
+                setup_start.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let setup = setup_start.elapsed();
+
+    // Put phase.
+    let next = Arc::new(AtomicU64::new(0));
+    let put_start = Instant::now();
+    let first_put = sh.now();
+    let mut writers = Vec::new();
+    for _ in 0..args.clients.max(1) {
+        writers.push(tokio::spawn(run_writer(
+            put_client.clone(),
+            sh.clone(),
+            next.clone(),
+            put_start,
+            put_rate,
+            args.key.clone().into_bytes(),
+            args.prefix,
+            key_space,
+            args.key_size,
+            args.val_size,
+        )));
+    }
+    let (mut puts_ok, mut put_errors) = (0, 0);
+    for w in writers {
+        let st = w.await.context("writer task")?;
+        puts_ok += st.ok;
+        put_errors += st.errors;
+    }
+    let put_elapsed = put_start.elapsed();
+
+    // Drain: wait (bounded) until every watcher has every event, or every stream has failed.
+    let expected = puts_ok * args.watchers as u64;
+    let deadline = Instant::now() + grace;
+    while sh.delivered.load(Ordering::Relaxed) < expected
+        && sh.live_streams.load(Ordering::Acquire) > 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = stop_tx.send(true);
+    for s in streams {
+        s.await.context("watch stream task")?;
+    }
+
+    let delivered = sh.delivered.load(Ordering::Relaxed);
+    let last_event = sh.last_event.load(Ordering::Relaxed);
+    let seconds = if last_event > first_put {
+        Duration::from_nanos(last_event - first_put).max(put_elapsed)
+    } else {
+        put_elapsed
+    }
+    .as_secs_f64();
+    let events_per_sec = delivered as f64 / seconds;
+    let puts_per_sec = puts_ok as f64 / put_elapsed.as_secs_f64();
+    let missing = expected.saturating_sub(delivered);
+    let watch_errors = sh.watch_errors.load(Ordering::Relaxed);
+    let order_errors = sh.order_errors.load(Ordering::Relaxed);
+    let mismatches = sh.revision_mismatches.load(Ordering::Relaxed);
+    let errors = put_errors + missing + watch_errors + order_errors + mismatches;
+    let hist = match sh.hist.lock() {
+        Ok(h) => h,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let ms = |p: f64| hist.percentile(p).as_secs_f64() * 1e3;
+    let summary = serde_json::json!({
+        "workload": args.workload.name(),
+        "clients": args.clients,
+        "total": puts_ok + put_errors,
+        "errors": errors,
+        "seconds": seconds,
+        // For the watch workloads an "op" is one event delivered to one watcher.
+        "ops_per_sec": events_per_sec,
+        "p50_ms": ms(0.50),
+        "p90_ms": ms(0.90),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "watchers": args.watchers,
+        "streams": n_streams,
+        "conns": n_conns,
+        "prefix": args.prefix,
+        "put_rate": put_rate,
+        "puts_per_sec": puts_per_sec,
+        "put_seconds": put_elapsed.as_secs_f64(),
+        "setup_seconds": setup.as_secs_f64(),
+        "events": delivered,
+        "event_responses": sh.responses.load(Ordering::Relaxed),
+        "expected_events": expected,
+        "events_per_sec": events_per_sec,
+        "missing_events": missing,
+        "put_errors": put_errors,
+        "watch_errors": watch_errors,
+        "order_errors": order_errors,
+        "revision_mismatches": mismatches,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{:?}: {} watchers on {} streams / {} conns ({}), setup {:.2}s; {} puts in {:.2}s = {:.0} puts/s; {}/{} events in {:.2}s = {:.0} events/s; errors {} (missing {}, put {}, watch {}, order {}, revision {}); put→event latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            args.workload,
+            args.watchers,
+            n_streams,
+            n_conns,
+            if args.prefix { "prefix" } else { "key" },
+            setup.as_secs_f64(),
+            puts_ok,
+            put_elapsed.as_secs_f64(),
+            puts_per_sec,
+            delivered,
+            expected,
+            seconds,
+            events_per_sec,
+            errors,
+            missing,
+            put_errors,
+            watch_errors,
+            order_errors,
+            mismatches,
+            ms(0.50),
+            ms(0.90),
+            ms(0.99),
+            ms(0.999),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_tight() {
+        let mut prev = 0;
+        for v in [
+            0u64,
+            1,
+            255,
+            256,
+            257,
+            511,
+            512,
+            1_000,
+            123_456,
+            1 << 40,
+            u64::MAX / 2,
+        ] {
+            let b = bucket_of(v);
+            assert!(b >= prev);
+            prev = b;
+            let r = bucket_value(b);
+            let err = (r as f64 - v as f64).abs() / (v.max(1) as f64);
+            assert!(err < 0.01, "{v} -> {r}");
+        }
+        for v in 0..100_000u64 {
+            assert!(bucket_of(v + 1) - bucket_of(v) <= 1);
+        }
+    }
+
+    #[test]
+    fn hist_percentiles() {
+        let mut h = Hist::default();
+        for v in 1..=1000u64 {
+            h.record(v * 1_000_000);
+        }
+        let p50 = h.percentile(0.5).as_secs_f64() * 1e3;
+        assert!((p50 - 500.0).abs() < 5.0, "{p50}");
+        let p999 = h.percentile(0.999).as_secs_f64() * 1e3;
+        assert!((p999 - 999.0).abs() < 8.0, "{p999}");
+    }
+}
