@@ -37,3 +37,30 @@ spec, e, f = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 print(f"{spec:28s} {e['ops_per_sec']:12.0f} {f['ops_per_sec']:12.0f} {f['ops_per_sec']/e['ops_per_sec']:8.2f} {e['p50_ms']:10.2f} {f['p50_ms']:10.2f}")
 PY
 done
+
+# Watch: put -> event latency at 100 puts/s, and event throughput. Each line sets its own
+# --total (10,000 watchers x 20,000 puts would be 200M events).
+echo
+printf '%-52s %11s %11s %7s %9s %9s %7s\n' workload etcd_ev/s fetcd_ev/s ratio etcd_p99 fetcd_p99 p99x
+for spec in \
+  "watch-latency --watchers 1 --total 1000" \
+  "watch-latency --watchers 100 --total 1000" \
+  "watch-latency --watchers 100 --total 1000 --prefix" \
+  "watch-latency --watchers 10000 --conns 10 --total 200 --grace 30" \
+  "watch-latency --watchers 10000 --conns 10 --total 200 --grace 30 --prefix" \
+  "watch --watchers 1 --total 20000" \
+  "watch --watchers 100 --total 5000" \
+  "watch --watchers 10000 --conns 10 --total 200 --grace 30"; do
+  # shellcheck disable=SC2086
+  e=$(target/release/fetcd-bench $spec --json --endpoints http://127.0.0.1:32379)
+  # shellcheck disable=SC2086
+  f=$(target/release/fetcd-bench $spec --json --endpoints http://127.0.0.1:42379)
+  python3 - "$spec" "$e" "$f" <<'PY'
+import json, sys
+spec, e, f = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+ev = lambda r: r.get("events_per_sec", r["ops_per_sec"])
+bad = [n for n, r in (("etcd", e), ("fetcd", f)) if r.get("missing_events", 0) or r.get("order_errors", 0) or r.get("revision_mismatches", 0)]
+note = "  ERRORS: " + ",".join(bad) if bad else ""
+print(f"{spec:52s} {ev(e):11.0f} {ev(f):11.0f} {ev(f)/ev(e):7.2f} {e['p99_ms']:9.2f} {f['p99_ms']:9.2f} {f['p99_ms']/max(e['p99_ms'],1e-9):7.2f}{note}")
+PY
+done
