@@ -435,38 +435,56 @@ impl KvStore {
     /// turns synced; one behind the compaction revision is canceled with `compact_revision`.
     /// Returns how many watchers got something (0: every laggard waits for its client).
     pub fn sync_watchers(&self, max_revisions: i64) -> Result<usize> {
+        // Watchers whose client is not reading are skipped: history read for them now would be
+        // wasted work.
+        let ws: Vec<CatchUp> = self
+            .hub
+            .unsynced()
+            .into_iter()
+            .filter(|w| !w.sink.is_full())
+            .collect();
         let mut progressed = 0;
-        for w in self.hub.unsynced() {
-            if self.catch_up(&w, max_revisions.max(1))? {
-                progressed += 1;
+        if !ws.is_empty() {
+            // One read of the revision window serves every lagging watcher (etcd's
+            // syncWatchers), instead of one scan per watcher.
+            let current = self.current_revision();
+            let first = |w: &CatchUp| {
+                if w.min_rev < 0 {
+                    current + 1
+                } else {
+                    w.min_rev
+                }
+            };
+            let from = ws.iter().map(first).min().unwrap_or(current + 1);
+            let to = current.min(from.saturating_add(max_revisions.max(1) - 1));
+            let events = self.history(None, from, to)?;
+            // Checked after reading: a compaction that started meanwhile may have removed part
+            // of what was read, and then the watcher must be told, not handed a gap.
+            let compact = self.compact_revision();
+            for w in &ws {
+                if self.catch_up(w, &events, first(w), to, current, compact) {
+                    progressed += 1;
+                }
             }
         }
         self.hub.retry_progress();
         Ok(progressed)
     }
 
-    /// One watcher's catch-up step; true if it moved forward.
-    fn catch_up(&self, w: &CatchUp, max_revisions: i64) -> Result<bool> {
-        if w.sink.is_full() {
-            // Its client is not reading; reading history now would be wasted work.
-            return Ok(false);
-        }
-        let current = self.current_revision();
+    /// One watcher's step of a catch-up round over `events` (revisions up to `to`); true if it
+    /// moved forward.
+    fn catch_up(
+        &self,
+        w: &CatchUp,
+        events: &[Event],
+        from: i64,
+        to: i64,
+        current: i64,
+        compact: i64,
+    ) -> bool {
         if w.min_rev > current {
-            return Ok(self.hub.advance(w, w.min_rev));
+            return self.hub.advance(w, w.min_rev);
         }
-        let to = current.min(w.min_rev.saturating_add(max_revisions - 1));
-        // Like etcd, a negative start revision reads no history (it only fails against a
-        // compaction, below).
-        let from = if w.min_rev < 0 {
-            current + 1
-        } else {
-            w.min_rev
-        };
-        let events = self.history(&w.spec.range, from, to)?;
-        // Checked after reading: a compaction that started meanwhile may have removed part of
-        // what was read, and then the watcher must be told, not handed a gap.
-        let compact = self.compact_revision();
         if w.min_rev < compact {
             // etcd sends this one with header revision 0.
             let resp = WatchResponse {
@@ -476,43 +494,56 @@ impl KvStore {
                 canceled: true,
                 ..Default::default()
             };
-            return Ok(match w.sink.try_send(resp) {
+            return match w.sink.try_send(resp) {
                 SendOutcome::Full => false,
                 SendOutcome::Sent | SendOutcome::Closed => {
                     self.hub.cancel_caught_up(w);
                     true
                 }
-            });
+            };
         }
-        let events: Vec<Event> = events
-            .into_iter()
-            .filter(|e| w.spec.wants_event(e))
+        // Like etcd, a negative start revision reads no history.
+        if w.min_rev < 0 {
+            return self.hub.advance(w, current + 1);
+        }
+        if from > to {
+            // Later than this round's window; a later round reaches it.
+            return false;
+        }
+        let mine: Vec<Event> = events
+            .iter()
+            .filter(|e| {
+                e.kv.as_ref()
+                    .is_some_and(|kv| kv.mod_revision >= from && w.spec.range.contains(&kv.key))
+                    && w.spec.wants_event(e)
+            })
+            .cloned()
             .collect();
-        if !events.is_empty() {
+        if !mine.is_empty() {
             let resp = WatchResponse {
                 header: Some(ResponseHeader {
                     revision: current,
                     ..Default::default()
                 }),
                 watch_id: w.key.id,
-                events,
+                events: mine,
                 ..Default::default()
             };
             match w.sink.try_send(resp) {
                 SendOutcome::Sent => {}
-                SendOutcome::Full => return Ok(false),
+                SendOutcome::Full => return false,
                 SendOutcome::Closed => {
                     self.hub.cancel_caught_up(w);
-                    return Ok(true);
+                    return true;
                 }
             }
         }
-        let next = if w.min_rev < 0 { current + 1 } else { to + 1 };
-        Ok(self.hub.advance(w, next))
+        self.hub.advance(w, to + 1)
     }
 
-    /// The events of `range` in revisions `[from, to]`, in order, from the `key` tree.
-    pub fn history(&self, range: &KeyRange, from: i64, to: i64) -> Result<Vec<Event>> {
+    /// The events of `range` (every key if `None`) in revisions `[from, to]`, in order, from the
+    /// `key` tree.
+    pub fn history(&self, range: Option<&KeyRange>, from: i64, to: i64) -> Result<Vec<Event>> {
         let mut out = Vec::new();
         if from > to {
             return Ok(out);
@@ -524,7 +555,7 @@ impl KvStore {
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
             let kv = decode_kv(&v)?;
-            if !range.contains(&kv.key) {
+            if range.is_some_and(|r| !r.contains(&kv.key)) {
                 continue;
             }
             out.push(if tombstone {
