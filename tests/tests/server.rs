@@ -1,6 +1,7 @@
 //! fetcd's own behaviour as a server, through the third-party `etcd-client` crate: response
 //! headers, restart from the data dir, the limits set by flags, services not implemented yet,
 //! and linearizable reads under concurrent writes.
+#![cfg(feature = "fetcd")]
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::AtomicBool;

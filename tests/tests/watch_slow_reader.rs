@@ -1,5 +1,6 @@
 //! A watcher whose client stops reading must not slow writers down or lose anything: its stream
 //! fills up, it falls behind, and it catches up from history in order once the client reads.
+#![cfg(feature = "fetcd")]
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
