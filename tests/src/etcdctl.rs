@@ -30,14 +30,10 @@ impl EtcdctlOutput {
     }
 }
 
-/// Runs `ETCDCTL_API=3 etcdctl --endpoints=<endpoint> <args>`, feeding `stdin` if given.
-pub async fn run_etcdctl(
-    endpoint: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> anyhow::Result<EtcdctlOutput> {
-    let bin = etcdctl_bin()?;
-    let mut cmd = tokio::process::Command::new(&bin);
+/// `ETCDCTL_API=3 etcdctl --endpoints=<endpoint> <args>`, with no other `ETCDCTL_*` variable
+/// of the caller's environment leaking in.
+pub fn etcdctl_command(endpoint: &str, args: &[&str]) -> anyhow::Result<tokio::process::Command> {
+    let mut cmd = tokio::process::Command::new(etcdctl_bin()?);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("ETCDCTL_") {
             cmd.env_remove(k);
@@ -45,18 +41,28 @@ pub async fn run_etcdctl(
     }
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .args(args);
+    Ok(cmd)
+}
+
+/// Runs `ETCDCTL_API=3 etcdctl --endpoints=<endpoint> <args>`, feeding `stdin` if given.
+pub async fn run_etcdctl(
+    endpoint: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<EtcdctlOutput> {
+    let mut cmd = etcdctl_command(endpoint, args)?;
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("spawning {}", bin.display()))?;
+        .with_context(|| format!("spawning {}", cmd.as_std().get_program().to_string_lossy()))?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().context("etcdctl stdin")?;
         pipe.write_all(input.as_bytes()).await?;

@@ -10,7 +10,6 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 
-use crate::etcd::etcdctl_bin;
 use crate::etcdctl::{normalize, EtcdctlOutput};
 use crate::observe::{strip_keys, SERVER_IDENTITY_FIELDS};
 
@@ -52,23 +51,14 @@ fn text(buf: &Buffer) -> String {
 impl EtcdctlChild {
     /// Starts etcdctl (stdin closed, stdout/stderr collected).
     pub fn spawn(endpoint: &str, args: &[&str]) -> anyhow::Result<Self> {
-        let bin = etcdctl_bin()?;
-        let mut cmd = tokio::process::Command::new(&bin);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCDCTL_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
-            .args(args)
-            .stdin(Stdio::null())
+        let mut cmd = crate::etcdctl::etcdctl_command(endpoint, args)?;
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!("spawning {}", cmd.as_std().get_program().to_string_lossy())
+        })?;
         let stdout: Buffer = Arc::default();
         let stderr: Buffer = Arc::default();
         let out = child.stdout.take().context("etcdctl stdout")?;
