@@ -162,7 +162,7 @@ impl Serialize for ApplyResult {
                 vec![],
             ),
         };
-        (tag, serde_bytes_wrap(&bytes)).serialize(s)
+        (tag, BytesRef(&bytes)).serialize(s)
     }
 }
 
@@ -173,10 +173,6 @@ impl Serialize for BytesRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(self.0)
     }
-}
-
-fn serde_bytes_wrap(b: &[u8]) -> BytesRef<'_> {
-    BytesRef(b)
 }
 
 /// Deserializes serde bytes into a vector.

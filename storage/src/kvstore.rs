@@ -707,11 +707,6 @@ impl<'a> WriteTxn<'a> {
         self.writer.is_some()
     }
 
-    /// Number of changes the current operation made so far.
-    pub(crate) fn changes(&self) -> usize {
-        self.changes
-    }
-
     /// The revision the current operation's writes get.
     fn write_rev(&self) -> i64 {
         self.begin_rev + 1

@@ -414,7 +414,6 @@ pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnRespons
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    let _ = txn.changes();
     resp.header = Some(header(txn.rev()));
     Ok(Ok(resp))
 }
