@@ -235,7 +235,8 @@ fn client_options(c: WatchCreateRequest) -> etcd_client::WatchOptions {
     o
 }
 
-fn from_client_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+/// etcd-client key-value → wire type.
+pub fn from_client_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: kv.key().to_vec(),
         create_revision: kv.create_revision(),

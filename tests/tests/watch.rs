@@ -1331,7 +1331,7 @@ struct Expected {
 }
 
 fn put_event(k: &str, v: &str, rev: i64, prev: Option<&etcd_client::KeyValue>) -> Expected {
-    let prev = prev.map(to_pb_kv);
+    let prev = prev.map(fetcd_tests::watch::from_client_kv);
     Expected {
         typ: PUT,
         kv: KeyValue {
@@ -1354,18 +1354,7 @@ fn delete_event(prev: &etcd_client::KeyValue, rev: i64) -> Expected {
             mod_revision: rev,
             ..Default::default()
         },
-        prev: Some(to_pb_kv(prev)),
-    }
-}
-
-fn to_pb_kv(kv: &etcd_client::KeyValue) -> KeyValue {
-    KeyValue {
-        key: kv.key().to_vec(),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
-        version: kv.version(),
-        value: kv.value().to_vec(),
-        lease: kv.lease(),
+        prev: Some(fetcd_tests::watch::from_client_kv(prev)),
     }
 }
 
