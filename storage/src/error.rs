@@ -17,9 +17,15 @@ pub enum KvError {
     /// `ignore_value` / `ignore_lease` on a key that does not exist.
     #[error("key not found")]
     KeyNotFound,
-    /// A put refers to a lease that does not exist.
+    /// A put or revoke refers to a lease that does not exist.
     #[error("requested lease not found")]
     LeaseNotFound,
+    /// A grant names an ID that is already in use.
+    #[error("lease already exists")]
+    LeaseExists,
+    /// A grant asks for more than [`crate::MAX_LEASE_TTL`] seconds.
+    #[error("too large lease TTL")]
+    LeaseTtlTooLarge,
 }
 
 /// The store failed underneath; the caller must stop applying.

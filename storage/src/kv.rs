@@ -100,6 +100,8 @@ pub(crate) trait ReadView {
     fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool);
     /// Loads the stored key-value written at `rev`.
     fn load(&self, rev: Revision) -> Result<KeyValue, StorageError>;
+    /// Whether lease `id` exists in this view (a put may only attach a key to one that does).
+    fn lease_exists(&self, id: i64) -> bool;
 }
 
 /// Keys of `range` visible at `at_rev`: up to `limit` of them (0 = all) and the total count.

@@ -3,6 +3,8 @@
 //! Layout in sled (one `Db`, the trees named in [`schema`]):
 //! - `key`: encoded [`Revision`] (+ tombstone mark) → protobuf `mvccpb.KeyValue`. Immutable once
 //!   written; only compaction deletes from it.
+//! - `lease`: lease ID → lease record (see [`crate::lease`]), changed in the same transaction as
+//!   the revision that granted, revoked or checkpointed it.
 //! - `meta`: the consistent index (an opaque blob the Raft layer hands in with every write, written
 //!   in the same sled transaction as the data it covers) and the scheduled / finished compaction
 //!   revisions.
@@ -30,6 +32,12 @@ use fetcd_proto::etcdserverpb::CompactionRequest;
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeRequest;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::LeaseCheckpointRequest;
+use fetcd_proto::etcdserverpb::LeaseCheckpointResponse;
+use fetcd_proto::etcdserverpb::LeaseGrantRequest;
+use fetcd_proto::etcdserverpb::LeaseGrantResponse;
+use fetcd_proto::etcdserverpb::LeaseRevokeRequest;
+use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
 use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
@@ -49,6 +57,9 @@ use sled::Transactional;
 use crate::key_index::KeyIndex;
 use crate::kv::KeyRange;
 use crate::kv::ReadView;
+use crate::lease::Lease;
+use crate::lease::LeaseIndex;
+use crate::lease::LeaseStamp;
 use crate::ops;
 use crate::revision::Revision;
 use crate::schema;
@@ -74,6 +85,8 @@ struct IndexState {
     current: i64,
     /// Reads below this revision are refused; -1 before the first compaction.
     compact: i64,
+    /// Leases and the keys attached to them.
+    leases: LeaseIndex,
 }
 
 /// A change the store will write: one Raft entry's worth of KV work.
@@ -87,6 +100,13 @@ pub enum WriteOp {
     Txn(TxnRequest),
     /// Drop history below a revision.
     Compaction(CompactionRequest),
+    /// Create a lease (its ID already chosen and its TTL already raised to the minimum by the
+    /// proposer, so every member applies the same thing).
+    LeaseGrant(LeaseGrantRequest, Option<LeaseStamp>),
+    /// Delete a lease and, in one revision, every key attached to it.
+    LeaseRevoke(LeaseRevokeRequest),
+    /// Record the remaining TTL of leases, so it survives a leader change or restart.
+    LeaseCheckpoint(LeaseCheckpointRequest, Option<LeaseStamp>),
     /// Nothing for the KV space (a Raft blank or membership entry), but its consistent index
     /// must still be recorded.
     Noop,
@@ -103,6 +123,12 @@ pub enum WriteResponse {
     Txn(TxnResponse),
     /// Answer to [`WriteOp::Compaction`].
     Compaction(CompactionResponse),
+    /// Answer to [`WriteOp::LeaseGrant`].
+    LeaseGrant(LeaseGrantResponse),
+    /// Answer to [`WriteOp::LeaseRevoke`].
+    LeaseRevoke(LeaseRevokeResponse),
+    /// Answer to [`WriteOp::LeaseCheckpoint`].
+    LeaseCheckpoint(LeaseCheckpointResponse),
     /// Answer to [`WriteOp::Noop`].
     Noop,
 }
@@ -115,6 +141,7 @@ pub struct KvStore {
     db: sled::Db,
     key_tree: sled::Tree,
     meta_tree: sled::Tree,
+    lease_tree: sled::Tree,
     index: RwLock<IndexState>,
     /// One writer at a time; writes are applied in Raft log order anyway.
     writer: Mutex<()>,
@@ -134,10 +161,12 @@ impl KvStore {
     pub fn open(db: sled::Db) -> Result<Self> {
         let key_tree = db.open_tree(schema::KEY_TREE)?;
         let meta_tree = db.open_tree(schema::META_TREE)?;
+        let lease_tree = db.open_tree(schema::LEASE_TREE)?;
         let store = KvStore {
             db,
             key_tree,
             meta_tree,
+            lease_tree,
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
             hub: WatchHub::default(),
@@ -163,13 +192,27 @@ impl KvStore {
             keys: BTreeMap::new(),
             current: 1,
             compact: finished,
+            leases: LeaseIndex::default(),
         };
+        for item in self.lease_tree.iter() {
+            let (k, v) = item?;
+            let lease = Lease::decode(&k, &v)?;
+            st.leases
+                .publish(HashMap::from([(lease.id, Some(lease))]), HashMap::new());
+        }
+        // The lease of each live key is the one in its latest put.
+        let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for item in self.key_tree.iter() {
             let (k, v) = item?;
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
             let kv = decode_kv(&v)?;
             st.current = st.current.max(rev.main);
+            if tombstone || kv.lease == 0 {
+                key_lease.remove(&kv.key);
+            } else {
+                key_lease.insert(kv.key.clone(), kv.lease);
+            }
             match st.keys.get_mut(&kv.key) {
                 Some(ki) if tombstone => {
                     if ki.is_live() {
@@ -187,6 +230,10 @@ impl KvStore {
             }
         }
         st.current = st.current.max(scheduled).max(finished);
+        for (k, lease) in key_lease {
+            st.leases.attach(k, lease);
+        }
+        let leases = st.leases.leases.len();
         let keys = st.keys.len();
         let current = st.current;
         *self.write_index() = st;
@@ -197,6 +244,7 @@ impl KvStore {
         }
         tracing::info!(
             keys,
+            leases,
             revision = self.current_revision(),
             "mvcc store restored"
         );
@@ -219,6 +267,39 @@ impl KvStore {
             .meta_tree
             .get(schema::CONSISTENT_INDEX)?
             .map(|v| v.to_vec()))
+    }
+
+    /// A lease, if it exists.
+    pub fn lease(&self, id: i64) -> Option<Lease> {
+        self.read_index()
+            .leases
+            .leases
+            .get(&id)
+            .map(|e| e.lease.clone())
+    }
+
+    /// The keys attached to a lease, in key order (empty if it does not exist).
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.read_index()
+            .leases
+            .leases
+            .get(&id)
+            .map(|e| e.keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every lease, in ID order.
+    pub fn leases(&self) -> Vec<Lease> {
+        let st = self.read_index();
+        let mut out: Vec<Lease> = st.leases.leases.values().map(|e| e.lease.clone()).collect();
+        out.sort_by_key(|l| l.id);
+        out
+    }
+
+    /// Changes whenever a lease is granted or revoked: lets the lessor skip reconciling its
+    /// timers with the table when nothing changed.
+    pub fn lease_epoch(&self) -> u64 {
+        self.read_index().leases.epoch
     }
 
     /// Serves a Range at the current or a historical revision (never through Raft).
@@ -253,6 +334,15 @@ impl KvStore {
                     ops::delete_range(&mut txn, &req)?.map(WriteResponse::DeleteRange)
                 }
                 WriteOp::Txn(req) => ops::txn(&mut txn, &req)?.map(WriteResponse::Txn),
+                WriteOp::LeaseGrant(req, stamp) => {
+                    ops::lease_grant(&mut txn, &req, stamp).map(WriteResponse::LeaseGrant)
+                }
+                WriteOp::LeaseRevoke(req) => {
+                    ops::lease_revoke(&mut txn, &req)?.map(WriteResponse::LeaseRevoke)
+                }
+                WriteOp::LeaseCheckpoint(req, stamp) => Ok(WriteResponse::LeaseCheckpoint(
+                    ops::lease_checkpoint(&mut txn, &req, stamp),
+                )),
                 WriteOp::Noop => Ok(WriteResponse::Noop),
                 WriteOp::Compaction(req) => {
                     // Compaction rewrites the committed index: commit what is staged first.
@@ -357,6 +447,7 @@ impl KvStore {
         for (name, tree) in [
             (schema::KEY_TREE, &self.key_tree),
             (schema::META_TREE, &self.meta_tree),
+            (schema::LEASE_TREE, &self.lease_tree),
         ] {
             for item in tree.iter() {
                 let (k, v) = item?;
@@ -375,11 +466,13 @@ impl KvStore {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.key_tree.clear()?;
         self.meta_tree.clear()?;
+        self.lease_tree.clear()?;
         for rec in records {
             let (name, k, v) = rec?;
             match name.as_str() {
                 schema::KEY_TREE => self.key_tree.insert(k, v)?,
                 schema::META_TREE => self.meta_tree.insert(k, v)?,
+                schema::LEASE_TREE => self.lease_tree.insert(k, v)?,
                 other => return Err(StorageError::Corrupt(format!("unknown tree {other}"))),
             };
         }
@@ -647,6 +740,10 @@ impl ReadView for CommittedView<'_> {
     fn load(&self, rev: Revision) -> Result<KeyValue> {
         load_from(self.key_tree, rev)
     }
+
+    fn lease_exists(&self, id: i64) -> bool {
+        self.st.leases.leases.contains_key(&id)
+    }
 }
 
 /// A write transaction over the committed state (etcd's `storeTxnWrite`): changes are staged in
@@ -672,6 +769,12 @@ pub(crate) struct WriteTxn<'a> {
     /// Events of the operations already ended, per revision, for the watchers at commit.
     revisions: Vec<(i64, Vec<Event>)>,
     consistent_index: Option<Vec<u8>>,
+    /// Leases granted, checkpointed (`Some`) or revoked (`None`) by this transaction.
+    lease_overlay: HashMap<i64, Option<Lease>>,
+    /// Keys whose lease this transaction changed (0 = detached).
+    key_lease_overlay: HashMap<Vec<u8>, i64>,
+    /// The `lease` tree writes matching `lease_overlay`.
+    lease_batch: sled::Batch,
 }
 
 impl<'a> WriteTxn<'a> {
@@ -691,6 +794,9 @@ impl<'a> WriteTxn<'a> {
             events: Vec::new(),
             revisions: Vec::new(),
             consistent_index: None,
+            lease_overlay: HashMap::new(),
+            key_lease_overlay: HashMap::new(),
+            lease_batch: sled::Batch::default(),
         }
     }
 
@@ -729,6 +835,7 @@ impl<'a> WriteTxn<'a> {
             _ => (rev.main, 1),
         };
         ki.put(rev);
+        self.set_key_lease(key, lease);
         let kv = KeyValue {
             key: key.to_vec(),
             create_revision: created,
@@ -762,6 +869,7 @@ impl<'a> WriteTxn<'a> {
         for key in &keys {
             let rev = Revision::new(self.write_rev(), self.changes as i64);
             self.key_index_mut(key).tombstone(rev);
+            self.set_key_lease(key, 0);
             let kv = KeyValue {
                 key: key.clone(),
                 ..Default::default()
@@ -772,6 +880,71 @@ impl<'a> WriteTxn<'a> {
             self.changes += 1;
         }
         keys.len() as i64
+    }
+
+    /// The lease `key` is attached to as of this transaction (0 = none).
+    fn key_lease(&self, key: &[u8]) -> i64 {
+        match self.key_lease_overlay.get(key) {
+            Some(l) => *l,
+            None => self.base().leases.key_lease.get(key).copied().unwrap_or(0),
+        }
+    }
+
+    fn set_key_lease(&mut self, key: &[u8], lease: i64) {
+        if self.key_lease(key) != lease {
+            self.key_lease_overlay.insert(key.to_vec(), lease);
+        }
+    }
+
+    /// A lease as of this transaction.
+    pub(crate) fn lease(&self, id: i64) -> Option<Lease> {
+        match self.lease_overlay.get(&id) {
+            Some(l) => l.clone(),
+            None => self.base().leases.leases.get(&id).map(|e| e.lease.clone()),
+        }
+    }
+
+    /// Stages a lease record (grant or checkpoint).
+    pub(crate) fn put_lease(&mut self, lease: Lease) {
+        self.lease_batch
+            .insert(&Lease::tree_key(lease.id), lease.encode());
+        self.lease_overlay.insert(lease.id, Some(lease));
+    }
+
+    /// Stages the removal of a lease record (its keys are deleted by the caller).
+    pub(crate) fn remove_lease(&mut self, id: i64) {
+        self.lease_batch.remove(&Lease::tree_key(id));
+        self.lease_overlay.insert(id, None);
+    }
+
+    /// The keys attached to lease `id` as of this transaction, in key order.
+    pub(crate) fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        let mut keys: std::collections::BTreeSet<Vec<u8>> = self
+            .base()
+            .leases
+            .leases
+            .get(&id)
+            .map(|e| {
+                e.keys
+                    .iter()
+                    .filter(|k| !self.key_lease_overlay.contains_key(*k))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.extend(
+            self.key_lease_overlay
+                .iter()
+                .filter(|(_, l)| **l == id)
+                .map(|(k, _)| k.clone()),
+        );
+        keys.into_iter().collect()
+    }
+
+    /// True if this transaction changed leases or attachments: it must be written and published
+    /// even when no key changed (a grant or checkpoint takes no revision, as in etcd).
+    fn lease_changed(&self) -> bool {
+        !self.lease_overlay.is_empty() || !self.key_lease_overlay.is_empty()
     }
 
     /// Closes the current operation: if it changed anything, the revision advances.
@@ -789,12 +962,15 @@ impl<'a> WriteTxn<'a> {
     fn commit(mut self) -> Result<Option<MutexGuard<'a, ()>>> {
         self.end_op();
         let store = self.store;
-        if self.batch_len > 0 || self.consistent_index.is_some() {
+        let lease_changed = self.lease_changed();
+        if self.batch_len > 0 || self.consistent_index.is_some() || lease_changed {
             let batch = std::mem::take(&mut self.batch);
+            let lease_batch = std::mem::take(&mut self.lease_batch);
             let ci = self.consistent_index.take();
-            (&store.key_tree, &store.meta_tree)
-                .transaction(|(kt, mt)| {
+            (&store.key_tree, &store.meta_tree, &store.lease_tree)
+                .transaction(|(kt, mt, lt)| {
                     kt.apply_batch(&batch)?;
+                    lt.apply_batch(&lease_batch)?;
                     if let Some(ci) = &ci {
                         mt.insert(schema::CONSISTENT_INDEX, ci.as_slice())?;
                     }
@@ -809,11 +985,15 @@ impl<'a> WriteTxn<'a> {
         }
         // Only now, with the data in sled, does anyone get to see it.
         drop(self.base.take());
-        if !self.overlay.is_empty() || self.begin_rev != store.current_revision() {
+        if !self.overlay.is_empty() || self.begin_rev != store.current_revision() || lease_changed {
             let mut st = store.write_index();
             for (k, ki) in std::mem::take(&mut self.overlay) {
                 st.keys.insert(k, ki);
             }
+            st.leases.publish(
+                std::mem::take(&mut self.lease_overlay),
+                std::mem::take(&mut self.key_lease_overlay),
+            );
             st.current = self.begin_rev;
             // Still under the index lock: watchers get revision R before any reader sees R.
             for (rev, events) in &self.revisions {
@@ -870,5 +1050,9 @@ impl ReadView for WriteTxn<'_> {
             Some(kv) => Ok(kv.clone()),
             None => load_from(&self.store.key_tree, rev),
         }
+    }
+
+    fn lease_exists(&self, id: i64) -> bool {
+        self.lease(id).is_some()
     }
 }

@@ -5,6 +5,7 @@
 //! - [`key_index`]: per-key history in generations (etcd's `keyIndex`).
 //! - [`kvstore`]: the store — sled trees, the in-memory index, write transactions, compaction.
 //! - `ops`: etcd's request semantics (Range, Put, DeleteRange, Txn) over a read view.
+//! - [`lease`]: leases and their attached keys (replicated state; expiry timing is the server's).
 //! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
 //!
 //! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
@@ -15,6 +16,7 @@ mod error;
 pub mod key_index;
 mod kv;
 pub mod kvstore;
+pub mod lease;
 mod ops;
 pub mod revision;
 pub mod schema;
@@ -27,6 +29,9 @@ pub use kv::KeyRange;
 pub use kvstore::KvStore;
 pub use kvstore::WriteOp;
 pub use kvstore::WriteResponse;
+pub use lease::Lease;
+pub use lease::LeaseStamp;
+pub use lease::MAX_LEASE_TTL;
 pub use ops::is_txn_read_only;
 pub use revision::Revision;
 pub use watch::SendOutcome;

@@ -13,6 +13,12 @@ use fetcd_proto::etcdserverpb::response_op::Response;
 use fetcd_proto::etcdserverpb::Compare;
 use fetcd_proto::etcdserverpb::DeleteRangeRequest;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::LeaseCheckpointRequest;
+use fetcd_proto::etcdserverpb::LeaseCheckpointResponse;
+use fetcd_proto::etcdserverpb::LeaseGrantRequest;
+use fetcd_proto::etcdserverpb::LeaseGrantResponse;
+use fetcd_proto::etcdserverpb::LeaseRevokeRequest;
+use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
 use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
@@ -27,6 +33,9 @@ use crate::kv::visible_revisions;
 use crate::kv::KeyRange;
 use crate::kv::ReadView;
 use crate::kvstore::WriteTxn;
+use crate::lease::Lease;
+use crate::lease::LeaseStamp;
+use crate::lease::MAX_LEASE_TTL;
 use crate::KvError;
 use crate::Result;
 
@@ -154,16 +163,10 @@ fn get_one(view: &dyn ReadView, key: &[u8]) -> Result<Option<KeyValue>> {
     Ok(kvs.pop())
 }
 
-/// Whether a lease exists. The lease table arrives with the Lease service; until then no lease can
-/// be granted (LeaseGrant answers Unimplemented), so every non-zero lease is unknown.
-fn lease_exists(_lease: i64) -> bool {
-    false
-}
-
 /// Checks a plain Put before it writes, in etcd's `applierV3backend.Put` order: lease first.
 /// (Puts inside a Txn are checked by [`check_path`], key first.)
 fn check_put(view: &dyn ReadView, req: &PutRequest) -> Answer<()> {
-    if req.lease != 0 && !lease_exists(req.lease) {
+    if req.lease != 0 && !view.lease_exists(req.lease) {
         return Ok(Err(KvError::LeaseNotFound));
     }
     if (req.ignore_value || req.ignore_lease) && get_one(view, &req.key)?.is_none() {
@@ -329,7 +332,7 @@ fn check_path(
             Some(Request::RequestPut(p)) if check == Check::Puts => {
                 if (p.ignore_value || p.ignore_lease) && get_one(view, &p.key)?.is_none() {
                     Err(KvError::KeyNotFound)
-                } else if p.lease != 0 && !lease_exists(p.lease) {
+                } else if p.lease != 0 && !view.lease_exists(p.lease) {
                     Err(KvError::LeaseNotFound)
                 } else {
                     Ok(())
@@ -416,4 +419,73 @@ pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnRespons
     };
     resp.header = Some(header(txn.rev()));
     Ok(Ok(resp))
+}
+
+/// LeaseGrant (etcd's `lessor.Grant` as applied): the ID must be new and non-zero and the TTL at
+/// most [`MAX_LEASE_TTL`]. The grant is recorded as a countdown of the full TTL from `stamp`, so
+/// the granting member, should it restart before any keepalive, knows when the lease runs out.
+/// Takes no revision.
+pub(crate) fn lease_grant(
+    txn: &mut WriteTxn<'_>,
+    req: &LeaseGrantRequest,
+    stamp: Option<LeaseStamp>,
+) -> std::result::Result<LeaseGrantResponse, KvError> {
+    if req.id == 0 {
+        return Err(KvError::LeaseNotFound);
+    }
+    if req.ttl > MAX_LEASE_TTL {
+        return Err(KvError::LeaseTtlTooLarge);
+    }
+    if txn.lease(req.id).is_some() {
+        return Err(KvError::LeaseExists);
+    }
+    txn.put_lease(Lease {
+        id: req.id,
+        ttl: req.ttl,
+        remaining_ttl: if stamp.is_some() { req.ttl } else { 0 },
+        stamp,
+    });
+    Ok(LeaseGrantResponse {
+        header: Some(header(txn.rev())),
+        id: req.id,
+        ttl: req.ttl,
+        error: String::new(),
+    })
+}
+
+/// LeaseRevoke (etcd's `lessor.Revoke`): deletes every attached key, in key order, all in one
+/// revision, then the lease.
+pub(crate) fn lease_revoke(
+    txn: &mut WriteTxn<'_>,
+    req: &LeaseRevokeRequest,
+) -> Answer<LeaseRevokeResponse> {
+    if txn.lease(req.id).is_none() {
+        return Ok(Err(KvError::LeaseNotFound));
+    }
+    for key in txn.lease_keys(req.id) {
+        txn.delete_range(&KeyRange::Single(key));
+    }
+    txn.remove_lease(req.id);
+    Ok(Ok(LeaseRevokeResponse {
+        header: Some(header(txn.rev())),
+    }))
+}
+
+/// LeaseCheckpoint (etcd's `lessor.Checkpoint`): records each lease's remaining TTL; 0 clears it
+/// (a keepalive happened, the next leader must grant the full TTL). Unknown leases are skipped.
+pub(crate) fn lease_checkpoint(
+    txn: &mut WriteTxn<'_>,
+    req: &LeaseCheckpointRequest,
+    stamp: Option<LeaseStamp>,
+) -> LeaseCheckpointResponse {
+    for cp in &req.checkpoints {
+        if let Some(mut lease) = txn.lease(cp.id) {
+            lease.remaining_ttl = cp.remaining_ttl.max(0);
+            lease.stamp = if lease.remaining_ttl > 0 { stamp } else { None };
+            txn.put_lease(lease);
+        }
+    }
+    LeaseCheckpointResponse {
+        header: Some(header(txn.rev())),
+    }
 }

@@ -2,6 +2,8 @@
 
 /// Every revision of every key: encoded revision → `mvccpb.KeyValue`.
 pub const KEY_TREE: &str = "key";
+/// Leases: 8-byte big-endian lease ID → lease record (`crate::lease`).
+pub const LEASE_TREE: &str = "lease";
 /// Small records about the store itself.
 pub const META_TREE: &str = "meta";
 /// Meta key: the Raft layer's applied marker, written with the data it covers.

@@ -15,6 +15,10 @@
 //! - Txn: compares (a missing key compares as an empty key-value, except that VALUE compares fail)
 //!   and branch choice are decided on the state before the Txn, nested ones included; then every
 //!   put of the chosen branches is checked, then every range (etcd's `checkRequests` order);
+//! - Leases: a put (plain or in a Txn) may only name a lease that exists; a grant of an existing
+//!   lease fails and takes no revision; a revoke deletes every key whose latest value names the
+//!   lease, all in one revision (the model finds them by scanning, the store by its attachment
+//!   index);
 //! - Compaction fails with Compacted at or below the compaction revision, FutureRevision above the
 //!   current revision.
 //!
@@ -24,6 +28,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::collections::HashSet;
 
 use fetcd_proto::etcdserverpb::compare::CompareResult;
@@ -38,6 +43,10 @@ use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::Compare;
 use fetcd_proto::etcdserverpb::DeleteRangeRequest;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::LeaseGrantRequest;
+use fetcd_proto::etcdserverpb::LeaseGrantResponse;
+use fetcd_proto::etcdserverpb::LeaseRevokeRequest;
+use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
 use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
@@ -63,8 +72,8 @@ use crate::common::open;
 
 type State = BTreeMap<Vec<u8>, KeyValue>;
 
-/// The only lease id the generator uses; no lease exists, so it is always unknown.
-const UNKNOWN_LEASE: i64 = 7;
+/// The lease IDs the generator uses; each may or may not exist at any step.
+const LEASES: &[i64] = &[7, 8];
 
 #[derive(Clone, Debug)]
 struct Model {
@@ -72,6 +81,8 @@ struct Model {
     states: Vec<State>,
     /// Reads below this revision are refused; -1 before the first compaction.
     compact: i64,
+    /// Leases that exist now.
+    leases: BTreeSet<i64>,
 }
 
 /// etcd's `key` / `range_end` rule, spelled out.
@@ -355,6 +366,7 @@ impl Model {
         Model {
             states: vec![State::new(), State::new()],
             compact: -1,
+            leases: BTreeSet::new(),
         }
     }
 
@@ -373,7 +385,7 @@ impl Model {
     }
 
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, KvError> {
-        if p.lease != 0 {
+        if p.lease != 0 && !self.leases.contains(&p.lease) {
             return Err(KvError::LeaseNotFound);
         }
         let mut tx = Tx::new(self);
@@ -401,7 +413,7 @@ impl Model {
                 Request::RequestPut(p) => {
                     if (p.ignore_value || p.ignore_lease) && !before.contains_key(&p.key) {
                         Err(KvError::KeyNotFound)
-                    } else if p.lease != 0 {
+                    } else if p.lease != 0 && !self.leases.contains(&p.lease) {
                         Err(KvError::LeaseNotFound)
                     } else {
                         Ok(())
@@ -438,8 +450,56 @@ impl Model {
         })
     }
 
+    /// The keys whose current value names lease `id`.
+    fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        let state = self.states.last().unwrap();
+        state
+            .values()
+            .filter(|kv| kv.lease == id)
+            .map(|kv| kv.key.clone())
+            .collect()
+    }
+
+    fn grant(&mut self, g: &LeaseGrantRequest) -> Result<LeaseGrantResponse, KvError> {
+        if !self.leases.insert(g.id) {
+            return Err(KvError::LeaseExists);
+        }
+        Ok(LeaseGrantResponse {
+            header: header(self.current()),
+            id: g.id,
+            ttl: g.ttl,
+            error: String::new(),
+        })
+    }
+
+    fn revoke(&mut self, id: i64) -> Result<LeaseRevokeResponse, KvError> {
+        if !self.leases.remove(&id) {
+            return Err(KvError::LeaseNotFound);
+        }
+        let mut tx = Tx::new(self);
+        let doomed: Vec<Vec<u8>> = tx
+            .work
+            .values()
+            .filter(|kv| kv.lease == id)
+            .map(|kv| kv.key.clone())
+            .collect();
+        for k in &doomed {
+            tx.work.remove(k);
+        }
+        tx.changes += doomed.len() as i64;
+        let rev = tx.rev();
+        let (work, changes) = (tx.work, tx.changes);
+        self.commit(work, changes);
+        Ok(LeaseRevokeResponse {
+            header: header(rev),
+        })
+    }
+
     fn apply(&mut self, op: &WriteOp) -> Result<WriteResponse, KvError> {
         match op {
+            WriteOp::LeaseGrant(g, _) => self.grant(g).map(WriteResponse::LeaseGrant),
+            WriteOp::LeaseRevoke(r) => self.revoke(r.id).map(WriteResponse::LeaseRevoke),
+            WriteOp::LeaseCheckpoint(..) => unreachable!("the generator makes no checkpoints"),
             WriteOp::Put(p) => self.put(p).map(WriteResponse::Put),
             WriteOp::DeleteRange(d) => Ok(WriteResponse::DeleteRange(self.delete(d))),
             WriteOp::Txn(t) => self.txn(t).map(WriteResponse::Txn),
@@ -557,17 +617,16 @@ fn put_req() -> impl Strategy<Value = PutRequest> {
         any::<bool>(),
         prop::bool::weighted(0.15),
         prop::bool::weighted(0.15),
-        prop::bool::weighted(0.08),
+        prop::option::weighted(0.3, prop::sample::select(LEASES)),
     )
         .prop_map(
             |(key, value, prev_kv, ignore_value, ignore_lease, leased)| PutRequest {
                 key,
                 // etcd's gRPC layer refuses a value with ignore_value and a lease with ignore_lease.
                 value: if ignore_value { Vec::new() } else { value },
-                lease: if leased && !ignore_lease {
-                    UNKNOWN_LEASE
-                } else {
-                    0
+                lease: match leased {
+                    Some(l) if !ignore_lease => l,
+                    _ => 0,
                 },
                 prev_kv,
                 ignore_value,
@@ -590,7 +649,12 @@ fn compare() -> impl Strategy<Value = Compare> {
         prop_oneof![4 => Just(Vec::new()), 1 => range_end()],
         0i32..=4,
         0i32..=3,
-        (0i64..=3, rev_spec(), value(), prop::bool::weighted(0.2)),
+        (
+            0i64..=3,
+            rev_spec(),
+            value(),
+            prop::option::weighted(0.5, prop::sample::select(LEASES)),
+        ),
     )
         .prop_map(
             |(key, range_end, target, result, (version, rev, value, leased))| {
@@ -599,9 +663,7 @@ fn compare() -> impl Strategy<Value = Compare> {
                     CompareTarget::Create => TargetUnion::CreateRevision(rev),
                     CompareTarget::Mod => TargetUnion::ModRevision(rev),
                     CompareTarget::Value => TargetUnion::Value(value),
-                    CompareTarget::Lease => {
-                        TargetUnion::Lease(if leased { UNKNOWN_LEASE } else { 0 })
-                    }
+                    CompareTarget::Lease => TargetUnion::Lease(leased.unwrap_or(0)),
                 };
                 Compare {
                     result,
@@ -707,6 +769,12 @@ fn write_op() -> impl Strategy<Value = WriteOp> {
             physical: false,
         })),
         1 => Just(WriteOp::Noop),
+        2 => prop::sample::select(LEASES).prop_map(|id| WriteOp::LeaseGrant(
+            LeaseGrantRequest { ttl: 60, id },
+            None,
+        )),
+        1 => prop::sample::select(LEASES)
+            .prop_map(|id| WriteOp::LeaseRevoke(LeaseRevokeRequest { id })),
     ]
 }
 
@@ -773,7 +841,12 @@ fn resolve_op(op: &mut WriteOp, m: &Model) {
     match op {
         WriteOp::Txn(t) => resolve_txn(t, m),
         WriteOp::Compaction(c) => c.revision = resolve_rev(c.revision, m),
-        WriteOp::Put(_) | WriteOp::DeleteRange(_) | WriteOp::Noop => {}
+        WriteOp::Put(_)
+        | WriteOp::DeleteRange(_)
+        | WriteOp::Noop
+        | WriteOp::LeaseGrant(..)
+        | WriteOp::LeaseRevoke(_)
+        | WriteOp::LeaseCheckpoint(..) => {}
     }
 }
 
@@ -888,6 +961,19 @@ impl Harness {
         }
         prop_assert_eq!(self.store().current_revision(), self.model.current());
         prop_assert_eq!(self.store().compact_revision(), self.model.compact);
+        let leases: Vec<i64> = self.store().leases().iter().map(|l| l.id).collect();
+        prop_assert_eq!(
+            leases,
+            self.model.leases.iter().copied().collect::<Vec<_>>()
+        );
+        for &id in LEASES {
+            prop_assert_eq!(
+                self.store().lease_keys(id),
+                self.model.lease_keys(id),
+                "lease {}",
+                id
+            );
+        }
         Ok(())
     }
 
