@@ -306,6 +306,8 @@ mod tests {
                 id: 42,
                 username: "root".into(),
                 auth_revision: 3,
+                proposer: 0x8e9e_05c5_2164_694d,
+                proposed_at_unix_ms: 1_790_000_000_000,
             }),
             request: Some(internal_raft_request::Request::Put(PutRequest {
                 key: b"k".to_vec(),

@@ -8,12 +8,16 @@
 
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
+use fetcd_proto::etcdserverpb::LeaseCheckpointResponse;
+use fetcd_proto::etcdserverpb::LeaseGrantResponse;
+use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::TxnResponse;
 use fetcd_proto::raftpb::internal_raft_request::Request;
 use fetcd_proto::raftpb::InternalRaftBatch;
 use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_storage::KvError;
+use fetcd_storage::LeaseStamp;
 use fetcd_storage::WriteOp;
 use fetcd_storage::WriteResponse;
 use prost::Message;
@@ -47,17 +51,24 @@ pub fn must_propose_alone(req: &InternalRaftRequest) -> bool {
 
 /// The storage operation one request performs (consumes it: values are moved, not copied).
 pub fn into_write_op(req: InternalRaftRequest) -> WriteOp {
+    let stamp = req
+        .header
+        .as_ref()
+        .filter(|h| h.proposer != 0)
+        .map(|h| LeaseStamp {
+            member: h.proposer,
+            unix_ms: h.proposed_at_unix_ms,
+        });
     match req.request {
         Some(Request::Put(r)) => WriteOp::Put(r),
         Some(Request::DeleteRange(r)) => WriteOp::DeleteRange(r),
         Some(Request::Txn(r)) => WriteOp::Txn(r),
         Some(Request::Compaction(r)) => WriteOp::Compaction(r),
-        // Lease and alarm commands arrive with their services; none can be proposed before.
-        Some(Request::LeaseGrant(_))
-        | Some(Request::LeaseRevoke(_))
-        | Some(Request::LeaseCheckpoint(_))
-        | Some(Request::Alarm(_))
-        | None => WriteOp::Noop,
+        Some(Request::LeaseGrant(r)) => WriteOp::LeaseGrant(r, stamp),
+        Some(Request::LeaseRevoke(r)) => WriteOp::LeaseRevoke(r),
+        Some(Request::LeaseCheckpoint(r)) => WriteOp::LeaseCheckpoint(r, stamp),
+        // Alarms arrive with the Maintenance service; none can be proposed before.
+        Some(Request::Alarm(_)) | None => WriteOp::Noop,
     }
 }
 
@@ -133,10 +144,15 @@ const TAG_PUT: u8 = 1;
 const TAG_DELETE: u8 = 2;
 const TAG_TXN: u8 = 3;
 const TAG_COMPACTION: u8 = 4;
+const TAG_LEASE_GRANT: u8 = 5;
+const TAG_LEASE_REVOKE: u8 = 6;
+const TAG_LEASE_CHECKPOINT: u8 = 7;
 const TAG_ERR_COMPACTED: u8 = 100;
 const TAG_ERR_FUTURE_REV: u8 = 101;
 const TAG_ERR_KEY_NOT_FOUND: u8 = 102;
 const TAG_ERR_LEASE_NOT_FOUND: u8 = 103;
+const TAG_ERR_LEASE_EXISTS: u8 = 104;
+const TAG_ERR_LEASE_TTL_TOO_LARGE: u8 = 105;
 
 impl Serialize for ApplyResult {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -146,6 +162,15 @@ impl Serialize for ApplyResult {
             ApplyResult::Write(WriteResponse::DeleteRange(r)) => (TAG_DELETE, r.encode_to_vec()),
             ApplyResult::Write(WriteResponse::Txn(r)) => (TAG_TXN, r.encode_to_vec()),
             ApplyResult::Write(WriteResponse::Compaction(r)) => (TAG_COMPACTION, r.encode_to_vec()),
+            ApplyResult::Write(WriteResponse::LeaseGrant(r)) => {
+                (TAG_LEASE_GRANT, r.encode_to_vec())
+            }
+            ApplyResult::Write(WriteResponse::LeaseRevoke(r)) => {
+                (TAG_LEASE_REVOKE, r.encode_to_vec())
+            }
+            ApplyResult::Write(WriteResponse::LeaseCheckpoint(r)) => {
+                (TAG_LEASE_CHECKPOINT, r.encode_to_vec())
+            }
             ApplyResult::Write(WriteResponse::Noop) => (TAG_NONE, vec![]),
             ApplyResult::Refused(e) => (
                 match e {
@@ -153,6 +178,8 @@ impl Serialize for ApplyResult {
                     KvError::FutureRevision => TAG_ERR_FUTURE_REV,
                     KvError::KeyNotFound => TAG_ERR_KEY_NOT_FOUND,
                     KvError::LeaseNotFound => TAG_ERR_LEASE_NOT_FOUND,
+                    KvError::LeaseExists => TAG_ERR_LEASE_EXISTS,
+                    KvError::LeaseTtlTooLarge => TAG_ERR_LEASE_TTL_TOO_LARGE,
                     other => {
                         return Err(serde::ser::Error::custom(format!(
                             "unencodable error {other}"
@@ -199,10 +226,21 @@ impl<'de> Deserialize<'de> for ApplyResult {
             TAG_COMPACTION => ApplyResult::Write(WriteResponse::Compaction(
                 CompactionResponse::decode(b).map_err(dec)?,
             )),
+            TAG_LEASE_GRANT => ApplyResult::Write(WriteResponse::LeaseGrant(
+                LeaseGrantResponse::decode(b).map_err(dec)?,
+            )),
+            TAG_LEASE_REVOKE => ApplyResult::Write(WriteResponse::LeaseRevoke(
+                LeaseRevokeResponse::decode(b).map_err(dec)?,
+            )),
+            TAG_LEASE_CHECKPOINT => ApplyResult::Write(WriteResponse::LeaseCheckpoint(
+                LeaseCheckpointResponse::decode(b).map_err(dec)?,
+            )),
             TAG_ERR_COMPACTED => ApplyResult::Refused(KvError::Compacted),
             TAG_ERR_FUTURE_REV => ApplyResult::Refused(KvError::FutureRevision),
             TAG_ERR_KEY_NOT_FOUND => ApplyResult::Refused(KvError::KeyNotFound),
             TAG_ERR_LEASE_NOT_FOUND => ApplyResult::Refused(KvError::LeaseNotFound),
+            TAG_ERR_LEASE_EXISTS => ApplyResult::Refused(KvError::LeaseExists),
+            TAG_ERR_LEASE_TTL_TOO_LARGE => ApplyResult::Refused(KvError::LeaseTtlTooLarge),
             t => return Err(D::Error::custom(format!("unknown response tag {t}"))),
         })
     }
@@ -243,6 +281,23 @@ mod tests {
         for resp in [
             ApplyResult::None,
             ApplyResult::Refused(KvError::Compacted),
+            ApplyResult::Refused(KvError::LeaseExists),
+            ApplyResult::Refused(KvError::LeaseTtlTooLarge),
+            ApplyResult::Write(WriteResponse::LeaseGrant(LeaseGrantResponse {
+                header: None,
+                id: 7,
+                ttl: 60,
+                error: String::new(),
+            })),
+            ApplyResult::Write(WriteResponse::LeaseRevoke(LeaseRevokeResponse {
+                header: Some(ResponseHeader {
+                    revision: 3,
+                    ..Default::default()
+                }),
+            })),
+            ApplyResult::Write(WriteResponse::LeaseCheckpoint(
+                LeaseCheckpointResponse::default(),
+            )),
             ApplyResult::Write(WriteResponse::Put(PutResponse {
                 header: Some(ResponseHeader {
                     revision: 9,

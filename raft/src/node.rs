@@ -279,6 +279,11 @@ impl RaftNode {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// True if this member is the leader now.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.config.node_id)
+    }
+
     /// The underlying Raft handle (metrics, membership, tests).
     pub fn raft(&self) -> &typ::Raft {
         &self.raft
