@@ -108,6 +108,19 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_go_duration)]
     pub experimental_watch_progress_notify_interval: Duration,
 
+    /// How often the leader records the remaining TTL of long leases through Raft, so a new
+    /// leader or a restart does not give them their full TTL again (a Go duration).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_LEASE_CHECKPOINT_INTERVAL", default_value = "5m", value_parser = parse_go_duration)]
+    pub experimental_lease_checkpoint_interval: Duration,
+
+    /// Accepted for compatibility: fetcd always checkpoints lease TTLs.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT", default_value = "true", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_enable_lease_checkpoint: String,
+
+    /// Accepted for compatibility: fetcd always persists lease checkpoints.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", default_value = "true", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_enable_lease_checkpoint_persist: String,
+
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
@@ -217,6 +230,15 @@ impl Config {
     /// Election timeout as a duration.
     pub fn election(&self) -> Duration {
         Duration::from_millis(self.election_timeout)
+    }
+
+    /// etcd's minimum lease TTL in seconds: 1.5 election timeouts (counted in heartbeat ticks,
+    /// as etcd does), rounded up.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let heartbeat = self.heartbeat_interval.max(1);
+        let ticks = self.election_timeout / heartbeat;
+        let ms = (3 * ticks / 2) * heartbeat;
+        ms.div_ceil(1000) as i64
     }
 
     /// Refuses what fetcd cannot do yet, naming the flag.

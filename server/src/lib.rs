@@ -16,6 +16,7 @@
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
 pub mod config;
+pub mod lessor;
 pub mod limits;
 pub mod node;
 pub mod services;
@@ -40,7 +41,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
+use crate::lessor::Lessor;
 use crate::services::kv::KvService;
+use crate::services::lease::LeaseService;
 use crate::services::unimplemented::Unimplemented;
 use crate::services::watch::WatchService;
 
@@ -80,6 +83,7 @@ pub struct EtcdServer {
     client_urls: Vec<String>,
     stop: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    lessor_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for EtcdServer {
@@ -117,14 +121,22 @@ impl EtcdServer {
         if let Err(e) = raft.wait_for_leader(config.election() * 10).await {
             tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
         }
+        let lessor = Lessor::new(
+            raft.id(),
+            config.min_lease_ttl(),
+            config.election(),
+            config.experimental_lease_checkpoint_interval,
+        );
         let node = EtcdNode::new(
             raft,
             config.cluster_id(),
             config.max_request_bytes,
             config.max_txn_ops,
+            lessor,
         );
 
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
         let watch = WatchService::new(
             node.clone(),
             config.experimental_watch_progress_notify_interval,
@@ -164,6 +176,7 @@ impl EtcdServer {
             client_urls,
             stop,
             listeners,
+            lessor_task,
         })
     }
 
@@ -197,6 +210,9 @@ impl EtcdServer {
                 }
             }
         }
+        if let Err(e) = self.lessor_task.await {
+            first_err.get_or_insert(Error::Join(e));
+        }
         self.node.raft().shutdown().await;
         tracing::info!("fetcd stopped");
         first_err.map_or(Ok(()), Err)
@@ -220,7 +236,7 @@ async fn serve(
         }
         conn
     });
-    let kv = KvServer::new(KvService::new(node))
+    let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);
     tonic::transport::Server::builder()
@@ -231,7 +247,10 @@ async fn serve(
                 .max_decoding_message_size(max_recv)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(LeaseServer::new(Unimplemented))
+        .add_service(LeaseServer::new(LeaseService::new(
+            node.clone(),
+            stop.clone(),
+        )))
         .add_service(ClusterServer::new(Unimplemented))
         .add_service(MaintenanceServer::new(Unimplemented))
         .add_service(AuthServer::new(Unimplemented))

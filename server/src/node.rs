@@ -14,6 +14,7 @@ use fetcd_storage::WriteResponse;
 use prost::Message;
 use tonic::Status;
 
+use crate::lessor::Lessor;
 use crate::status;
 
 /// Shared by every service of one member.
@@ -25,6 +26,7 @@ pub struct EtcdNode {
     max_request_bytes: usize,
     max_txn_ops: usize,
     next_request_id: std::sync::atomic::AtomicU64,
+    lessor: Lessor,
 }
 
 impl EtcdNode {
@@ -34,6 +36,7 @@ impl EtcdNode {
         cluster_id: u64,
         max_request_bytes: usize,
         max_txn_ops: usize,
+        lessor: Lessor,
     ) -> Arc<Self> {
         let member_id = raft.id();
         Arc::new(EtcdNode {
@@ -43,7 +46,13 @@ impl EtcdNode {
             max_request_bytes,
             max_txn_ops,
             next_request_id: std::sync::atomic::AtomicU64::new(1),
+            lessor,
         })
+    }
+
+    /// Lease deadlines (kept while this member leads).
+    pub fn lessor(&self) -> &Lessor {
+        &self.lessor
     }
 
     /// `--max-txn-ops`.
@@ -82,15 +91,24 @@ impl EtcdNode {
         h.raft_term = self.raft.term();
     }
 
-    /// Proposes a KV write and returns the store's answer, refusing requests over
+    /// Proposes a write (KV or lease) and returns the store's answer, refusing requests over
     /// `--max-request-bytes` before they reach the log.
     pub async fn write(&self, request: Request) -> Result<WriteResponse, Status> {
         let id = self
             .next_request_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Grants and checkpoints carry who proposed them and when, for the lessor's restart rule.
+        let (proposer, proposed_at_unix_ms) = match request {
+            Request::LeaseGrant(_) | Request::LeaseCheckpoint(_) => {
+                (self.member_id, crate::lessor::unix_ms())
+            }
+            _ => (0, 0),
+        };
         let req = InternalRaftRequest {
             header: Some(RequestHeader {
                 id,
+                proposer,
+                proposed_at_unix_ms,
                 ..Default::default()
             }),
             request: Some(request),

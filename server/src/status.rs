@@ -15,6 +15,8 @@ pub fn kv_error(e: &KvError) -> Status {
         KvError::FutureRevision => Status::out_of_range(msg::ERR_FUTURE_REV),
         KvError::KeyNotFound => Status::invalid_argument(msg::ERR_KEY_NOT_FOUND),
         KvError::LeaseNotFound => Status::not_found(msg::ERR_LEASE_NOT_FOUND),
+        KvError::LeaseExists => Status::failed_precondition(msg::ERR_LEASE_EXIST),
+        KvError::LeaseTtlTooLarge => Status::out_of_range(msg::ERR_LEASE_TTL_TOO_LARGE),
         other => Status::internal(format!("etcdserver: {other}")),
     }
 }

@@ -172,6 +172,24 @@ impl Session {
         self.record(step, normalize(&out, &self.url));
         Ok(out)
     }
+
+    /// Like [`Session::etcdctl`], but records stdout and stderr after `scrub` (for output that
+    /// names server-chosen values such as lease IDs or remaining TTLs). Returns the raw output.
+    pub async fn etcdctl_scrubbed(
+        &mut self,
+        step: &str,
+        args: &[&str],
+        scrub: impl Fn(&str) -> String,
+    ) -> anyhow::Result<EtcdctlOutput> {
+        let out = run_etcdctl(&self.url, args, None).await?;
+        let scrubbed = EtcdctlOutput {
+            status: out.status,
+            stdout: scrub(&out.stdout),
+            stderr: scrub(&out.stderr),
+        };
+        self.record(step, normalize(&scrubbed, &self.url));
+        Ok(out)
+    }
 }
 
 /// Starts a fresh reference etcd and a fresh candidate (see [`start_pair`]), runs `scenario`

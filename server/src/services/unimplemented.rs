@@ -8,7 +8,6 @@ use futures::Stream;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
-use tonic::Streaming;
 
 /// A service with no implemented RPC yet.
 #[derive(Debug, Clone, Default)]
@@ -35,23 +34,6 @@ macro_rules! unimplemented_service {
             )*
         }
     };
-}
-
-unimplemented_service! {
-    pb::lease_server::Lease {
-        type LeaseKeepAliveStream = BoxStream<pb::LeaseKeepAliveResponse>;
-
-        async fn lease_keep_alive(
-            &self,
-            _: Request<Streaming<pb::LeaseKeepAliveRequest>>,
-        ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-            Err(unimplemented("LeaseKeepAlive"))
-        }
-    }
-    lease_grant(LeaseGrantRequest) -> LeaseGrantResponse;
-    lease_revoke(LeaseRevokeRequest) -> LeaseRevokeResponse;
-    lease_time_to_live(LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse;
-    lease_leases(LeaseLeasesRequest) -> LeaseLeasesResponse;
 }
 
 unimplemented_service! {
