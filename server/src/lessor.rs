@@ -268,6 +268,11 @@ impl Lessor {
         st.epoch = epoch;
     }
 
+    /// The store's lease epoch the deadlines last matched.
+    pub fn epoch(&self) -> u64 {
+        self.state().epoch
+    }
+
     /// A keepalive for `lease` (as the store has it, `None` if unknown).
     pub fn renew(&self, id: i64, lease: Option<&Lease>) -> Renewal {
         let now = Instant::now();
@@ -396,7 +401,10 @@ pub async fn run(node: Arc<EtcdNode>, mut stop: tokio::sync::watch::Receiver<boo
             continue;
         }
         let store = node.store();
-        lessor.reconcile(&store.leases(), store.lease_epoch());
+        let epoch = store.lease_epoch();
+        if lessor.epoch() != epoch {
+            lessor.reconcile(&store.leases(), epoch);
+        }
         let room = MAX_REVOKES_IN_FLIGHT.saturating_sub(revokes.len());
         for id in lessor.take_expired(room) {
             let node = node.clone();

@@ -20,6 +20,9 @@ use etcd_client::Client;
 use etcd_client::Compare;
 use etcd_client::CompareOp;
 use etcd_client::GetOptions;
+use etcd_client::LeaseGrantOptions;
+use etcd_client::LeaseTimeToLiveOptions;
+use etcd_client::PutOptions;
 use etcd_client::TxnOp;
 
 use common::connect_when_serving;
@@ -161,6 +164,47 @@ async fn acknowledged_writes_survive_sigkill() {
     let mut child = spawn_fetcd(dir.path(), port);
     let mut c = connect_when_serving(port).await;
     verify(&mut c, &acked).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_leases_survive_sigkill_and_a_lost_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_fetcd(dir.path(), port);
+    let mut c = connect_when_serving(port).await;
+    c.lease_grant(600, Some(LeaseGrantOptions::new().with_id(0x77)))
+        .await
+        .unwrap();
+    for k in ["crash-lease/a", "crash-lease/b"] {
+        c.put(k, "v", Some(PutOptions::new().with_lease(0x77)))
+            .await
+            .unwrap();
+    }
+    // SIGKILL right after the acknowledgements, then lose sled too: only the Raft log is left.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(dir.path().join("member").join("kv")).unwrap();
+
+    let port = free_port();
+    let mut child = spawn_fetcd(dir.path(), port);
+    let mut c = connect_when_serving(port).await;
+    let ttl = c
+        .lease_time_to_live(0x77, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert_eq!(ttl.granted_ttl(), 600);
+    assert!(ttl.ttl() > 500, "remaining {}", ttl.ttl());
+    let mut keys = ttl.keys().to_vec();
+    keys.sort();
+    assert_eq!(keys, [b"crash-lease/a".to_vec(), b"crash-lease/b".to_vec()]);
+    c.lease_revoke(0x77).await.unwrap();
+    let left = c
+        .get("crash-lease/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty());
     child.kill().unwrap();
     child.wait().unwrap();
 }
