@@ -618,8 +618,8 @@ fn render(
     }
     let _ = writeln!(
         s,
-        "\n{:<34} {:>22} {:>8}  {}",
-        "target (fetcd/etcd)", "ratio med [min–max]", "goal", "met"
+        "\n{:<34} {:>22} {:>8}  met",
+        "target (fetcd/etcd)", "ratio med [min–max]", "goal"
     );
     for t in TARGETS {
         if t.case == LOAD_CASE && !with_load {

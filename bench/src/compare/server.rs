@@ -143,11 +143,13 @@ impl Cluster {
             for m in &mut self.members {
                 if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                     m.child = None;
+                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
                     anyhow::bail!(
-                        "{} member {} exited ({status}) before serving; its log ends:\n{}",
+                        "{} member {} exited ({status}) before serving: {} (log: {})",
                         self.server,
                         m.name,
-                        log_tail(&m.log, 12)
+                        exit_reason(&log),
+                        m.log.display()
                     );
                 }
             }
@@ -156,9 +158,9 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "{} did not serve a linearizable read within {READY_TIMEOUT:?}; member m0's log ends:\n{}",
+                    "{} did not serve a linearizable read within {READY_TIMEOUT:?} (logs in {})",
                     self.server,
-                    log_tail(&self.members[0].log, 12)
+                    self.dir.path().display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -253,14 +255,34 @@ fn dir_bytes(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn log_tail(p: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(p).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..]
-        .iter()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Why a server exited, from its log: the `Error:` report of a Rust `main` returning an error
+/// (message and causes on one line, backtrace dropped), else the last log line.
+fn exit_reason(log: &str) -> String {
+    let mut lines = log.lines().skip_while(|l| !l.starts_with("Error:"));
+    if let Some(first) = lines.next() {
+        let mut parts = vec![first.trim_start_matches("Error:").trim().to_owned()];
+        for l in lines {
+            let l = l.trim();
+            if l.starts_with("Stack backtrace") {
+                break;
+            }
+            if !l.is_empty() && l != "Caused by:" {
+                // Several causes are numbered `0: …`, `1: …`.
+                let unnumbered = l
+                    .split_once(": ")
+                    .filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit()))
+                    .map_or(l, |(_, rest)| rest);
+                parts.push(unnumbered.to_owned());
+            }
+        }
+        return parts.join(": ");
+    }
+    log.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(empty log)")
+        .trim()
+        .to_owned()
 }
 
 /// The etcd binary, installed from Debian (`etcd-server`) when the default path is missing.
@@ -347,6 +369,19 @@ mod tests {
         assert_eq!(status_kib(s, "VmHWM"), Some(123_456));
         assert_eq!(status_kib(s, "VmRSS"), Some(1000));
         assert_eq!(status_kib(s, "VmSwap"), None);
+    }
+
+    #[test]
+    fn exit_reason_reads_anyhow_reports() {
+        let log = "INFO starting\nError: start fetcd\n\nCaused by:\n    --initial-cluster with more than one member: not yet\n\nStack backtrace:\n   0: x\n";
+        assert_eq!(
+            exit_reason(log),
+            "start fetcd: --initial-cluster with more than one member: not yet"
+        );
+        let two = "Error: a\n\nCaused by:\n    0: b\n    1: c\n";
+        assert_eq!(exit_reason(two), "a: b: c");
+        assert_eq!(exit_reason("a\nlast words\n\n"), "last words");
+        assert_eq!(exit_reason(""), "(empty log)");
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl KubeOp {
                 r?
             }
         };
-        let out = cas_update(&mut self.client, &k, &self.value, 0, rev).await?;
+        let out = cas_update(&mut self.client, &k, &self.value, rev).await?;
         self.conflicts += out.conflicts;
         self.seen.insert(k, out.revision);
         Ok(())

@@ -7,7 +7,6 @@ use etcd_client::Client;
 use etcd_client::Compare;
 use etcd_client::CompareOp;
 use etcd_client::GetOptions;
-use etcd_client::PutOptions;
 use etcd_client::Txn;
 use etcd_client::TxnOp;
 use etcd_client::TxnOpResponse;
@@ -100,25 +99,21 @@ pub(crate) async fn cas_update(
     client: &mut Client,
     k: &[u8],
     value: &[u8],
-    lease: i64,
     mut rev: i64,
 ) -> anyhow::Result<CasOutcome> {
-    let mut conflicts = 0;
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let put = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+    for conflicts in 0..MAX_CAS_ATTEMPTS {
         let txn = Txn::new()
             .when([Compare::mod_revision(k, CompareOp::Equal, rev)])
-            .and_then([TxnOp::put(k, value, put)])
+            .and_then([TxnOp::put(k, value, None)])
             .or_else([TxnOp::get(k, None)]);
         let resp = client.txn(txn).await?;
         if resp.succeeded() {
             let revision = resp.header().map_or(0, |h| h.revision());
             return Ok(CasOutcome {
                 revision,
-                conflicts,
+                conflicts: u64::from(conflicts),
             });
         }
-        conflicts += 1;
         rev = match resp.op_responses().first() {
             Some(TxnOpResponse::Get(g)) => g.kvs().first().map_or(0, |kv| kv.mod_revision()),
             _ => anyhow::bail!("txn failure branch did not return the range it was given"),
@@ -140,7 +135,7 @@ impl ClientOp for TxnPutOp {
     async fn op(&mut self, i: u64, _rec: &mut Recorder) -> anyhow::Result<()> {
         let (n, k) = self.keys.pick(i);
         let rev = self.seen.get(&n).copied().unwrap_or(0);
-        let out = cas_update(&mut self.client, &k, &self.value, 0, rev).await?;
+        let out = cas_update(&mut self.client, &k, &self.value, rev).await?;
         self.conflicts += out.conflicts;
         self.seen.insert(n, out.revision);
         Ok(())
