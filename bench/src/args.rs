@@ -65,6 +65,8 @@ pub(crate) fn parse_consistency(s: &str) -> Result<Consistency, String> {
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "fetcd-bench",
+    // A later flag wins, so wrapper scripts can set defaults the caller overrides.
+    args_override_self = true,
     about = "Load generator for etcd-compatible servers; `--compare` runs etcd and fetcd side by side",
     after_help = "Examples:\n  fetcd-bench put --clients 64 --conns 8 --total 100000\n  fetcd-bench kube --clients 32 --json\n  fetcd-bench --compare --rounds 3 --chart bench.svg"
 )]
@@ -311,6 +313,10 @@ mod tests {
         assert!(Args::try_parse_from(["fetcd-bench", "--compare"]).is_ok());
         assert!(Args::try_parse_from(["fetcd-bench", "--compare", "--rounds", "2"]).is_err());
         assert!(Args::try_parse_from(["fetcd-bench", "--compare", "--nodes", "4"]).is_err());
+        let a =
+            Args::try_parse_from(["fetcd-bench", "--compare", "--scale", "0.2", "--scale", "1"])
+                .expect("repeated flag");
+        assert_eq!(a.scale, 1.0);
     }
 
     #[test]
