@@ -25,11 +25,17 @@ use std::time::Instant;
 use anyhow::Context;
 use etcd_client::Client;
 use etcd_client::WatchOptions;
+use indicatif::ProgressBar;
 use tokio::sync::watch;
 
-use crate::key;
-use crate::Args;
-use crate::Workload;
+use crate::args::key;
+use crate::args::Args;
+use crate::args::Workload;
+use crate::driver::connect;
+use crate::driver::connect_all;
+use crate::driver::Ui;
+use crate::stats::Hist;
+use crate::stats::Report;
 
 /// How long the watchers may take to be created before the run is abandoned.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,65 +45,6 @@ const PUT_TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_EVERY: usize = 4096;
 /// Watch errors printed to stderr before the rest are only counted.
 const MAX_PRINTED_ERRORS: u64 = 5;
-
-/// Log-linear histogram of nanosecond values: exact below 256 ns, then 128 sub-buckets per
-/// power of two (relative error under 0.4 %), grown on demand.
-#[derive(Default)]
-struct Hist {
-    counts: Vec<u64>,
-    n: u64,
-}
-
-const SUB_BITS: u32 = 7;
-const SUB: u64 = 1 << SUB_BITS;
-
-fn bucket_of(v: u64) -> usize {
-    if v < 2 * SUB {
-        return v as usize;
-    }
-    let e = 63 - v.leading_zeros();
-    let shift = e - SUB_BITS;
-    let m = v >> shift;
-    (2 * SUB + u64::from(shift - 1) * SUB + (m - SUB)) as usize
-}
-
-fn bucket_value(i: usize) -> u64 {
-    let i = i as u64;
-    if i < 2 * SUB {
-        return i;
-    }
-    let j = i - 2 * SUB;
-    let shift = j / SUB + 1;
-    let m = j % SUB + SUB;
-    (m << shift) + (1 << (shift - 1))
-}
-
-impl Hist {
-    fn record(&mut self, v: u64) {
-        let b = bucket_of(v);
-        if self.counts.len() <= b {
-            self.counts.resize(b + 1, 0);
-        }
-        self.counts[b] += 1;
-        self.n += 1;
-    }
-
-    /// Same rank rule as `crate::percentile`: the value at index round((n-1)·p).
-    fn percentile(&self, p: f64) -> Duration {
-        if self.n == 0 {
-            return Duration::ZERO;
-        }
-        let rank = ((self.n - 1) as f64 * p).round() as u64;
-        let mut cum = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            cum += c;
-            if cum > rank {
-                return Duration::from_nanos(bucket_value(i));
-            }
-        }
-        Duration::ZERO
-    }
-}
 
 /// State shared by the writers, the stream tasks and the reporter.
 struct Shared {
@@ -147,7 +94,7 @@ impl Shared {
             Err(poisoned) => poisoned.into_inner(),
         };
         for v in lat.drain(..) {
-            h.record(v);
+            h.record_ns(v);
         }
     }
 }
@@ -290,6 +237,7 @@ async fn run_writer(
     key_space: u64,
     key_size: usize,
     val_size: usize,
+    pb: ProgressBar,
 ) -> PutStats {
     let mut st = PutStats { ok: 0, errors: 0 };
     loop {
@@ -331,23 +279,21 @@ async fn run_writer(
                 st.errors += 1;
             }
         }
+        pb.inc(1);
     }
     st
 }
 
-pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
     anyhow::ensure!(args.watchers > 0, "--watchers must be at least 1");
     anyhow::ensure!(!args.endpoints.is_empty(), "no --endpoints");
     let total = args.total;
-    let put_rate = args.put_rate.unwrap_or(match args.workload {
+    let workload = args.workload.unwrap_or(Workload::Watch);
+    let put_rate = args.put_rate.unwrap_or(match workload {
         Workload::WatchLatency => 100,
-        _ => 0,
+        _ => args.rate,
     });
-    let key_space = if args.key_space_size == 0 {
-        total.max(1)
-    } else {
-        args.key_space_size
-    };
+    let key_space = args.key_space();
     let n_conns = args.conns.max(1);
     let n_streams = if args.streams == 0 {
         n_conns
@@ -373,19 +319,8 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
         hist: Mutex::new(Hist::default()),
     });
 
-    let mut conns = Vec::new();
-    for i in 0..n_conns {
-        let ep = &args.endpoints[i % args.endpoints.len()];
-        conns.push(
-            Client::connect([ep.as_str()], None)
-                .await
-                .with_context(|| format!("connect {ep}"))?,
-        );
-    }
-    let put_ep = &args.endpoints[0];
-    let put_client = Client::connect([put_ep.as_str()], None)
-        .await
-        .with_context(|| format!("connect {put_ep}"))?;
+    let conns = connect_all(&args.endpoints, n_conns).await?;
+    let put_client = connect(&args.endpoints[0]).await?;
 
     // Watch phase: create every watcher and wait until all are confirmed.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -424,6 +359,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let put_start = Instant::now();
     let first_put = sh.now();
+    let pb = ui.bar(total, &workload.name());
     let mut writers = Vec::new();
     for _ in 0..args.clients.max(1) {
         writers.push(tokio::spawn(run_writer(
@@ -437,6 +373,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
             key_space,
             args.key_size,
             args.val_size,
+            pb.clone(),
         )));
     }
     let (mut puts_ok, mut put_errors) = (0, 0);
@@ -446,6 +383,7 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
         put_errors += st.errors;
     }
     let put_elapsed = put_start.elapsed();
+    pb.finish_and_clear();
 
     // Drain: wait (bounded) until every watcher has every event, or every stream has failed.
     let expected = puts_ok * args.watchers as u64;
@@ -477,22 +415,33 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
     let mismatches = sh.revision_mismatches.load(Ordering::Relaxed);
     let errors = put_errors + missing + watch_errors + order_errors + mismatches;
     let hist = match sh.hist.lock() {
-        Ok(h) => h,
-        Err(poisoned) => poisoned.into_inner(),
+        Ok(h) => h.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
     };
-    let ms = |p: f64| hist.percentile(p).as_secs_f64() * 1e3;
-    let summary = serde_json::json!({
-        "workload": args.workload.name(),
-        "clients": args.clients,
-        "total": puts_ok + put_errors,
-        "errors": errors,
-        "seconds": seconds,
+    let mut report = Report {
+        workload: workload.name(),
+        clients: args.clients,
+        total: puts_ok + put_errors,
+        errors,
+        seconds,
         // For the watch workloads an "op" is one event delivered to one watcher.
-        "ops_per_sec": events_per_sec,
-        "p50_ms": ms(0.50),
-        "p90_ms": ms(0.90),
-        "p99_ms": ms(0.99),
-        "p999_ms": ms(0.999),
+        ops_per_sec: events_per_sec,
+        latency: hist,
+        kinds: Default::default(),
+        first_error: None,
+        extra: serde_json::Map::new(),
+        note: Some(format!(
+            "{} watchers on {n_streams} streams / {n_conns} conns ({}), setup {:.2}s; \
+             {puts_ok} puts in {:.2}s = {puts_per_sec:.0} puts/s; {delivered}/{expected} events; \
+             errors: missing {missing}, put {put_errors}, watch {watch_errors}, \
+             order {order_errors}, revision {mismatches}; latency is put→event",
+            args.watchers,
+            if args.prefix { "prefix" } else { "key" },
+            setup.as_secs_f64(),
+            put_elapsed.as_secs_f64(),
+        )),
+    };
+    let extra = serde_json::json!({
         "watchers": args.watchers,
         "streams": n_streams,
         "conns": n_conns,
@@ -511,80 +460,8 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
         "order_errors": order_errors,
         "revision_mismatches": mismatches,
     });
-    if args.json {
-        println!("{summary}");
-    } else {
-        println!(
-            "{:?}: {} watchers on {} streams / {} conns ({}), setup {:.2}s; {} puts in {:.2}s = {:.0} puts/s; {}/{} events in {:.2}s = {:.0} events/s; errors {} (missing {}, put {}, watch {}, order {}, revision {}); put→event latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
-            args.workload,
-            args.watchers,
-            n_streams,
-            n_conns,
-            if args.prefix { "prefix" } else { "key" },
-            setup.as_secs_f64(),
-            puts_ok,
-            put_elapsed.as_secs_f64(),
-            puts_per_sec,
-            delivered,
-            expected,
-            seconds,
-            events_per_sec,
-            errors,
-            missing,
-            put_errors,
-            watch_errors,
-            order_errors,
-            mismatches,
-            ms(0.50),
-            ms(0.90),
-            ms(0.99),
-            ms(0.999),
-        );
+    if let serde_json::Value::Object(m) = extra {
+        report.extra = m;
     }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_contiguous_and_tight() {
-        let mut prev = 0;
-        for v in [
-            0u64,
-            1,
-            255,
-            256,
-            257,
-            511,
-            512,
-            1_000,
-            123_456,
-            1 << 40,
-            u64::MAX / 2,
-        ] {
-            let b = bucket_of(v);
-            assert!(b >= prev);
-            prev = b;
-            let r = bucket_value(b);
-            let err = (r as f64 - v as f64).abs() / (v.max(1) as f64);
-            assert!(err < 0.01, "{v} -> {r}");
-        }
-        for v in 0..100_000u64 {
-            assert!(bucket_of(v + 1) - bucket_of(v) <= 1);
-        }
-    }
-
-    #[test]
-    fn hist_percentiles() {
-        let mut h = Hist::default();
-        for v in 1..=1000u64 {
-            h.record(v * 1_000_000);
-        }
-        let p50 = h.percentile(0.5).as_secs_f64() * 1e3;
-        assert!((p50 - 500.0).abs() < 5.0, "{p50}");
-        let p999 = h.percentile(0.999).as_secs_f64() * 1e3;
-        assert!((p999 - 999.0).abs() < 8.0, "{p999}");
-    }
+    Ok(report)
 }

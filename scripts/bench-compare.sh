@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds fetcd and fetcd-bench in release mode, then runs `fetcd-bench --compare`: real etcd
+# (installed from Debian when missing) and fetcd side by side on this machine, every standard
+# workload A B A B for --rounds, ratios, targets and an SVG chart. Extra arguments go to
+# fetcd-bench, e.g. `--scale 0.2 --load-keys 100000` for a quick run, `--nodes 3`,
+# `--only put-64,kube`, `--chart out.svg`, `--json`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v protoc >/dev/null; then
+  # The etcd-client crate fetcd-bench uses compiles its protos with protoc.
+  apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+cargo build --release --locked -p fetcd-server -p fetcd-bench
+exec "${CARGO_TARGET_DIR:-target}/release/fetcd-bench" --compare "$@"
