@@ -1,12 +1,32 @@
-//! Peer network. A single member has no peers; every RPC to another member reports it
-//! unreachable, which openraft treats with backoff. The tonic peer service replaces this when
-//! multi-member clusters arrive.
+//! The peer network: openraft's RPCs, write forwarding and read-index requests between members,
+//! over the tonic `RaftPeer` service on each member's peer URL (never on the client port).
+//!
+//! Payloads are openraft's own serde types, bincode-encoded inside `PeerMessage.data`; the peer
+//! protocol is private to fetcd members of one version. Each peer gets one lazily connected
+//! HTTP/2 channel, shared by replication, voting, forwarding and read-index traffic. A peer that
+//! cannot be reached is reported `Unreachable`, and openraft backs off before trying it again.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fetcd_proto::raftpb::raft_peer_client::RaftPeerClient;
+use fetcd_proto::raftpb::raft_peer_server::RaftPeer;
+use fetcd_proto::raftpb::raft_peer_server::RaftPeerServer;
+use fetcd_proto::raftpb::InternalRaftBatch;
+use fetcd_proto::raftpb::PeerMessage;
+use openraft::error::ClientWriteError;
 use openraft::error::InstallSnapshotError;
+use openraft::error::NetworkError;
 use openraft::error::RPCError;
 use openraft::error::RaftError;
+use openraft::error::RemoteError;
+use openraft::error::Timeout;
 use openraft::error::Unreachable;
+use openraft::network::Backoff;
 use openraft::network::RPCOption;
+use openraft::network::RPCTypes;
 use openraft::network::RaftNetwork;
 use openraft::network::RaftNetworkFactory;
 use openraft::raft::AppendEntriesRequest;
@@ -16,63 +36,315 @@ use openraft::raft::InstallSnapshotResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 
+use crate::command::Command;
+use crate::command::CommandResponse;
+use crate::typ;
 use crate::NodeId;
 use crate::TypeConfig;
 
-/// Creates connections to peers (lazily; never connects here).
-#[derive(Clone, Debug, Default)]
-pub struct Network;
+/// Peer messages carry whole Raft entries (a batch may be several MiB) and snapshot chunks.
+const MAX_PEER_MESSAGE: usize = 1 << 30;
+/// How long connecting to a peer may take before the RPC counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// A connection to one peer.
-#[derive(Debug)]
-pub struct PeerClient {
-    target: NodeId,
+/// Why a forwarded write or a read-index request failed on the member that got it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum PeerError {
+    /// The member asked is not the leader (any more); it names the one it knows of.
+    #[error("not leader; leader is {0:?}")]
+    NotLeader(Option<NodeId>),
+    /// The member could not confirm its leadership with a quorum.
+    #[error("quorum not reachable")]
+    NoQuorum,
+    /// The member is stopping or hit a fatal error.
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
+/// Why a peer request did not get an answer from the peer.
 #[derive(Debug, thiserror::Error)]
-#[error("no peer transport: member {0} is not reachable from a single-member cluster")]
-struct NoTransport(NodeId);
+pub enum TransportError {
+    /// The peer's URL is unusable.
+    #[error("bad peer URL {0}: {1}")]
+    BadUrl(String, String),
+    /// The peer did not answer (connection refused, reset, timeout).
+    #[error("peer unreachable: {0}")]
+    Unreachable(tonic::Status),
+    /// The peer's answer could not be decoded.
+    #[error("undecodable peer message: {0}")]
+    Decode(#[from] bincode::Error),
+}
 
-impl PeerClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        RPCError::Unreachable(Unreachable::new(&NoTransport(self.target)))
+fn encode<T: Serialize>(v: &T) -> Result<PeerMessage, tonic::Status> {
+    bincode::serialize(v)
+        .map(|data| PeerMessage { data })
+        .map_err(|e| tonic::Status::internal(format!("encode peer message: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, bincode::Error> {
+    bincode::deserialize(&m.data)
+}
+
+/// Connections to peers, shared by every user of the member's network.
+#[derive(Clone, Debug)]
+pub struct Network {
+    id: NodeId,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Network {
+    /// The network of member `id`.
+    pub fn new(id: NodeId) -> Self {
+        Network {
+            id,
+            channels: Arc::default(),
+        }
+    }
+
+    /// A client for the peer at `addr` (its peer URL), reusing the channel if there is one.
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, TransportError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Endpoint::from_shared(addr.to_string())
+                    .map_err(|e| TransportError::BadUrl(addr.into(), e.to_string()))?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+
+    /// Sends a batch of client writes to the leader at `addr`; returns the entry's log index and
+    /// the state machine's answers, or the leader's refusal.
+    pub async fn forward(
+        &self,
+        addr: &str,
+        batch: InternalRaftBatch,
+    ) -> Result<Result<(u64, CommandResponse), PeerError>, TransportError> {
+        let mut c = self.client(addr)?;
+        let resp = c
+            .forward(batch)
+            .await
+            .map_err(TransportError::Unreachable)?;
+        Ok(decode(resp.get_ref())?)
+    }
+
+    /// Asks the leader at `addr` for a read index (it confirms its leadership first).
+    pub async fn read_index(&self, addr: &str) -> Result<Result<u64, PeerError>, TransportError> {
+        let mut c = self.client(addr)?;
+        let resp = c
+            .read_index(PeerMessage { data: Vec::new() })
+            .await
+            .map_err(TransportError::Unreachable)?;
+        Ok(decode(resp.get_ref())?)
     }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerClient {
-        PeerClient { target }
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            net: self.clone(),
+        }
+    }
+}
+
+/// openraft's connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    net: Network,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+impl PeerClient {
+    /// Sends one openraft RPC and decodes the peer's `Result<Resp, E>`.
+    async fn call<Req, Resp, E>(
+        &self,
+        action: RPCTypes,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let msg = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        let mut c = self
+            .net
+            .client(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let call = async {
+            match action {
+                RPCTypes::AppendEntries => c.append_entries(msg).await,
+                RPCTypes::Vote => c.vote(msg).await,
+                RPCTypes::InstallSnapshot => c.install_snapshot(msg).await,
+            }
+        };
+        let resp = match tokio::time::timeout(option.hard_ttl(), call).await {
+            Err(_) => {
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.net.id,
+                    target: self.target,
+                    timeout: option.hard_ttl(),
+                }))
+            }
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                        RPCError::Unreachable(Unreachable::new(&status))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&status)),
+                })
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let answer: Result<Resp, E> =
+            decode(&resp).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        self.call(RPCTypes::AppendEntries, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        Err(self.unreachable())
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.call(RPCTypes::Vote, &rpc, &option).await
+    }
+
+    /// Retries a dead peer after 100 ms, then less and less often, at most once a second.
+    fn backoff(&self) -> Backoff {
+        let steps = [100u64, 200, 400, 800].map(Duration::from_millis);
+        Backoff::new(
+            steps
+                .into_iter()
+                .chain(std::iter::repeat(Duration::from_secs(1))),
+        )
+    }
+}
+
+/// The peer service of one member: hands openraft's RPCs to the local Raft, proposes forwarded
+/// writes, and answers read-index requests when this member leads.
+#[derive(Clone)]
+pub struct PeerService {
+    raft: typ::Raft,
+}
+
+impl PeerService {
+    /// The tonic service for `raft`.
+    pub fn server(raft: typ::Raft) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(PeerService { raft })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+}
+
+fn bad_request(e: bincode::Error) -> tonic::Status {
+    tonic::Status::invalid_argument(format!("undecodable peer message: {e}"))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
+        let res = self.raft.append_entries(rpc).await;
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn vote(
+        &self,
+        req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref()).map_err(bad_request)?;
+        let res = self.raft.vote(rpc).await;
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
+        let res = self.raft.install_snapshot(rpc).await;
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn forward(
+        &self,
+        req: tonic::Request<InternalRaftBatch>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let cmd = Command(req.into_inner());
+        let res: Result<(u64, CommandResponse), PeerError> = match self.raft.client_write(cmd).await
+        {
+            Ok(r) => Ok((r.log_id.index, r.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(PeerError::NotLeader(f.leader_id))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(PeerError::Stopped(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+        };
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn read_index(
+        &self,
+        _req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let res: Result<u64, PeerError> = match self.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(e)) => match e {
+                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
+                    Err(PeerError::NotLeader(f.leader_id))
+                }
+                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => Err(PeerError::NoQuorum),
+            },
+            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+        };
+        encode(&res).map(tonic::Response::new)
     }
 }

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fetcd_proto::raftpb::InternalRaftBatch;
 use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_storage::KvStore;
 use futures::stream::FuturesUnordered;
@@ -29,6 +30,8 @@ use crate::command::ApplyResult;
 use crate::command::Command;
 use crate::log_store::LogStore;
 use crate::network::Network;
+use crate::network::PeerError;
+use crate::network::PeerService;
 use crate::state_machine::StateMachine;
 use crate::typ;
 use crate::NodeId;
@@ -41,6 +44,12 @@ pub struct RaftNodeConfig {
     pub node_id: NodeId,
     /// This member's advertised peer URL (kept in the membership).
     pub peer_url: String,
+    /// Every initial member and its peer URL (etcd's `--initial-cluster`); empty means this
+    /// member alone.
+    pub initial_members: BTreeMap<NodeId, String>,
+    /// `--initial-cluster-state existing`: join a running cluster (the leader adds this member)
+    /// instead of bootstrapping a new one.
+    pub join_existing: bool,
     /// Root of the member's data (`--data-dir`).
     pub data_dir: PathBuf,
     /// `--heartbeat-interval`.
@@ -61,6 +70,8 @@ impl RaftNodeConfig {
         RaftNodeConfig {
             node_id,
             peer_url: "http://localhost:2380".into(),
+            initial_members: BTreeMap::new(),
+            join_existing: false,
             data_dir,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
@@ -95,9 +106,9 @@ pub enum ProposeError {
     /// There is no leader right now.
     #[error("no leader")]
     NoLeader,
-    /// Another member leads; forwarding arrives with multi-member clusters.
-    #[error("not leader; leader is {0:?}")]
-    NotLeader(Option<NodeId>),
+    /// Leadership moved while the request was being proposed; it was not applied.
+    #[error("leader changed")]
+    LeaderChanged,
     /// The member is shutting down or hit a fatal error.
     #[error("stopped: {0}")]
     Stopped(String),
@@ -122,12 +133,26 @@ struct Proposal {
     done: oneshot::Sender<Result<ApplyResult, ProposeError>>,
 }
 
+/// A read barrier waiting for the next read-index round.
+type ReadWaiter = oneshot::Sender<Result<(), ProposeError>>;
+
+/// What the proposal and read-index tasks share.
+struct Shared {
+    raft: typ::Raft,
+    network: Network,
+    id: NodeId,
+    timeout: Duration,
+}
+
 /// A running member.
 pub struct RaftNode {
     raft: typ::Raft,
     state_machine: Arc<StateMachine>,
     config: RaftNodeConfig,
     proposals: mpsc::Sender<Proposal>,
+    reads: mpsc::Sender<ReadWaiter>,
+    peer_stop: tokio::sync::watch::Sender<bool>,
+    peer_server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -139,9 +164,15 @@ impl std::fmt::Debug for RaftNode {
 }
 
 impl RaftNode {
-    /// Opens (or creates) the member's stores and starts Raft. A fresh single member bootstraps
-    /// itself as a one-member cluster; a restarted one resumes from its data dir.
-    pub async fn open(config: RaftNodeConfig) -> Result<Self, OpenError> {
+    /// Opens (or creates) the member's stores, serves the peer RPCs on `peer_listeners` and
+    /// starts Raft. A fresh member of a new cluster bootstraps it with the initial membership
+    /// (every initial member writes the same first entry, so the cluster forms exactly once
+    /// however they start); a joining member waits to be added; a restarted one resumes from
+    /// its data dir.
+    pub async fn open(
+        config: RaftNodeConfig,
+        peer_listeners: Vec<tokio::net::TcpListener>,
+    ) -> Result<Self, OpenError> {
         let member = config.data_dir.join("member");
         std::fs::create_dir_all(&member).map_err(OpenError::Log)?;
         let log_store =
@@ -157,15 +188,18 @@ impl RaftNode {
             election_timeout_max: election_ms * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count.max(1)),
             max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+            // Entries carry batches of up to MAX_BATCH_BYTES; bound one AppendEntries message.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()
         .map_err(|e| OpenError::Raft(e.to_string()))?;
 
+        let network = Network::new(config.node_id);
         let raft = openraft::Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            Network,
+            network.clone(),
             log_store,
             state_machine.clone(),
         )
@@ -176,33 +210,86 @@ impl RaftNode {
             .is_initialized()
             .await
             .map_err(|e| OpenError::Raft(e.to_string()))?;
-        if !initialized {
-            let members = BTreeMap::from([(
-                config.node_id,
-                BasicNode {
-                    addr: config.peer_url.clone(),
-                },
-            )]);
-            raft.initialize(members)
-                .await
-                .map_err(|e| OpenError::Raft(e.to_string()))?;
+        if !initialized && config.join_existing {
             tracing::info!(
                 id = config.node_id,
-                "bootstrapped a new single-member cluster"
+                "joining an existing cluster: waiting to be added by its leader"
             );
+        } else if !initialized {
+            let members: BTreeMap<NodeId, BasicNode> = if config.initial_members.is_empty() {
+                BTreeMap::from([(config.node_id, BasicNode::new(&config.peer_url))])
+            } else {
+                config
+                    .initial_members
+                    .iter()
+                    .map(|(id, url)| (*id, BasicNode::new(url)))
+                    .collect()
+            };
+            let n = members.len();
+            match raft.initialize(members).await {
+                Ok(()) => {
+                    tracing::info!(
+                        id = config.node_id,
+                        members = n,
+                        "bootstrapped a new cluster"
+                    )
+                }
+                // Another initial member already reached this one: it gets the same first entry
+                // from the leader instead of writing it itself.
+                Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(e))) => {
+                    tracing::info!(reason = %e, "cluster already forming; joining it")
+                }
+                Err(e) => return Err(OpenError::Raft(e.to_string())),
+            }
+            if n == 1 {
+                if let Err(e) = raft.trigger().elect().await {
+                    tracing::warn!(error = %e, "could not trigger election");
+                }
+            }
         } else if is_sole_voter(&raft, config.node_id) {
             // A lone member need not sit out an election timeout after a restart.
             if let Err(e) = raft.trigger().elect().await {
                 tracing::warn!(error = %e, "could not trigger election");
             }
         }
+        // Peers must reach this member before it waits for anything (an election needs them),
+        // but only after it initialized: a vote arriving first would make it refuse to.
+        let (peer_stop, mut stop_rx) = tokio::sync::watch::channel(false);
+        let peer_server = (!peer_listeners.is_empty()).then(|| {
+            let svc = PeerService::server(raft.clone());
+            tokio::spawn(async move {
+                let incoming =
+                    futures::stream::select_all(peer_listeners.into_iter().map(accept_stream));
+                let res = tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "peer server failed");
+                }
+            })
+        });
+
+        let shared = Arc::new(Shared {
+            raft: raft.clone(),
+            network,
+            id: config.node_id,
+            timeout: config.request_timeout,
+        });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
-        tokio::spawn(run_batcher(raft.clone(), rx, config.request_timeout));
+        tokio::spawn(run_batcher(shared.clone(), rx));
+        let (reads, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
+        tokio::spawn(run_read_index(shared, rx));
         Ok(RaftNode {
             raft,
             state_machine,
             config,
             proposals,
+            reads,
+            peer_stop,
+            peer_server: std::sync::Mutex::new(peer_server),
         })
     }
 
@@ -240,22 +327,18 @@ impl RaftNode {
     }
 
     /// Returns once this member's state machine has applied everything committed before the call,
-    /// as confirmed by a quorum (openraft's read index). A read after this is linearizable.
+    /// as confirmed by a quorum (a read index from the leader, which may be this member). A read
+    /// after this is linearizable. Concurrent callers share one read-index round.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        let fut = self.raft.ensure_linearizable();
-        match tokio::time::timeout(self.config.request_timeout, fut).await {
+        let (done, answer) = oneshot::channel();
+        self.reads
+            .send(done)
+            .await
+            .map_err(|_| ProposeError::Stopped("read-index queue closed".into()))?;
+        match tokio::time::timeout(self.config.request_timeout, answer).await {
             Err(_) => Err(ProposeError::Timeout),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(e))) => match e {
-                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => match f.leader_id {
-                    None => Err(ProposeError::NoLeader),
-                    Some(l) => Err(ProposeError::NotLeader(Some(l))),
-                },
-                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => {
-                    Err(ProposeError::NoLeader)
-                }
-            },
-            Ok(Err(RaftError::Fatal(f))) => Err(ProposeError::Stopped(f.to_string())),
+            Ok(Err(_)) => Err(ProposeError::Stopped("read barrier dropped".into())),
+            Ok(Ok(r)) => r,
         }
     }
 
@@ -295,6 +378,15 @@ impl RaftNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        let _ = self.peer_stop.send(true);
+        let server = self
+            .peer_server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = server {
+            let _ = h.await;
+        }
         if let Err(e) = self.store().flush() {
             tracing::warn!(error = %e, "kv store flush on shutdown");
         }
@@ -304,8 +396,8 @@ impl RaftNode {
 /// Groups queued proposals into Raft entries: whatever is waiting when a batch can be proposed
 /// goes into one entry (one append, one fdatasync, one state-machine transaction), up to
 /// [`MAX_BATCH_REQUESTS`] / [`MAX_BATCH_BYTES`]. A request that must go alone (compaction) ends the
-/// batch and is proposed by itself.
-async fn run_batcher(raft: typ::Raft, mut rx: mpsc::Receiver<Proposal>, timeout: Duration) {
+/// batch and is proposed by itself. On a follower the batch is forwarded to the leader whole.
+async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
     let mut in_flight = FuturesUnordered::new();
     let mut carry: Option<Proposal> = None;
     loop {
@@ -340,30 +432,23 @@ async fn run_batcher(raft: typ::Raft, mut rx: mpsc::Receiver<Proposal>, timeout:
                 Err(_) => break,
             }
         }
-        in_flight.push(propose_batch(raft.clone(), batch, timeout));
+        in_flight.push(propose_batch(shared.clone(), batch));
     }
     while in_flight.next().await.is_some() {}
 }
 
 /// Proposes one batch as one entry and hands each request its own answer.
-async fn propose_batch(raft: typ::Raft, batch: Vec<Proposal>, timeout: Duration) {
+async fn propose_batch(shared: Arc<Shared>, batch: Vec<Proposal>) {
     let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
     let n = reqs.len();
-    let result = match tokio::time::timeout(timeout, raft.client_write(Command::new(reqs))).await {
+    let result = match tokio::time::timeout(shared.timeout, submit(&shared, reqs)).await {
         Err(_) => Err(ProposeError::Timeout),
-        Ok(Ok(resp)) if resp.data.0.len() == n => Ok(resp.data.0),
-        Ok(Ok(resp)) => Err(ProposeError::Stopped(format!(
+        Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+        Ok(Ok(answers)) => Err(ProposeError::Stopped(format!(
             "state machine answered {} of {n} requests",
-            resp.data.0.len()
+            answers.len()
         ))),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
-            None => Err(ProposeError::NoLeader),
-            Some(l) => Err(ProposeError::NotLeader(Some(l))),
-        },
-        Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-            Err(ProposeError::Stopped(e.to_string()))
-        }
-        Ok(Err(RaftError::Fatal(f))) => Err(ProposeError::Stopped(f.to_string())),
+        Ok(Err(e)) => Err(e),
     };
     match result {
         Ok(answers) => {
@@ -378,6 +463,157 @@ async fn propose_batch(raft: typ::Raft, batch: Vec<Proposal>, timeout: Duration)
             }
         }
     }
+}
+
+/// The peer URL of member `id` in the current membership.
+fn peer_addr(raft: &typ::Raft, id: NodeId) -> Option<String> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.addr.clone())
+}
+
+/// Waits (bounded by the caller's timeout) until some member leads.
+async fn leader_of(raft: &typ::Raft) -> Result<NodeId, ProposeError> {
+    let mut rx = raft.metrics();
+    loop {
+        if let Some(l) = rx.borrow().current_leader {
+            return Ok(l);
+        }
+        if rx.changed().await.is_err() {
+            return Err(ProposeError::Stopped("raft metrics closed".into()));
+        }
+    }
+}
+
+/// Waits until this member applied `index`, so a write answered here is visible to the next
+/// local read.
+async fn wait_applied(raft: &typ::Raft, index: u64) -> Result<(), ProposeError> {
+    raft.wait(None)
+        .applied_index_at_least(Some(index), "forwarded write applied")
+        .await
+        .map(|_| ())
+        .map_err(|e| ProposeError::Stopped(e.to_string()))
+}
+
+/// Proposes `reqs` as one entry: locally if this member leads, else forwarded to the leader
+/// (retried when the member asked says another one leads; never after the leader may have got
+/// it, since a write must not be applied twice).
+async fn submit(
+    shared: &Shared,
+    reqs: Vec<InternalRaftRequest>,
+) -> Result<Vec<ApplyResult>, ProposeError> {
+    let raft = &shared.raft;
+    let mut leader = leader_of(raft).await?;
+    let batch = InternalRaftBatch { requests: reqs };
+    for _ in 0..3 {
+        if leader == shared.id {
+            return match raft.client_write(Command(batch)).await {
+                Ok(resp) => Ok(resp.data.0),
+                // Leadership moved between the check and the proposal; nothing was appended.
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    Err(ProposeError::LeaderChanged)
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                    Err(ProposeError::Stopped(e.to_string()))
+                }
+                Err(RaftError::Fatal(f)) => Err(ProposeError::Stopped(f.to_string())),
+            };
+        }
+        let addr = peer_addr(raft, leader).ok_or(ProposeError::NoLeader)?;
+        match shared.network.forward(&addr, batch.clone()).await {
+            Ok(Ok((index, resp))) => {
+                wait_applied(raft, index).await?;
+                return Ok(resp.0);
+            }
+            Ok(Err(PeerError::NotLeader(Some(l)))) if l != leader => leader = l,
+            Ok(Err(PeerError::NotLeader(_))) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                leader = leader_of(raft).await?;
+            }
+            Ok(Err(e)) => return Err(ProposeError::Stopped(e.to_string())),
+            // The request may or may not have reached the leader: the outcome is unknown.
+            Err(e) => {
+                tracing::debug!(error = %e, leader, "forwarding a write failed");
+                return Err(ProposeError::Timeout);
+            }
+        }
+    }
+    Err(ProposeError::LeaderChanged)
+}
+
+/// Serves read barriers in rounds: every barrier queued when a round starts shares its read
+/// index (a barrier that arrives during a round waits for the next one, which starts after it).
+async fn run_read_index(shared: Arc<Shared>, mut rx: mpsc::Receiver<ReadWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let res = match tokio::time::timeout(shared.timeout, read_index_round(&shared)).await {
+            Err(_) => Err(ProposeError::Timeout),
+            Ok(r) => r,
+        };
+        for w in waiters {
+            let _ = w.send(res.clone());
+        }
+    }
+}
+
+/// One read-index round: the leader's confirmed commit point, then wait until applied here.
+async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
+    let raft = &shared.raft;
+    let mut leader = leader_of(raft).await?;
+    for _ in 0..3 {
+        if leader == shared.id {
+            return match raft.ensure_linearizable().await {
+                Ok(_) => Ok(()),
+                Err(RaftError::APIError(e)) => match e {
+                    openraft::error::CheckIsLeaderError::ForwardToLeader(_) => {
+                        Err(ProposeError::LeaderChanged)
+                    }
+                    openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => {
+                        Err(ProposeError::NoLeader)
+                    }
+                },
+                Err(RaftError::Fatal(f)) => Err(ProposeError::Stopped(f.to_string())),
+            };
+        }
+        let addr = peer_addr(raft, leader).ok_or(ProposeError::NoLeader)?;
+        match shared.network.read_index(&addr).await {
+            Ok(Ok(index)) => return wait_applied(raft, index).await,
+            Ok(Err(PeerError::NotLeader(Some(l)))) if l != leader => leader = l,
+            Ok(Err(PeerError::NotLeader(_))) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                leader = leader_of(raft).await?;
+            }
+            Ok(Err(PeerError::NoQuorum)) => return Err(ProposeError::NoLeader),
+            Ok(Err(PeerError::Stopped(e))) => return Err(ProposeError::Stopped(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, leader, "read index from the leader failed");
+                return Err(ProposeError::NoLeader);
+            }
+        }
+    }
+    Err(ProposeError::LeaderChanged)
+}
+
+/// The listener as a stream of connections, with Nagle off (peer RPCs are small and latency
+/// bound).
+fn accept_stream(
+    listener: tokio::net::TcpListener,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> {
+    Box::pin(futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on a peer connection");
+            }
+            s
+        });
+        Some((conn, l))
+    }))
 }
 
 fn is_sole_voter(raft: &typ::Raft, id: NodeId) -> bool {

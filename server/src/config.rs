@@ -211,6 +211,7 @@ impl Config {
         let mut c = Config::parse_from(["fetcd"]);
         c.data_dir = Some(data_dir);
         c.listen_client_urls = vec!["http://127.0.0.1:0".into()];
+        c.listen_peer_urls = vec!["http://127.0.0.1:0".into()];
         c.advertise_client_urls = vec![];
         c
     }
@@ -268,27 +269,41 @@ impl Config {
         {
             return refuse("TLS flags (--cert-file, --key-file, --trusted-ca-file, --client-cert-auth, --peer-*) are not supported yet");
         }
-        if let Some(ic) = &self.initial_cluster {
-            let members: Vec<&str> = ic.split(',').filter(|s| !s.is_empty()).collect();
-            if members.len() > 1 {
-                return refuse("--initial-cluster with more than one member: multi-member clusters are not supported yet");
-            }
-            if let Some(m) = members.first() {
-                if m.split('=').next() != Some(self.name.as_str()) {
-                    return refuse(&format!(
-                        "--initial-cluster {ic} does not name this member (--name {})",
-                        self.name
-                    ));
-                }
+        let members = self.initial_members()?;
+        let Some(me) = members.iter().find(|m| m.name == self.name) else {
+            return refuse(&format!(
+                "--initial-cluster {} does not name this member (--name {})",
+                self.initial_cluster.as_deref().unwrap_or_default(),
+                self.name
+            ));
+        };
+        let mut advertised = self.initial_advertise_peer_urls.clone();
+        advertised.sort();
+        if me.peer_urls != advertised {
+            return refuse(&format!(
+                "--initial-cluster has {}={} but --initial-advertise-peer-urls is {} (they must match)",
+                me.name,
+                me.peer_urls.join(","),
+                self.initial_advertise_peer_urls.join(",")
+            ));
+        }
+        let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != members.len() {
+            return refuse("--initial-cluster names two members with the same peer URLs");
+        }
+        for u in members
+            .iter()
+            .flat_map(|m| &m.peer_urls)
+            .chain(&self.listen_peer_urls)
+        {
+            if !u.starts_with("http://") {
+                return refuse(&format!("{u}: only http:// peer URLs are supported"));
             }
         }
         if self.initial_cluster_state != "new" && self.initial_cluster_state != "existing" {
             return refuse("--initial-cluster-state must be 'new' or 'existing'");
-        }
-        if self.initial_cluster_state == "existing" {
-            return refuse(
-                "--initial-cluster-state existing: joining a cluster is not supported yet",
-            );
         }
         if truthy(&self.enable_v2) {
             return refuse("--enable-v2: fetcd serves only the v3 API");
@@ -326,19 +341,78 @@ impl Config {
 
     /// This member's id, derived like etcd's from its sorted peer URLs and the cluster token.
     pub fn member_id(&self) -> u64 {
-        let mut urls = self.initial_advertise_peer_urls.clone();
-        urls.sort();
-        let mut b = urls.concat().into_bytes();
-        b.extend_from_slice(self.initial_cluster_token.as_bytes());
-        first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
+        member_id(
+            &self.initial_advertise_peer_urls,
+            &self.initial_cluster_token,
+        )
     }
 
-    /// The cluster id, derived like etcd's from the sorted member ids.
+    /// The members of `--initial-cluster` (`name=url,...`; a name may repeat for several URLs),
+    /// in order of first appearance, each with its id. Without the flag: this member alone, at
+    /// its advertised peer URLs (etcd's default `default=http://localhost:2380`).
+    pub fn initial_members(&self) -> Result<Vec<InitialMember>, ConfigError> {
+        let mut out: Vec<InitialMember> = Vec::new();
+        match &self.initial_cluster {
+            None => out.push(InitialMember {
+                name: self.name.clone(),
+                peer_urls: self.initial_advertise_peer_urls.clone(),
+                id: 0,
+            }),
+            Some(ic) => {
+                for part in ic.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let Some((name, url)) = part.split_once('=') else {
+                        return Err(ConfigError(format!(
+                            "--initial-cluster {ic}: {part:?} is not name=peerURL"
+                        )));
+                    };
+                    match out.iter_mut().find(|m| m.name == name) {
+                        Some(m) => m.peer_urls.push(url.to_string()),
+                        None => out.push(InitialMember {
+                            name: name.to_string(),
+                            peer_urls: vec![url.to_string()],
+                            id: 0,
+                        }),
+                    }
+                }
+            }
+        }
+        for m in &mut out {
+            m.peer_urls.sort();
+            m.id = member_id(&m.peer_urls, &self.initial_cluster_token);
+        }
+        Ok(out)
+    }
+
+    /// The cluster id, derived like etcd's from the sorted ids of the initial members.
     pub fn cluster_id(&self) -> u64 {
-        let mut b = Vec::new();
-        b.extend_from_slice(&self.member_id().to_be_bytes());
+        let mut ids: Vec<u64> = match self.initial_members() {
+            Ok(ms) => ms.iter().map(|m| m.id).collect(),
+            Err(_) => vec![self.member_id()],
+        };
+        ids.sort();
+        let b: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
         first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
     }
+}
+
+/// One member named by `--initial-cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitialMember {
+    /// Its `--name`.
+    pub name: String,
+    /// Its peer URLs, sorted.
+    pub peer_urls: Vec<String>,
+    /// Its member id (from the peer URLs and the cluster token, like etcd's).
+    pub id: u64,
+}
+
+/// etcd's member id: the first 8 bytes of sha1(sorted peer URLs joined, then the cluster token).
+fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut b = urls.concat().into_bytes();
+    b.extend_from_slice(token.as_bytes());
+    first_u64(&sha1_smol::Sha1::from(b).digest().bytes())
 }
 
 /// Parses a Go `time.Duration` string as etcd's flags take it: a sequence of number+unit pairs
@@ -385,6 +459,7 @@ fn first_u64(h: &[u8; 20]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -407,7 +482,41 @@ mod tests {
             "--name",
             "a",
         ]);
-        assert!(c.validate().is_err_and(|e| e.0.contains("multi-member")));
+        assert!(
+            c.validate()
+                .is_err_and(|e| e.0.contains("--initial-advertise-peer-urls")),
+            "advertised URLs must match the member's --initial-cluster entry"
+        );
+        let c = Config::parse_from(["fetcd", "--initial-cluster", "b=http://h2:2380"]);
+        assert!(c.validate().is_err_and(|e| e.0.contains("does not name")));
+    }
+
+    #[test]
+    fn three_members_get_distinct_ids_and_one_cluster_id() {
+        let cluster = "a=http://h1:2380,b=http://h2:2380,c=http://h3:2380";
+        let member = |name: &str, url: &str| {
+            Config::parse_from([
+                "fetcd",
+                "--name",
+                name,
+                "--initial-cluster",
+                cluster,
+                "--initial-advertise-peer-urls",
+                url,
+            ])
+        };
+        let (a, b) = (member("a", "http://h1:2380"), member("b", "http://h2:2380"));
+        assert!(a.validate().is_ok() && b.validate().is_ok());
+        let ms = a.initial_members().unwrap();
+        assert_eq!(ms.len(), 3);
+        assert_eq!(ms[0].id, a.member_id());
+        assert_eq!(ms[1].id, b.member_id());
+        assert_ne!(a.member_id(), b.member_id());
+        assert_eq!(a.cluster_id(), b.cluster_id());
+        // The single-member default keeps etcd's well-known ids.
+        let d = Config::parse_from(["fetcd"]);
+        assert_eq!(format!("{:x}", d.member_id()), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", d.cluster_id()), "cdf818194e3a8c32");
     }
 
     #[test]

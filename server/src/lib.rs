@@ -104,20 +104,59 @@ fn host_port(url: &str) -> Result<&str, std::io::Error> {
     Ok(rest.trim_end_matches('/'))
 }
 
+/// Listeners bound before the server starts.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// For peer RPCs (`--listen-peer-urls`).
+    pub peers: Vec<TcpListener>,
+    /// For clients (`--listen-client-urls`).
+    pub clients: Vec<TcpListener>,
+}
+
+/// Binds each URL's `host:port`.
+pub async fn bind_all(urls: &[String]) -> Result<Vec<TcpListener>, Error> {
+    let mut out = Vec::new();
+    for url in urls {
+        let listen_err = |source| Error::Listen {
+            url: url.clone(),
+            source,
+        };
+        let addr = host_port(url).map_err(listen_err)?;
+        out.push(TcpListener::bind(addr).await.map_err(listen_err)?);
+    }
+    Ok(out)
+}
+
 impl EtcdServer {
-    /// Opens the member under `--data-dir`, waits for it to lead (a single member elects itself),
-    /// and starts serving on every `--listen-client-urls` address (port 0 picks a free port).
+    /// Binds every `--listen-peer-urls` and `--listen-client-urls` address (port 0 picks a free
+    /// port), then starts as [`EtcdServer::start_with`].
     pub async fn start(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let peers = bind_all(&config.listen_peer_urls).await?;
+        let clients = bind_all(&config.listen_client_urls).await?;
+        Self::start_with(config, Listeners { peers, clients }).await
+    }
+
+    /// Opens the member under `--data-dir` with already bound listeners (tests bind port 0 first
+    /// to learn the peer URLs of a cluster), serves peers at once, waits a bounded time for a
+    /// leader, and serves clients.
+    pub async fn start_with(config: Config, listeners: Listeners) -> Result<Self, Error> {
         config.validate()?;
         let mut rc = RaftNodeConfig::new(config.member_id(), config.data_dir());
         if let Some(u) = config.initial_advertise_peer_urls.first() {
             rc.peer_url = u.clone();
         }
+        rc.initial_members = config
+            .initial_members()?
+            .into_iter()
+            .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
+            .collect();
+        rc.join_existing = config.initial_cluster_state == "existing";
         rc.heartbeat_interval = config.heartbeat();
         rc.election_timeout = config.election();
         rc.snapshot_count = config.snapshot_count;
         rc.snapshot_catchup_entries = config.experimental_snapshot_catchup_entries;
-        let raft = RaftNode::open(rc).await?;
+        let raft = RaftNode::open(rc, listeners.peers).await?;
         if let Err(e) = raft.wait_for_leader(config.election() * 10).await {
             tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
         }
@@ -145,25 +184,15 @@ impl EtcdServer {
             stop_rx.clone(),
         );
         let mut client_urls = Vec::new();
-        let mut listeners = Vec::new();
-        for url in &config.listen_client_urls {
-            let addr = host_port(url).map_err(|source| Error::Listen {
-                url: url.clone(),
-                source,
-            })?;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Listen {
-                    url: url.clone(),
-                    source,
-                })?;
+        let mut servers = Vec::new();
+        for listener in listeners.clients {
             let local: SocketAddr = listener.local_addr().map_err(|source| Error::Listen {
-                url: url.clone(),
+                url: "client listener".into(),
                 source,
             })?;
             client_urls.push(format!("http://{local}"));
             tracing::info!(%local, "serving client requests");
-            listeners.push(tokio::spawn(serve(
+            servers.push(tokio::spawn(serve(
                 node.clone(),
                 watch.clone(),
                 listener,
@@ -175,7 +204,7 @@ impl EtcdServer {
             node,
             client_urls,
             stop,
-            listeners,
+            listeners: servers,
             lessor_task,
         })
     }

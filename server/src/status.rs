@@ -31,7 +31,7 @@ pub fn storage_error(e: &StorageError) -> Status {
 pub fn propose_error(e: &ProposeError) -> Status {
     match e {
         ProposeError::NoLeader => Status::unavailable(msg::ERR_NO_LEADER),
-        ProposeError::NotLeader(_) => Status::unavailable(msg::ERR_NO_LEADER),
+        ProposeError::LeaderChanged => Status::unavailable(msg::ERR_LEADER_CHANGED),
         ProposeError::Stopped(why) => {
             tracing::warn!(%why, "request on a stopped member");
             Status::unavailable(msg::ERR_STOPPED)

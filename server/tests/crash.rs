@@ -34,6 +34,8 @@ fn spawn_fetcd(dir: &Path, port: u16) -> Child {
         .arg(dir)
         .arg("--listen-client-urls")
         .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--listen-peer-urls")
+        .arg("http://127.0.0.1:0")
         // Small, so snapshots and log purges happen during the test.
         .arg("--snapshot-count")
         .arg("300")

@@ -19,7 +19,7 @@ fn refused_flags_stop_the_binary_and_name_the_flag() {
         (vec!["--cert-file", "/tmp/c.pem"], "--cert-file"),
         (
             vec!["--initial-cluster", "default=http://a:2380,b=http://b:2380"],
-            "multi-member",
+            "--initial-advertise-peer-urls",
         ),
         (
             vec!["--quota-backend-bytes", "1000"],
@@ -30,6 +30,7 @@ fn refused_flags_stop_the_binary_and_name_the_flag() {
         let out = Command::new(env!("CARGO_BIN_EXE_fetcd"))
             .arg("--data-dir")
             .arg(dir.path())
+            .args(["--listen-peer-urls", "http://127.0.0.1:0"])
             .args(&args)
             .output()
             .unwrap();
@@ -49,6 +50,7 @@ async fn etcd_environment_variables_configure_it_and_sigterm_stops_it() {
             "ETCD_LISTEN_CLIENT_URLS",
             format!("http://127.0.0.1:{port}"),
         )
+        .env("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:0")
         .env("ETCD_MAX_TXN_OPS", "2")
         .env("ETCD_LOG_LEVEL", "warn")
         .stdout(Stdio::null())

@@ -23,6 +23,8 @@
 //! async fn my_test() -> anyhow::Result<()> { run_differential("mine", my_scenario).await }
 //! ```
 
+#[cfg(feature = "fetcd")]
+pub mod cluster;
 pub mod diff;
 pub mod etcd;
 pub mod etcdctl;
