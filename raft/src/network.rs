@@ -107,10 +107,10 @@ impl Network {
         }
     }
 
-    /// A client for the peer at `addr` (its peer URL), reusing the channel if there is one.
-    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, TransportError> {
+    /// The channel to the peer at `addr` (its peer URL), created lazily and then shared.
+    pub fn channel(&self, addr: &str) -> Result<Channel, TransportError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = match channels.get(addr) {
+        Ok(match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
                 let c = Endpoint::from_shared(addr.to_string())
@@ -123,7 +123,12 @@ impl Network {
                 channels.insert(addr.to_string(), c.clone());
                 c
             }
-        };
+        })
+    }
+
+    /// A Raft peer client for the peer at `addr`.
+    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, TransportError> {
+        let channel = self.channel(addr)?;
         Ok(RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE))

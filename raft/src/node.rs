@@ -36,6 +36,7 @@ use crate::state_machine::StateMachine;
 use crate::typ;
 use crate::NodeId;
 use crate::TypeConfig;
+use fetcd_proto::raftpb::raft_peer_server::RaftPeerServer;
 
 /// How a member is set up.
 #[derive(Clone, Debug)]
@@ -151,8 +152,7 @@ pub struct RaftNode {
     config: RaftNodeConfig,
     proposals: mpsc::Sender<Proposal>,
     reads: mpsc::Sender<ReadWaiter>,
-    peer_stop: tokio::sync::watch::Sender<bool>,
-    peer_server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    network: Network,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -164,15 +164,13 @@ impl std::fmt::Debug for RaftNode {
 }
 
 impl RaftNode {
-    /// Opens (or creates) the member's stores, serves the peer RPCs on `peer_listeners` and
-    /// starts Raft. A fresh member of a new cluster bootstraps it with the initial membership
-    /// (every initial member writes the same first entry, so the cluster forms exactly once
-    /// however they start); a joining member waits to be added; a restarted one resumes from
-    /// its data dir.
-    pub async fn open(
-        config: RaftNodeConfig,
-        peer_listeners: Vec<tokio::net::TcpListener>,
-    ) -> Result<Self, OpenError> {
+    /// Opens (or creates) the member's stores and starts Raft. A fresh member of a new cluster
+    /// bootstraps it with the initial membership (every initial member writes the same first
+    /// entry, so the cluster forms exactly once however they start); a joining member waits to
+    /// be added; a restarted one resumes from its data dir. The caller serves
+    /// [`RaftNode::peer_service`] on the peer listeners right after this returns: initializing
+    /// first matters, since a vote arriving before would make this member refuse to.
+    pub async fn open(config: RaftNodeConfig) -> Result<Self, OpenError> {
         let member = config.data_dir.join("member");
         std::fs::create_dir_all(&member).map_err(OpenError::Log)?;
         let log_store =
@@ -252,29 +250,9 @@ impl RaftNode {
                 tracing::warn!(error = %e, "could not trigger election");
             }
         }
-        // Peers must reach this member before it waits for anything (an election needs them),
-        // but only after it initialized: a vote arriving first would make it refuse to.
-        let (peer_stop, mut stop_rx) = tokio::sync::watch::channel(false);
-        let peer_server = (!peer_listeners.is_empty()).then(|| {
-            let svc = PeerService::server(raft.clone());
-            tokio::spawn(async move {
-                let incoming =
-                    futures::stream::select_all(peer_listeners.into_iter().map(accept_stream));
-                let res = tonic::transport::Server::builder()
-                    .add_service(svc)
-                    .serve_with_incoming_shutdown(incoming, async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "peer server failed");
-                }
-            })
-        });
-
         let shared = Arc::new(Shared {
             raft: raft.clone(),
-            network,
+            network: network.clone(),
             id: config.node_id,
             timeout: config.request_timeout,
         });
@@ -288,8 +266,7 @@ impl RaftNode {
             config,
             proposals,
             reads,
-            peer_stop,
-            peer_server: std::sync::Mutex::new(peer_server),
+            network,
         })
     }
 
@@ -362,6 +339,22 @@ impl RaftNode {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The tonic service peers talk to (Raft RPCs, forwarded writes, read index).
+    pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
+        PeerService::server(self.raft.clone())
+    }
+
+    /// The leader (if another member) and a channel to its peer port, for requests only the
+    /// leader can answer (lease keepalives).
+    pub fn leader_channel(&self) -> Option<(NodeId, tonic::transport::Channel)> {
+        let leader = self.leader()?;
+        if leader == self.config.node_id {
+            return None;
+        }
+        let addr = peer_addr(&self.raft, leader)?;
+        self.network.channel(&addr).ok().map(|c| (leader, c))
+    }
+
     /// True if this member is the leader now.
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.config.node_id)
@@ -378,15 +371,7 @@ impl RaftNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        let _ = self.peer_stop.send(true);
-        let server = self
-            .peer_server
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(h) = server {
-            let _ = h.await;
-        }
+
         if let Err(e) = self.store().flush() {
             tracing::warn!(error = %e, "kv store flush on shutdown");
         }
@@ -598,22 +583,6 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
         }
     }
     Err(ProposeError::LeaderChanged)
-}
-
-/// The listener as a stream of connections, with Nagle off (peer RPCs are small and latency
-/// bound).
-fn accept_stream(
-    listener: tokio::net::TcpListener,
-) -> std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> {
-    Box::pin(futures::stream::unfold(listener, |l| async move {
-        let conn = l.accept().await.map(|(s, _)| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY on a peer connection");
-            }
-            s
-        });
-        Some((conn, l))
-    }))
 }
 
 fn is_sole_voter(raft: &typ::Raft, id: NodeId) -> bool {

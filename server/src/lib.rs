@@ -43,9 +43,11 @@ use tokio_stream::StreamExt;
 
 use crate::lessor::Lessor;
 use crate::services::kv::KvService;
+use crate::services::lease::LeasePeerService;
 use crate::services::lease::LeaseService;
 use crate::services::unimplemented::Unimplemented;
 use crate::services::watch::WatchService;
+use fetcd_proto::raftpb::lease_peer_server::LeasePeerServer;
 
 /// gRPC's framing allowance on top of `--max-request-bytes`, as etcd's `grpcOverheadBytes`:
 /// requests up to the limit reach the server's own size check and get etcd's error text.
@@ -84,6 +86,7 @@ pub struct EtcdServer {
     stop: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     lessor_task: JoinHandle<()>,
+    peer_server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl std::fmt::Debug for EtcdServer {
@@ -156,10 +159,7 @@ impl EtcdServer {
         rc.election_timeout = config.election();
         rc.snapshot_count = config.snapshot_count;
         rc.snapshot_catchup_entries = config.experimental_snapshot_catchup_entries;
-        let raft = RaftNode::open(rc, listeners.peers).await?;
-        if let Err(e) = raft.wait_for_leader(config.election() * 10).await {
-            tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
-        }
+        let raft = RaftNode::open(rc).await?;
         let lessor = Lessor::new(
             raft.id(),
             config.min_lease_ttl(),
@@ -175,6 +175,11 @@ impl EtcdServer {
         );
 
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        // Peers first: electing a leader needs them.
+        let peer_server = tokio::spawn(serve_peers(node.clone(), listeners.peers, stop_rx.clone()));
+        if let Err(e) = node.raft().wait_for_leader(config.election() * 10).await {
+            tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
+        }
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
         let watch = WatchService::new(
             node.clone(),
@@ -205,6 +210,7 @@ impl EtcdServer {
             client_urls,
             stop,
             listeners: servers,
+            peer_server,
             lessor_task,
         })
     }
@@ -242,10 +248,54 @@ impl EtcdServer {
         if let Err(e) = self.lessor_task.await {
             first_err.get_or_insert(Error::Join(e));
         }
+        match self.peer_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(Error::Transport(e));
+            }
+            Err(e) => {
+                first_err.get_or_insert(Error::Join(e));
+            }
+        }
         self.node.raft().shutdown().await;
         tracing::info!("fetcd stopped");
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// Accepted connections of `listener`, with Nagle off (small answers must not wait for delayed
+/// ACKs: a 40 ms stall).
+fn accept_stream(
+    listener: TcpListener,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> {
+    Box::pin(TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        }
+        conn
+    }))
+}
+
+/// Serves the peer port: Raft's RPCs and the lease requests followers hand to the leader.
+async fn serve_peers(
+    node: Arc<EtcdNode>,
+    listeners: Vec<TcpListener>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    if listeners.is_empty() {
+        return Ok(());
+    }
+    let incoming = futures::stream::select_all(listeners.into_iter().map(accept_stream));
+    let raft = node.raft().peer_service();
+    tonic::transport::Server::builder()
+        .add_service(raft)
+        .add_service(LeasePeerServer::new(LeasePeerService::new(node)))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
 }
 
 async fn serve(
@@ -256,15 +306,7 @@ async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
-    // Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            if let Err(e) = c.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-        }
-        conn
-    });
+    let incoming = accept_stream(listener);
     let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);

@@ -176,8 +176,26 @@ impl KvStore {
     }
 
     /// Opens (or creates) a sled database at `path` and the store in it.
+    ///
+    /// sled holds an exclusive file lock until the last handle of a database is dropped, which
+    /// can be a moment after a member in the same process (an embedding program, a test) shut
+    /// down; the open waits up to 10 s for it rather than failing.
     pub fn open_path(path: &std::path::Path) -> Result<Self> {
-        Self::open(sled::Config::new().path(path).open()?)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return Self::open(db),
+                // sled reports it as ErrorKind::Other with this text only.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "sled database still locked; waiting");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Rebuilds the in-memory state from sled (etcd's `restore` / `restoreIntoIndex`).

@@ -243,3 +243,67 @@ async fn all_members_restart_from_disk() -> Result<()> {
     ensure!(rev(r.header()) > last);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_work_through_followers_and_survive_a_leader_change() -> Result<()> {
+    use etcd_client::{LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions};
+    let mut c = Cluster::start(3).await?;
+    let leader = c.leader().context("leader")?;
+    let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut a = c.client(f1).await?;
+    let mut b = c.client(f2).await?;
+    // Granted through one follower, attached through the other.
+    let g = a
+        .lease_grant(2, Some(LeaseGrantOptions::new().with_id(0x51)))
+        .await?;
+    ensure!(g.ttl() == 2);
+    b.put("lk", "v", Some(PutOptions::new().with_lease(0x51)))
+        .await?;
+    let t = a
+        .lease_time_to_live(0x51, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await?;
+    ensure!(
+        t.granted_ttl() == 2 && t.keys() == [b"lk".to_vec()],
+        "{t:?}"
+    );
+    // Kept alive through a follower for three TTLs.
+    let (mut keeper, mut stream) = b.lease_keep_alive(0x51).await?;
+    for _ in 0..12 {
+        keeper.keep_alive().await?;
+        let r = stream.message().await?.context("keepalive ended")?;
+        ensure!(
+            r.ttl() == 2,
+            "keepalive through a follower answered {}",
+            r.ttl()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(a.get("lk", None).await?.kvs().len() == 1);
+    let leases = a.leases().await?;
+    ensure!(leases.leases().iter().any(|l| l.id() == 0x51));
+
+    // A long lease survives the leader's loss: the new leader keeps it.
+    a.lease_grant(60, Some(LeaseGrantOptions::new().with_id(0x52)))
+        .await?;
+    a.put("long", "v", Some(PutOptions::new().with_lease(0x52)))
+        .await?;
+    drop((keeper, stream));
+    c.stop(leader).await?;
+    c.wait_ready().await?;
+    let t = a.lease_time_to_live(0x52, None).await?;
+    ensure!(t.ttl() > 50, "long lease after failover: {}", t.ttl());
+    // The short one, no longer kept alive, expires under the new leader.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        if a.get("lk", None).await?.kvs().is_empty() {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "short lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(b.get("long", None).await?.kvs().len() == 1);
+    Ok(())
+}

@@ -21,11 +21,14 @@ use fetcd_proto::etcdserverpb::LeaseStatus;
 use fetcd_proto::etcdserverpb::LeaseTimeToLiveRequest;
 use fetcd_proto::etcdserverpb::LeaseTimeToLiveResponse;
 use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::lease_peer_client::LeasePeerClient;
+use fetcd_proto::raftpb::lease_peer_server::LeasePeer;
 use fetcd_proto::status as msg;
 use fetcd_storage::WriteResponse;
 use fetcd_storage::MAX_LEASE_TTL;
 use futures::Stream;
 use futures::StreamExt;
+use tonic::transport::Channel;
 use tonic::Request as GrpcRequest;
 use tonic::Response;
 use tonic::Status;
@@ -60,11 +63,49 @@ fn not_primary() -> Status {
     Status::unavailable(msg::ERR_NO_LEADER)
 }
 
-/// One keepalive (etcd's `LeaseRenew`): the remaining TTL granted, or 0 if the lease is gone.
+/// Where a request only the primary lessor can answer goes.
+enum Route {
+    /// This member is the primary lessor.
+    Local,
+    /// Another member leads: its peer port.
+    Leader(LeasePeerClient<Channel>),
+}
+
+/// Finds the primary lessor: this member, or the leader over the peer port (waiting a bounded
+/// time through an election or a fresh leader's promotion).
+async fn route(node: &EtcdNode) -> Result<Route, Status> {
+    let deadline = tokio::time::Instant::now() + PRIMARY_WAIT;
+    loop {
+        if node.lessor().is_primary() {
+            return Ok(Route::Local);
+        }
+        if let Some((_, channel)) = node.raft().leader_channel() {
+            return Ok(Route::Leader(LeasePeerClient::new(channel)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(not_primary());
+        }
+        node.lessor().wait_primary(Duration::from_millis(50)).await;
+    }
+}
+
+/// One keepalive (etcd's `LeaseRenew`), wherever the primary lessor is.
 async fn renew(node: &EtcdNode, id: i64) -> Result<i64, Status> {
+    match route(node).await? {
+        Route::Local => renew_local(node, id).await,
+        Route::Leader(mut c) => Ok(c
+            .renew(LeaseKeepAliveRequest { id })
+            .await?
+            .into_inner()
+            .ttl),
+    }
+}
+
+/// One keepalive on the primary lessor: the TTL granted, or 0 if the lease is gone.
+async fn renew_local(node: &EtcdNode, id: i64) -> Result<i64, Status> {
     let lessor = node.lessor();
     loop {
-        if !lessor.is_primary() && !lessor.wait_primary(PRIMARY_WAIT).await {
+        if !lessor.is_primary() {
             return Err(not_primary());
         }
         let lease = node.store().lease(id);
@@ -86,7 +127,7 @@ async fn renew(node: &EtcdNode, id: i64) -> Result<i64, Status> {
                 return Ok(ttl);
             }
             Renewal::NotFound => return Ok(0),
-            Renewal::NotPrimary => continue,
+            Renewal::NotPrimary => return Err(not_primary()),
             Renewal::Expired => {
                 // An expired lease is being revoked; like etcd, answer once the revoke is done.
                 lessor.wait_revoked(Duration::from_millis(500)).await;
@@ -196,28 +237,9 @@ impl Lease for LeaseService {
         req: GrpcRequest<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = req.into_inner();
-        let lessor = self.node.lessor();
-        if !lessor.is_primary() && !lessor.wait_primary(PRIMARY_WAIT).await {
-            return Err(not_primary());
-        }
-        let mut resp = match self.node.store().lease(r.id) {
-            // etcd answers an unknown lease with TTL -1, not an error.
-            None => LeaseTimeToLiveResponse {
-                id: r.id,
-                ttl: -1,
-                ..Default::default()
-            },
-            Some(l) => LeaseTimeToLiveResponse {
-                header: None,
-                id: l.id,
-                ttl: lessor.remaining(l.id).map_or(l.ttl, |d| d.as_secs() as i64),
-                granted_ttl: l.ttl,
-                keys: if r.keys {
-                    self.node.store().lease_keys(l.id)
-                } else {
-                    Vec::new()
-                },
-            },
+        let mut resp = match route(&self.node).await? {
+            Route::Local => time_to_live_local(&self.node, &r),
+            Route::Leader(mut c) => c.time_to_live(r).await?.into_inner(),
         };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
@@ -226,26 +248,107 @@ impl Lease for LeaseService {
     #[tracing::instrument(level = "debug", skip_all)]
     async fn lease_leases(
         &self,
-        _req: GrpcRequest<LeaseLeasesRequest>,
+        req: GrpcRequest<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let lessor = self.node.lessor();
-        let mut leases: Vec<(Duration, i64)> = self
-            .node
-            .store()
-            .leases()
-            .into_iter()
-            .map(|l| (lessor.remaining(l.id).unwrap_or(Duration::MAX), l.id))
-            .collect();
-        // etcd lists leases soonest-expiring first.
-        leases.sort();
-        let mut resp = LeaseLeasesResponse {
-            header: None,
-            leases: leases
-                .into_iter()
-                .map(|(_, id)| LeaseStatus { id })
-                .collect(),
+        let mut resp = match route(&self.node).await? {
+            Route::Local => leases_local(&self.node),
+            Route::Leader(mut c) => c.leases(req.into_inner()).await?.into_inner(),
         };
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
+    }
+}
+
+/// LeaseTimeToLive on the primary lessor (the remaining time is its deadline).
+fn time_to_live_local(node: &EtcdNode, r: &LeaseTimeToLiveRequest) -> LeaseTimeToLiveResponse {
+    match node.store().lease(r.id) {
+        // etcd answers an unknown lease with TTL -1, not an error.
+        None => LeaseTimeToLiveResponse {
+            id: r.id,
+            ttl: -1,
+            ..Default::default()
+        },
+        Some(l) => LeaseTimeToLiveResponse {
+            header: None,
+            id: l.id,
+            ttl: node
+                .lessor()
+                .remaining(l.id)
+                .map_or(l.ttl, |d| d.as_secs() as i64),
+            granted_ttl: l.ttl,
+            keys: if r.keys {
+                node.store().lease_keys(l.id)
+            } else {
+                Vec::new()
+            },
+        },
+    }
+}
+
+/// LeaseLeases on the primary lessor: soonest-expiring first, as etcd lists them.
+fn leases_local(node: &EtcdNode) -> LeaseLeasesResponse {
+    let lessor = node.lessor();
+    let mut leases: Vec<(Duration, i64)> = node
+        .store()
+        .leases()
+        .into_iter()
+        .map(|l| (lessor.remaining(l.id).unwrap_or(Duration::MAX), l.id))
+        .collect();
+    leases.sort();
+    LeaseLeasesResponse {
+        header: None,
+        leases: leases
+            .into_iter()
+            .map(|(_, id)| LeaseStatus { id })
+            .collect(),
+    }
+}
+
+/// The leader's side of lease requests forwarded by followers.
+#[derive(Debug, Clone)]
+pub struct LeasePeerService {
+    node: Arc<EtcdNode>,
+}
+
+impl LeasePeerService {
+    /// The peer-port lease service of `node`.
+    pub fn new(node: Arc<EtcdNode>) -> Self {
+        LeasePeerService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl LeasePeer for LeasePeerService {
+    async fn renew(
+        &self,
+        req: GrpcRequest<LeaseKeepAliveRequest>,
+    ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+        let id = req.into_inner().id;
+        let ttl = renew_local(&self.node, id).await?;
+        Ok(Response::new(LeaseKeepAliveResponse {
+            header: None,
+            id,
+            ttl,
+        }))
+    }
+
+    async fn time_to_live(
+        &self,
+        req: GrpcRequest<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        if !self.node.lessor().is_primary() {
+            return Err(not_primary());
+        }
+        Ok(Response::new(time_to_live_local(&self.node, req.get_ref())))
+    }
+
+    async fn leases(
+        &self,
+        _req: GrpcRequest<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        if !self.node.lessor().is_primary() {
+            return Err(not_primary());
+        }
+        Ok(Response::new(leases_local(&self.node)))
     }
 }
