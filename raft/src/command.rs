@@ -68,6 +68,11 @@ pub fn into_write_op(req: InternalRaftRequest) -> WriteOp {
         Some(Request::LeaseRevoke(r)) => WriteOp::LeaseRevoke(r),
         Some(Request::LeaseCheckpoint(r)) => WriteOp::LeaseCheckpoint(r, stamp),
         // Alarms arrive with the Maintenance service; none can be proposed before.
+        Some(Request::MemberAttributes(m)) => match m.member {
+            Some(member) if m.remove => WriteOp::RemoveMember(member.id),
+            Some(member) => WriteOp::SetMember(member),
+            None => WriteOp::Noop,
+        },
         Some(Request::Alarm(_)) | None => WriteOp::Noop,
     }
 }

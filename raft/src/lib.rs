@@ -3,7 +3,9 @@
 //! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
 //! - [`log_store`]: the durable Raft log (raft-log: fdatasync + group commit).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
-//! - [`network`]: peer RPCs (none yet: a single member has no peers).
+//! - [`network`]: peer RPCs over tonic (replication, votes, snapshots, forwarded writes, read
+//!   index, membership changes).
+//! - [`membership`]: etcd's member operations as openraft membership changes.
 //! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
 //!
 //! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
@@ -11,6 +13,7 @@
 
 pub mod command;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod node;
 pub mod state_machine;

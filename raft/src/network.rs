@@ -44,6 +44,8 @@ use tonic::transport::Endpoint;
 
 use crate::command::Command;
 use crate::command::CommandResponse;
+use crate::membership::MembershipChange;
+use crate::membership::MembershipError;
 use crate::typ;
 use crate::NodeId;
 use crate::TypeConfig;
@@ -144,6 +146,23 @@ impl Network {
         let mut c = self.client(addr)?;
         let resp = c
             .forward(batch)
+            .await
+            .map_err(TransportError::Unreachable)?;
+        Ok(decode(resp.get_ref())?)
+    }
+
+    /// Asks the leader at `addr` to make a membership change.
+    pub async fn change_membership(
+        &self,
+        addr: &str,
+        change: &MembershipChange,
+    ) -> Result<Result<(), MembershipError>, TransportError> {
+        let mut c = self.client(addr)?;
+        let msg = PeerMessage {
+            data: bincode::serialize(change)?,
+        };
+        let resp = c
+            .change_membership(msg)
             .await
             .map_err(TransportError::Unreachable)?;
         Ok(decode(resp.get_ref())?)
@@ -333,6 +352,15 @@ impl RaftPeer for PeerService {
             }
             Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
         };
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn change_membership(
+        &self,
+        req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let change: MembershipChange = decode(req.get_ref()).map_err(bad_request)?;
+        let res = crate::membership::apply(&self.raft, change).await;
         encode(&res).map(tonic::Response::new)
     }
 

@@ -29,6 +29,8 @@ use crate::command::must_propose_alone;
 use crate::command::ApplyResult;
 use crate::command::Command;
 use crate::log_store::LogStore;
+use crate::membership::MembershipChange;
+use crate::membership::MembershipError;
 use crate::network::Network;
 use crate::network::PeerError;
 use crate::network::PeerService;
@@ -353,6 +355,35 @@ impl RaftNode {
         }
         let addr = peer_addr(&self.raft, leader)?;
         self.network.channel(&addr).ok().map(|c| (leader, c))
+    }
+
+    /// Makes a membership change on the leader (this member or, forwarded, another).
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<Result<(), MembershipError>, ProposeError> {
+        let fut = async {
+            let leader = leader_of(&self.raft).await?;
+            if leader == self.config.node_id {
+                return Ok(crate::membership::apply(&self.raft, change).await);
+            }
+            let addr = peer_addr(&self.raft, leader).ok_or(ProposeError::NoLeader)?;
+            self.network
+                .change_membership(&addr, &change)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "membership change to the leader failed");
+                    ProposeError::Timeout
+                })
+        };
+        tokio::time::timeout(self.config.request_timeout, fut)
+            .await
+            .unwrap_or(Err(ProposeError::Timeout))
+    }
+
+    /// The members of the cluster as Raft knows them.
+    pub fn members(&self) -> Vec<crate::membership::RaftMember> {
+        crate::membership::members(&self.raft)
     }
 
     /// True if this member is the leader now.

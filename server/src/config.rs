@@ -407,7 +407,7 @@ pub struct InitialMember {
 }
 
 /// etcd's member id: the first 8 bytes of sha1(sorted peer URLs joined, then the cluster token).
-fn member_id(peer_urls: &[String], token: &str) -> u64 {
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
     let mut urls = peer_urls.to_vec();
     urls.sort();
     let mut b = urls.concat().into_bytes();

@@ -33,6 +33,7 @@ use fetcd_proto::etcdserverpb::kv_server::KvServer;
 use fetcd_proto::etcdserverpb::lease_server::LeaseServer;
 use fetcd_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use fetcd_proto::etcdserverpb::watch_server::WatchServer;
+use fetcd_proto::etcdserverpb::Member;
 use fetcd_raft::RaftNode;
 use fetcd_raft::RaftNodeConfig;
 pub use node::EtcdNode;
@@ -42,6 +43,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
 use crate::lessor::Lessor;
+use crate::services::cluster::ClusterService;
 use crate::services::kv::KvService;
 use crate::services::lease::LeasePeerService;
 use crate::services::lease::LeaseService;
@@ -188,6 +190,7 @@ impl EtcdServer {
             config.max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES),
             stop_rx.clone(),
         );
+        let cluster = ClusterService::new(node.clone(), config.initial_cluster_token.clone());
         let mut client_urls = Vec::new();
         let mut servers = Vec::new();
         for listener in listeners.clients {
@@ -200,11 +203,27 @@ impl EtcdServer {
             servers.push(tokio::spawn(serve(
                 node.clone(),
                 watch.clone(),
+                cluster.clone(),
                 listener,
                 config.max_request_bytes,
                 stop_rx.clone(),
             )));
         }
+        // Like etcd's publish: record this member's name and URLs once there is a leader.
+        let mut peer_urls = config.initial_advertise_peer_urls.clone();
+        peer_urls.sort();
+        let me = Member {
+            id: node.raft().id(),
+            name: config.name.clone(),
+            peer_ur_ls: peer_urls,
+            client_ur_ls: if config.advertise_client_urls.is_empty() {
+                client_urls.clone()
+            } else {
+                config.advertise_client_urls.clone()
+            },
+            is_learner: false,
+        };
+        tokio::spawn(publish_attributes(node.clone(), me, stop_rx.clone()));
         Ok(EtcdServer {
             node,
             client_urls,
@@ -263,6 +282,49 @@ impl EtcdServer {
     }
 }
 
+/// Records this member's attributes through Raft unless they are already recorded, retrying
+/// until it works or the server stops.
+async fn publish_attributes(
+    node: Arc<EtcdNode>,
+    me: Member,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let recorded = node
+            .store()
+            .members()
+            .map(|ms| {
+                ms.iter().any(|m| {
+                    m.id == me.id
+                        && m.name == me.name
+                        && m.peer_ur_ls == me.peer_ur_ls
+                        && m.client_ur_ls == me.client_ur_ls
+                })
+            })
+            .unwrap_or(false);
+        if recorded {
+            return;
+        }
+        let req = fetcd_proto::raftpb::internal_raft_request::Request::MemberAttributes(
+            fetcd_proto::raftpb::MemberAttributes {
+                member: Some(me.clone()),
+                remove: false,
+            },
+        );
+        match node.write(req).await {
+            Ok(_) => {
+                tracing::info!(name = %me.name, "published member attributes");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "publishing member attributes; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Accepted connections of `listener`, with Nagle off (small answers must not wait for delayed
 /// ACKs: a 40 ms stall).
 fn accept_stream(
@@ -301,6 +363,7 @@ async fn serve_peers(
 async fn serve(
     node: Arc<EtcdNode>,
     watch: WatchService,
+    cluster: ClusterService,
     listener: TcpListener,
     max_request_bytes: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -322,7 +385,7 @@ async fn serve(
             node.clone(),
             stop.clone(),
         )))
-        .add_service(ClusterServer::new(Unimplemented))
+        .add_service(ClusterServer::new(cluster))
         .add_service(MaintenanceServer::new(Unimplemented))
         .add_service(AuthServer::new(Unimplemented))
         .serve_with_incoming_shutdown(incoming, async move {

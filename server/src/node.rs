@@ -120,7 +120,8 @@ impl EtcdNode {
             Err(e) => Err(status::propose_error(&e)),
             Ok(ApplyResult::Write(w)) => Ok(w),
             Ok(ApplyResult::Refused(e)) => Err(status::kv_error(&e)),
-            Ok(ApplyResult::None) => Err(Status::internal("etcdserver: write produced no answer")),
+            // Cluster metadata (member attributes) has no answer of its own.
+            Ok(ApplyResult::None) => Ok(WriteResponse::Noop),
         }
     }
 

@@ -38,6 +38,7 @@ use fetcd_proto::etcdserverpb::LeaseGrantRequest;
 use fetcd_proto::etcdserverpb::LeaseGrantResponse;
 use fetcd_proto::etcdserverpb::LeaseRevokeRequest;
 use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
+use fetcd_proto::etcdserverpb::Member;
 use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
@@ -107,6 +108,10 @@ pub enum WriteOp {
     LeaseRevoke(LeaseRevokeRequest),
     /// Record the remaining TTL of leases, so it survives a leader change or restart.
     LeaseCheckpoint(LeaseCheckpointRequest, Option<LeaseStamp>),
+    /// Record a member's name and URLs (cluster metadata; takes no revision).
+    SetMember(Member),
+    /// Forget a removed member's name and URLs.
+    RemoveMember(u64),
     /// Nothing for the KV space (a Raft blank or membership entry), but its consistent index
     /// must still be recorded.
     Noop,
@@ -314,6 +319,19 @@ impl KvStore {
         out
     }
 
+    /// Every member's recorded name and URLs, in id order.
+    pub fn members(&self) -> Result<Vec<Member>> {
+        let mut out = Vec::new();
+        for item in self.meta_tree.scan_prefix(schema::MEMBER_PREFIX) {
+            let (_, v) = item?;
+            out.push(
+                Member::decode(v.as_ref())
+                    .map_err(|e| StorageError::Corrupt(format!("bad member record: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Changes whenever a lease is granted or revoked: lets the lessor skip reconciling its
     /// timers with the table when nothing changed.
     pub fn lease_epoch(&self) -> u64 {
@@ -361,6 +379,16 @@ impl KvStore {
                 WriteOp::LeaseCheckpoint(req, stamp) => Ok(WriteResponse::LeaseCheckpoint(
                     ops::lease_checkpoint(&mut txn, &req, stamp),
                 )),
+                WriteOp::SetMember(m) => {
+                    txn.meta_batch.insert(member_key(m.id), m.encode_to_vec());
+                    txn.meta_changed = true;
+                    Ok(WriteResponse::Noop)
+                }
+                WriteOp::RemoveMember(id) => {
+                    txn.meta_batch.remove(member_key(id));
+                    txn.meta_changed = true;
+                    Ok(WriteResponse::Noop)
+                }
                 WriteOp::Noop => Ok(WriteResponse::Noop),
                 WriteOp::Compaction(req) => {
                     // Compaction rewrites the committed index: commit what is staged first.
@@ -705,6 +733,12 @@ impl KvStore {
     }
 }
 
+fn member_key(id: u64) -> Vec<u8> {
+    let mut k = schema::MEMBER_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 /// A DELETE event as etcd reports it: the key and the deleting revision.
 fn delete_event(key: Vec<u8>, rev: i64) -> Event {
     Event {
@@ -793,6 +827,9 @@ pub(crate) struct WriteTxn<'a> {
     key_lease_overlay: HashMap<Vec<u8>, i64>,
     /// The `lease` tree writes matching `lease_overlay`.
     lease_batch: sled::Batch,
+    /// `meta` tree writes of cluster metadata.
+    meta_batch: sled::Batch,
+    meta_changed: bool,
 }
 
 impl<'a> WriteTxn<'a> {
@@ -815,6 +852,8 @@ impl<'a> WriteTxn<'a> {
             lease_overlay: HashMap::new(),
             key_lease_overlay: HashMap::new(),
             lease_batch: sled::Batch::default(),
+            meta_batch: sled::Batch::default(),
+            meta_changed: false,
         }
     }
 
@@ -981,14 +1020,20 @@ impl<'a> WriteTxn<'a> {
         self.end_op();
         let store = self.store;
         let lease_changed = self.lease_changed();
-        if self.batch_len > 0 || self.consistent_index.is_some() || lease_changed {
+        if self.batch_len > 0
+            || self.consistent_index.is_some()
+            || lease_changed
+            || self.meta_changed
+        {
             let batch = std::mem::take(&mut self.batch);
             let lease_batch = std::mem::take(&mut self.lease_batch);
+            let meta_batch = std::mem::take(&mut self.meta_batch);
             let ci = self.consistent_index.take();
             (&store.key_tree, &store.meta_tree, &store.lease_tree)
                 .transaction(|(kt, mt, lt)| {
                     kt.apply_batch(&batch)?;
                     lt.apply_batch(&lease_batch)?;
+                    mt.apply_batch(&meta_batch)?;
                     if let Some(ci) = &ci {
                         mt.insert(schema::CONSISTENT_INDEX, ci.as_slice())?;
                     }

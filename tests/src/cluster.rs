@@ -19,11 +19,15 @@ struct Slot {
     server: Option<EtcdServer>,
 }
 
+/// Adjusts every member's configuration (e.g. small snapshot counts).
+pub type Tweak = std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// A running in-process cluster.
 pub struct Cluster {
     dir: TempDir,
     slots: Vec<Slot>,
     initial_cluster: String,
+    tweak: Option<Tweak>,
 }
 
 async fn bind(port: u16) -> anyhow::Result<TcpListener> {
@@ -45,6 +49,11 @@ impl Cluster {
     /// Starts `n` members of a new cluster at once and waits until a leader serves a
     /// linearizable read through every member.
     pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(n, None).await
+    }
+
+    /// Like [`Cluster::start`], with every member's configuration adjusted by `tweak`.
+    pub async fn start_with(n: usize, tweak: Option<Tweak>) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new()
             .prefix("fetcd-cluster-")
             .tempdir()?;
@@ -72,6 +81,7 @@ impl Cluster {
             dir,
             slots,
             initial_cluster,
+            tweak,
         };
         let mut starts = Vec::new();
         for (i, (p, c)) in peers.into_iter().zip(clients).enumerate() {
@@ -107,7 +117,48 @@ impl Cluster {
         c.listen_peer_urls = c.initial_advertise_peer_urls.clone();
         c.listen_client_urls = vec![format!("http://127.0.0.1:{}", s.client_port)];
         c.advertise_client_urls = c.listen_client_urls.clone();
+        if let Some(t) = &self.tweak {
+            t(&mut c);
+        }
         c
+    }
+
+    /// Reserves ports for one more member (not started, not yet in the cluster) and returns its
+    /// index and peer URL, for `MemberAdd`.
+    pub async fn reserve_member(&mut self) -> anyhow::Result<(usize, String)> {
+        let i = self.slots.len();
+        let p = bind(0).await?;
+        let c = bind(0).await?;
+        let slot = Slot {
+            name: format!("m{i}"),
+            peer_port: p.local_addr()?.port(),
+            client_port: c.local_addr()?.port(),
+            server: None,
+        };
+        let url = format!("http://127.0.0.1:{}", slot.peer_port);
+        self.initial_cluster = format!("{},{}={url}", self.initial_cluster, slot.name);
+        self.slots.push(slot);
+        Ok((i, url))
+    }
+
+    /// Starts a reserved member with `--initial-cluster-state existing`: it joins the running
+    /// cluster (it must have been added with `MemberAdd` first).
+    pub async fn join(&mut self, i: usize) -> anyhow::Result<()> {
+        let s = self.launch(i, "existing").await?;
+        self.slots[i].server = Some(s);
+        Ok(())
+    }
+
+    /// Starts member `i` on its own ports and data dir (not recording it as running).
+    async fn launch(&self, i: usize, state: &str) -> anyhow::Result<EtcdServer> {
+        let config = self.config(i, state);
+        let listeners = Listeners {
+            peers: vec![bind(self.slots[i].peer_port).await?],
+            clients: vec![bind(self.slots[i].client_port).await?],
+        };
+        EtcdServer::start_with(config, listeners)
+            .await
+            .map_err(|e| anyhow!("member {i} start: {e}"))
     }
 
     /// Number of members.
@@ -189,14 +240,7 @@ impl Cluster {
 
     /// Starts member `i` again on its own ports and data dir.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
-        let config = self.config(i, "new");
-        let listeners = Listeners {
-            peers: vec![bind(self.slots[i].peer_port).await?],
-            clients: vec![bind(self.slots[i].client_port).await?],
-        };
-        let s = EtcdServer::start_with(config, listeners)
-            .await
-            .map_err(|e| anyhow!("member {i} restart: {e}"))?;
+        let s = self.launch(i, "new").await?;
         self.slots[i].server = Some(s);
         Ok(())
     }
@@ -211,20 +255,13 @@ impl Cluster {
 
     /// Starts every stopped member at once.
     pub async fn restart_all(&mut self) -> anyhow::Result<()> {
-        let mut starts = Vec::new();
-        for i in 0..self.len() {
-            if self.slots[i].server.is_some() {
-                continue;
-            }
-            let config = self.config(i, "new");
-            let listeners = Listeners {
-                peers: vec![bind(self.slots[i].peer_port).await?],
-                clients: vec![bind(self.slots[i].client_port).await?],
-            };
-            starts.push(async move { (i, EtcdServer::start_with(config, listeners).await) });
-        }
-        for (i, s) in futures::future::join_all(starts).await {
-            self.slots[i].server = Some(s.map_err(|e| anyhow!("member {i} restart: {e}"))?);
+        let stopped: Vec<usize> = (0..self.len())
+            .filter(|i| self.slots[*i].server.is_none())
+            .collect();
+        let starts = stopped.iter().map(|i| self.launch(*i, "new"));
+        let servers = futures::future::join_all(starts).await;
+        for (i, s) in stopped.into_iter().zip(servers) {
+            self.slots[i].server = Some(s?);
         }
         Ok(())
     }

@@ -307,3 +307,156 @@ async fn leases_work_through_followers_and_survive_a_leader_change() -> Result<(
     ensure!(b.get("long", None).await?.kvs().len() == 1);
     Ok(())
 }
+
+/// Waits until member `i`'s serializable read of prefix `p` counts `n` keys.
+async fn wait_count(c: &Cluster, i: usize, p: &str, n: i64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut cl) = c.client(i).await {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_count_only()
+                .with_serializable();
+            if let Ok(r) = cl.get(p, Some(opts)).await {
+                if r.count() == n {
+                    return Ok(());
+                }
+            }
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "member {i} never saw {n} keys under {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_list_add_learner_snapshot_catch_up_promote_remove() -> Result<()> {
+    use etcd_client::MemberAddOptions;
+    // Small snapshots and a short kept log: the new member must catch up from a snapshot.
+    let tweak: fetcd_tests::cluster::Tweak = Arc::new(|c| {
+        c.snapshot_count = 50;
+        c.experimental_snapshot_catchup_entries = 10;
+    });
+    let mut c = Cluster::start_with(3, Some(tweak)).await?;
+    let mut cl = c.client(0).await?;
+
+    // Every member publishes its name and client URL.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = cl.member_list().await?;
+        let mut names: Vec<String> = list
+            .members()
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        names.sort();
+        if names == ["m0", "m1", "m2"] {
+            for m in list.members() {
+                ensure!(!m.is_learner() && m.client_urls().len() == 1 && m.peer_urls().len() == 1);
+            }
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "names {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for i in 0..300 {
+        cl.put(format!("s/{i:03}"), "x".repeat(100), None).await?;
+    }
+
+    // Add a learner, start it: it catches up (the log it needs was purged: a snapshot).
+    let (new, url) = c.reserve_member().await?;
+    let added = cl
+        .member_add(
+            [url.clone()],
+            Some(MemberAddOptions::new().with_is_learner()),
+        )
+        .await?;
+    let m = added.member().context("added member")?;
+    ensure!(m.is_learner() && m.peer_urls() == [url.clone()] && m.name().is_empty());
+    ensure!(added.member_list().len() == 4);
+    let new_id = m.id();
+    // The leader purged the start of its log: the new member can only start from a snapshot.
+    let leader = c.leader().context("leader")?;
+    let purged = c
+        .server(leader)
+        .context("leader server")?
+        .node()
+        .raft()
+        .raft()
+        .metrics()
+        .borrow()
+        .purged;
+    ensure!(
+        purged.is_some_and(|p| p.index > 10),
+        "leader log not purged: {purged:?}"
+    );
+    c.join(new).await?;
+    wait_count(&c, new, "s/", 300).await?;
+    let r = c.client(new).await?.get("s/000", None).await?;
+    ensure!(
+        r.header().unwrap().member_id() == new_id,
+        "the joined member has the id it was added under"
+    );
+
+    // The same peer URL again, an invalid one: etcd's errors.
+    let e = cl.member_add([url.clone()], None).await.unwrap_err();
+    ensure!(
+        e.to_string()
+            .contains("etcdserver: Peer URLs already exists"),
+        "{e}"
+    );
+    let e = cl
+        .member_add(["not-a-url".to_string()], None)
+        .await
+        .unwrap_err();
+    ensure!(
+        e.to_string()
+            .contains("etcdserver: given member URLs are invalid"),
+        "{e}"
+    );
+
+    // Promote (retry while the learner is not in sync yet), through a follower.
+    let mut f = c.client((leader + 1) % 3).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match f.member_promote(new_id).await {
+            Ok(r) => {
+                ensure!(r.members().iter().all(|m| !m.is_learner()));
+                break;
+            }
+            Err(e) if e.to_string().contains("in sync") => {
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "learner never ready"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let e = f.member_promote(new_id).await.unwrap_err();
+    ensure!(
+        e.to_string()
+            .contains("etcdserver: can only promote a learner member"),
+        "{e}"
+    );
+    cl.put("s/after-promote", "y", None).await?;
+    wait_count(&c, new, "s/", 301).await?;
+
+    // Remove it again; the cluster keeps working; unknown ids are refused.
+    let r = cl.member_remove(new_id).await?;
+    ensure!(r.members().len() == 3);
+    let e = cl.member_remove(new_id).await.unwrap_err();
+    ensure!(
+        e.to_string().contains("etcdserver: member not found"),
+        "{e}"
+    );
+    c.stop(new).await?;
+    cl.put("s/after-remove", "z", None).await?;
+    let list = cl.member_list().await?;
+    ensure!(list.members().len() == 3 && list.members().iter().all(|m| m.id() != new_id));
+    Ok(())
+}

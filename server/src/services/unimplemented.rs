@@ -37,15 +37,6 @@ macro_rules! unimplemented_service {
 }
 
 unimplemented_service! {
-    pb::cluster_server::Cluster {}
-    member_add(MemberAddRequest) -> MemberAddResponse;
-    member_remove(MemberRemoveRequest) -> MemberRemoveResponse;
-    member_update(MemberUpdateRequest) -> MemberUpdateResponse;
-    member_list(MemberListRequest) -> MemberListResponse;
-    member_promote(MemberPromoteRequest) -> MemberPromoteResponse;
-}
-
-unimplemented_service! {
     pb::maintenance_server::Maintenance {
         type SnapshotStream = BoxStream<pb::SnapshotResponse>;
 
