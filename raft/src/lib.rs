@@ -3,6 +3,8 @@
 //! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
 //! - [`log_store`]: the durable Raft log (raft-log: fdatasync + group commit).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
+//! - [`maintenance`]: status, disk size and leader transfer for the Maintenance service.
+//! - [`metrics`]: the Raft log's fsync histogram.
 //! - [`network`]: peer RPCs (none yet: a single member has no peers).
 //! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
 //!
@@ -11,6 +13,8 @@
 
 pub mod command;
 pub mod log_store;
+pub mod maintenance;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;

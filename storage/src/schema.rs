@@ -12,3 +12,6 @@ pub const CONSISTENT_INDEX: &str = "consistent_index";
 pub const SCHEDULED_COMPACT_REV: &str = "scheduled_compact_rev";
 /// Meta key: the last compaction whose physical deletion completed.
 pub const FINISHED_COMPACT_REV: &str = "finished_compact_rev";
+/// Meta key prefix of the active alarms: prefix + 8-byte big-endian member id + 4-byte big-endian
+/// alarm type → empty value.
+pub const ALARM_PREFIX: &str = "alarm/";
