@@ -16,12 +16,17 @@
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
 pub mod config;
+pub mod http;
 pub mod lessor;
 pub mod limits;
+pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod services;
+pub mod snapshot;
 pub mod status;
 pub mod validate;
+pub mod version;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +49,7 @@ use tokio_stream::StreamExt;
 use crate::lessor::Lessor;
 use crate::services::kv::KvService;
 use crate::services::lease::LeaseService;
+use crate::services::maintenance::MaintenanceService;
 use crate::services::unimplemented::Unimplemented;
 use crate::services::watch::WatchService;
 
@@ -84,6 +90,7 @@ pub struct EtcdServer {
     stop: tokio::sync::watch::Sender<bool>,
     listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     lessor_task: JoinHandle<()>,
+    metrics_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for EtcdServer {
@@ -135,8 +142,10 @@ impl EtcdServer {
             lessor,
         );
 
+        node.quota().set_bytes(config.quota_backend_bytes);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
+        tokio::spawn(metrics::watch_leader(node.clone(), stop_rx.clone()));
         let watch = WatchService::new(
             node.clone(),
             config.experimental_watch_progress_notify_interval,
@@ -147,20 +156,7 @@ impl EtcdServer {
         let mut client_urls = Vec::new();
         let mut listeners = Vec::new();
         for url in &config.listen_client_urls {
-            let addr = host_port(url).map_err(|source| Error::Listen {
-                url: url.clone(),
-                source,
-            })?;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Listen {
-                    url: url.clone(),
-                    source,
-                })?;
-            let local: SocketAddr = listener.local_addr().map_err(|source| Error::Listen {
-                url: url.clone(),
-                source,
-            })?;
+            let (listener, local) = bind(url).await?;
             client_urls.push(format!("http://{local}"));
             tracing::info!(%local, "serving client requests");
             listeners.push(tokio::spawn(serve(
@@ -171,13 +167,30 @@ impl EtcdServer {
                 stop_rx.clone(),
             )));
         }
+        let mut metrics_urls = Vec::new();
+        for url in &config.listen_metrics_urls {
+            let (listener, local) = bind(url).await?;
+            metrics_urls.push(format!("http://{local}"));
+            tracing::info!(%local, "serving /metrics and /health");
+            listeners.push(tokio::spawn(serve_metrics(
+                node.clone(),
+                listener,
+                stop_rx.clone(),
+            )));
+        }
         Ok(EtcdServer {
             node,
             client_urls,
             stop,
             listeners,
             lessor_task,
+            metrics_urls,
         })
+    }
+
+    /// Every `--listen-metrics-urls` URL actually bound (with the real port).
+    pub fn metrics_urls(&self) -> &[String] {
+        &self.metrics_urls
     }
 
     /// The first client URL actually bound (with the real port).
@@ -219,6 +232,48 @@ impl EtcdServer {
     }
 }
 
+/// Binds the `http://host:port` of `url`.
+async fn bind(url: &str) -> Result<(TcpListener, SocketAddr), Error> {
+    let err = |source| Error::Listen {
+        url: url.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(host_port(url).map_err(err)?)
+        .await
+        .map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn {
+            if let Err(e) = c.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        }
+        conn
+    })
+}
+
+/// `--listen-metrics-urls`: the HTTP endpoints only.
+async fn serve_metrics(
+    node: Arc<EtcdNode>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(http::router(node)))
+        .serve_with_incoming_shutdown(incoming(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
+
 async fn serve(
     node: Arc<EtcdNode>,
     watch: WatchService,
@@ -227,20 +282,10 @@ async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
-    // Small answers must not wait for Nagle's algorithm (a 40 ms stall against delayed ACKs).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn {
-            if let Err(e) = c.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-        }
-        conn
-    });
     let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);
-    tonic::transport::Server::builder()
-        .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
+    let grpc = tonic::service::Routes::builder()
         .add_service(kv)
         .add_service(
             WatchServer::new(watch)
@@ -252,9 +297,23 @@ async fn serve(
             stop.clone(),
         )))
         .add_service(ClusterServer::new(Unimplemented))
-        .add_service(MaintenanceServer::new(Unimplemented))
+        .add_service(
+            MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                .max_encoding_message_size(usize::MAX),
+        )
         .add_service(AuthServer::new(Unimplemented))
-        .serve_with_incoming_shutdown(incoming, async move {
+        .clone()
+        .routes();
+    // One port for gRPC and etcd's HTTP endpoints, as etcd: HTTP/1 requests and non-gRPC paths
+    // reach the HTTP router, gRPC paths the services.
+    let routes =
+        tonic::service::Routes::from(grpc.into_axum_router().merge(http::router(node.clone())));
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
+        .layer(metrics::GrpcMetricsLayer::new(node))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await

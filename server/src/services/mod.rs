@@ -2,5 +2,6 @@
 
 pub mod kv;
 pub mod lease;
+pub mod maintenance;
 pub mod unimplemented;
 pub mod watch;
