@@ -74,17 +74,23 @@ fn txn_has_put(t: &TxnRequest) -> bool {
         })
 }
 
-/// Applies an ACTIVATE or DEACTIVATE to `alarms` (a GET changes nothing); the answer lists the
-/// alarm if it changed, as etcd's `applyAlarm`. Returns whether anything changed.
+/// Applies an ACTIVATE or DEACTIVATE to `alarms` (a GET changes nothing). As etcd's
+/// `applyAlarm`, the answer lists the alarm after every ACTIVATE (even of an active one) and after
+/// a DEACTIVATE that removed it. Returns whether the set changed.
 pub(crate) fn apply(alarms: &mut AlarmSet, req: &AlarmRequest) -> (AlarmResponse, bool) {
     let mut resp = AlarmResponse::default();
     let entry = (req.member_id, req.alarm);
-    let changed = match AlarmAction::try_from(req.action) {
-        Ok(AlarmAction::Activate) if req.alarm != AlarmType::None as i32 => alarms.insert(entry),
-        Ok(AlarmAction::Deactivate) => alarms.remove(&entry),
-        _ => false,
+    let (changed, report) = match AlarmAction::try_from(req.action) {
+        Ok(AlarmAction::Activate) if req.alarm != AlarmType::None as i32 => {
+            (alarms.insert(entry), true)
+        }
+        Ok(AlarmAction::Deactivate) => {
+            let removed = alarms.remove(&entry);
+            (removed, removed)
+        }
+        _ => (false, false),
     };
-    if changed {
+    if report {
         resp.alarms.push(AlarmMember {
             member_id: req.member_id,
             alarm: req.alarm,
@@ -135,7 +141,7 @@ mod tests {
         let (r, changed) = apply(&mut set, &req(AlarmAction::Activate));
         assert!(changed && r.alarms.len() == 1);
         let (r, changed) = apply(&mut set, &req(AlarmAction::Activate));
-        assert!(!changed && r.alarms.is_empty());
+        assert!(!changed && r.alarms.len() == 1);
         let (r, changed) = apply(&mut set, &req(AlarmAction::Deactivate));
         assert!(changed && r.alarms.len() == 1 && set.is_empty());
         assert_eq!(
