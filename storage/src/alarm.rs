@@ -128,7 +128,75 @@ pub fn alarm_text(a: &AlarmMember) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+    use fetcd_proto::etcdserverpb::PutRequest;
+    use fetcd_proto::etcdserverpb::RangeRequest;
+
     use super::*;
+    use crate::KvError;
+    use crate::WriteResponse;
+
+    fn nospace(action: AlarmAction) -> WriteOp {
+        WriteOp::Alarm(AlarmRequest {
+            action: action as i32,
+            member_id: 7,
+            alarm: AlarmType::Nospace as i32,
+        })
+    }
+
+    fn put(k: &[u8]) -> WriteOp {
+        WriteOp::Put(PutRequest {
+            key: k.to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn nospace_caps_writes_persists_and_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv");
+        {
+            let store = KvStore::open_path(&path).unwrap();
+            let out = store
+                .apply(vec![
+                    (put(b"a"), b"1".to_vec()),
+                    (nospace(AlarmAction::Activate), b"2".to_vec()),
+                    (put(b"b"), b"3".to_vec()),
+                ])
+                .unwrap();
+            assert!(matches!(out[1], Ok(WriteResponse::Alarm(ref r)) if r.alarms.len() == 1));
+            assert_eq!(out[2], Err(KvError::NoSpace), "refused in the same batch");
+            assert!(store.no_space());
+            assert_eq!(store.current_revision(), 2);
+            assert_eq!(store.consistent_index().unwrap(), Some(b"3".to_vec()));
+            store.flush().unwrap();
+        }
+        let store = KvStore::open_path(&path).unwrap();
+        assert_eq!(
+            store.alarms(AlarmType::None).len(),
+            1,
+            "alarm survives a reopen"
+        );
+        let out = store.apply(vec![(put(b"c"), b"4".to_vec())]).unwrap();
+        assert_eq!(out[0], Err(KvError::NoSpace));
+        let out = store
+            .apply(vec![
+                (nospace(AlarmAction::Deactivate), b"5".to_vec()),
+                (put(b"c"), b"6".to_vec()),
+            ])
+            .unwrap();
+        assert!(out[1].is_ok());
+        assert!(store.alarms(AlarmType::None).is_empty());
+        let r = store
+            .range(&RangeRequest {
+                key: b"c".to_vec(),
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.kvs.len(), 1);
+    }
 
     #[test]
     fn activate_twice_reports_once_and_deactivate_clears() {

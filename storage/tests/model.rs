@@ -500,6 +500,7 @@ impl Model {
             WriteOp::LeaseGrant(g, _) => self.grant(g).map(WriteResponse::LeaseGrant),
             WriteOp::LeaseRevoke(r) => self.revoke(r.id).map(WriteResponse::LeaseRevoke),
             WriteOp::LeaseCheckpoint(..) => unreachable!("the generator makes no checkpoints"),
+            WriteOp::Alarm(_) => unreachable!("the generator raises no alarms"),
             WriteOp::Put(p) => self.put(p).map(WriteResponse::Put),
             WriteOp::DeleteRange(d) => Ok(WriteResponse::DeleteRange(self.delete(d))),
             WriteOp::Txn(t) => self.txn(t).map(WriteResponse::Txn),
@@ -846,7 +847,8 @@ fn resolve_op(op: &mut WriteOp, m: &Model) {
         | WriteOp::Noop
         | WriteOp::LeaseGrant(..)
         | WriteOp::LeaseRevoke(_)
-        | WriteOp::LeaseCheckpoint(..) => {}
+        | WriteOp::LeaseCheckpoint(..)
+        | WriteOp::Alarm(_) => {}
     }
 }
 

@@ -96,7 +96,7 @@ async fn status_hash_scenario(s: &mut Session) -> Result<()> {
     for rev in [2, 4] {
         let r = s.client().hash_kv(rev).await;
         s.record(
-            &format!("hashkv of compacted {rev}"),
+            format!("hashkv of compacted {rev}"),
             json!(error(&r.err().context("compacted hashkv succeeded")?)),
         );
     }

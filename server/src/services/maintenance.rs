@@ -213,7 +213,7 @@ impl Maintenance for MaintenanceService {
             .scan(total, |remaining, chunk| {
                 *remaining -= chunk.len();
                 Some(Ok(pb::SnapshotResponse {
-                    header: header.clone(),
+                    header,
                     remaining_bytes: *remaining as u64,
                     blob: chunk.to_vec(),
                     version: version::ETCD_SERVER_VERSION.into(),
