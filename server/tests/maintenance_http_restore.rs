@@ -10,6 +10,9 @@ use etcd_client::{Client, GetOptions, PutOptions};
 use fetcd_server::{Config, EtcdServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Key, value, create and mod revision, version, lease.
+type KvFields = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+
 /// A plain HTTP/1.1 GET over TCP: `(status code, body)`.
 async fn http_get(url: &str, path: &str) -> (u16, String) {
     let host = url.trim_start_matches("http://");
@@ -178,7 +181,7 @@ async fn etcdctl_snapshot_save_then_fetcd_restore() {
         .await
         .unwrap();
     assert_eq!(after.header().unwrap().revision(), rev);
-    let kvs = |r: &etcd_client::GetResponse| -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64, i64)> {
+    let kvs = |r: &etcd_client::GetResponse| -> Vec<KvFields> {
         r.kvs()
             .iter()
             .map(|kv| {
