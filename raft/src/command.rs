@@ -6,6 +6,7 @@
 //! are serialized with serde (openraft's `serde` feature), so the command serializes *as its
 //! protobuf bytes*: one encoding on disk, between peers, and in snapshots.
 
+use fetcd_proto::etcdserverpb::AlarmResponse;
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeResponse;
 use fetcd_proto::etcdserverpb::LeaseCheckpointResponse;
@@ -67,13 +68,13 @@ pub fn into_write_op(req: InternalRaftRequest) -> WriteOp {
         Some(Request::LeaseGrant(r)) => WriteOp::LeaseGrant(r, stamp),
         Some(Request::LeaseRevoke(r)) => WriteOp::LeaseRevoke(r),
         Some(Request::LeaseCheckpoint(r)) => WriteOp::LeaseCheckpoint(r, stamp),
-        // Alarms arrive with the Maintenance service; none can be proposed before.
         Some(Request::MemberAttributes(m)) => match m.member {
             Some(member) if m.remove => WriteOp::RemoveMember(member.id),
             Some(member) => WriteOp::SetMember(member),
             None => WriteOp::Noop,
         },
-        Some(Request::Alarm(_)) | None => WriteOp::Noop,
+        Some(Request::Alarm(r)) => WriteOp::Alarm(r),
+        None => WriteOp::Noop,
     }
 }
 
@@ -152,12 +153,14 @@ const TAG_COMPACTION: u8 = 4;
 const TAG_LEASE_GRANT: u8 = 5;
 const TAG_LEASE_REVOKE: u8 = 6;
 const TAG_LEASE_CHECKPOINT: u8 = 7;
+const TAG_ALARM: u8 = 8;
 const TAG_ERR_COMPACTED: u8 = 100;
 const TAG_ERR_FUTURE_REV: u8 = 101;
 const TAG_ERR_KEY_NOT_FOUND: u8 = 102;
 const TAG_ERR_LEASE_NOT_FOUND: u8 = 103;
 const TAG_ERR_LEASE_EXISTS: u8 = 104;
 const TAG_ERR_LEASE_TTL_TOO_LARGE: u8 = 105;
+const TAG_ERR_NO_SPACE: u8 = 106;
 
 impl Serialize for ApplyResult {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -176,6 +179,7 @@ impl Serialize for ApplyResult {
             ApplyResult::Write(WriteResponse::LeaseCheckpoint(r)) => {
                 (TAG_LEASE_CHECKPOINT, r.encode_to_vec())
             }
+            ApplyResult::Write(WriteResponse::Alarm(r)) => (TAG_ALARM, r.encode_to_vec()),
             ApplyResult::Write(WriteResponse::Noop) => (TAG_NONE, vec![]),
             ApplyResult::Refused(e) => (
                 match e {
@@ -185,6 +189,7 @@ impl Serialize for ApplyResult {
                     KvError::LeaseNotFound => TAG_ERR_LEASE_NOT_FOUND,
                     KvError::LeaseExists => TAG_ERR_LEASE_EXISTS,
                     KvError::LeaseTtlTooLarge => TAG_ERR_LEASE_TTL_TOO_LARGE,
+                    KvError::NoSpace => TAG_ERR_NO_SPACE,
                     other => {
                         return Err(serde::ser::Error::custom(format!(
                             "unencodable error {other}"
@@ -240,12 +245,16 @@ impl<'de> Deserialize<'de> for ApplyResult {
             TAG_LEASE_CHECKPOINT => ApplyResult::Write(WriteResponse::LeaseCheckpoint(
                 LeaseCheckpointResponse::decode(b).map_err(dec)?,
             )),
+            TAG_ALARM => {
+                ApplyResult::Write(WriteResponse::Alarm(AlarmResponse::decode(b).map_err(dec)?))
+            }
             TAG_ERR_COMPACTED => ApplyResult::Refused(KvError::Compacted),
             TAG_ERR_FUTURE_REV => ApplyResult::Refused(KvError::FutureRevision),
             TAG_ERR_KEY_NOT_FOUND => ApplyResult::Refused(KvError::KeyNotFound),
             TAG_ERR_LEASE_NOT_FOUND => ApplyResult::Refused(KvError::LeaseNotFound),
             TAG_ERR_LEASE_EXISTS => ApplyResult::Refused(KvError::LeaseExists),
             TAG_ERR_LEASE_TTL_TOO_LARGE => ApplyResult::Refused(KvError::LeaseTtlTooLarge),
+            TAG_ERR_NO_SPACE => ApplyResult::Refused(KvError::NoSpace),
             t => return Err(D::Error::custom(format!("unknown response tag {t}"))),
         })
     }
@@ -288,6 +297,14 @@ mod tests {
             ApplyResult::Refused(KvError::Compacted),
             ApplyResult::Refused(KvError::LeaseExists),
             ApplyResult::Refused(KvError::LeaseTtlTooLarge),
+            ApplyResult::Refused(KvError::NoSpace),
+            ApplyResult::Write(WriteResponse::Alarm(AlarmResponse {
+                header: None,
+                alarms: vec![fetcd_proto::etcdserverpb::AlarmMember {
+                    member_id: 9,
+                    alarm: 1,
+                }],
+            })),
             ApplyResult::Write(WriteResponse::LeaseGrant(LeaseGrantResponse {
                 header: None,
                 id: 7,

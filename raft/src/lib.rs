@@ -6,6 +6,8 @@
 //! - [`network`]: peer RPCs over tonic (replication, votes, snapshots, forwarded writes, read
 //!   index, membership changes).
 //! - [`membership`]: etcd's member operations as openraft membership changes.
+//! - [`maintenance`]: status, disk size and leader transfer for the Maintenance service.
+//! - [`metrics`]: the Raft log's fsync histogram.
 //! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
 //!
 //! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
@@ -13,7 +15,9 @@
 
 pub mod command;
 pub mod log_store;
+pub mod maintenance;
 pub mod membership;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;

@@ -105,6 +105,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::time::Duration;
+use std::time::Instant;
 
 use openraft::storage::LogFlushed;
 use openraft::storage::LogState;
@@ -356,7 +357,7 @@ where
         {
             let mut rl = self.lock().map_err(err)?;
             rl.save_vote(VoteCodec(vote.clone())).map_err(err)?;
-            rl.flush(true, Some(FlushCallback::Notify(tx)))
+            rl.flush(true, Some(FlushCallback::Notify(tx, Instant::now())))
                 .map_err(err)?;
         }
 
@@ -453,7 +454,7 @@ where
 
         rl.append(records).map_err(err)?;
         // Do not wait: the worker calls `callback` after the fdatasync of the batch.
-        rl.flush(true, Some(FlushCallback::Append(callback)))
+        rl.flush(true, Some(FlushCallback::Append(callback, Instant::now())))
             .map_err(err)?;
         Ok(())
     }
@@ -555,17 +556,24 @@ impl<C: RaftTypeConfig> raft_log::Types for RaftLogTypes<C> {
 /// Called by raft-log's flush worker thread once a flush request is done: after the fdatasync
 /// for `flush(true, ..)`.
 enum FlushCallback<C: RaftTypeConfig> {
-    /// An `append`: tell openraft the entries are persisted.
-    Append(LogFlushed<C>),
+    /// An `append`: tell openraft the entries are persisted. The instant is when the flush
+    /// was requested, for [`crate::metrics::WAL_FSYNC`].
+    Append(LogFlushed<C>, Instant),
     /// A `save_vote` waiting for its sync.
-    Notify(oneshot::Sender<Result<(), io::Error>>),
+    Notify(oneshot::Sender<Result<(), io::Error>>, Instant),
 }
 
 impl<C: RaftTypeConfig> raft_log::Callback for FlushCallback<C> {
     fn send(self, res: Result<(), io::Error>) {
+        let requested = match &self {
+            FlushCallback::Append(_, t) | FlushCallback::Notify(_, t) => *t,
+        };
+        if res.is_ok() {
+            crate::metrics::WAL_FSYNC.observe(requested.elapsed());
+        }
         match self {
-            FlushCallback::Append(cb) => cb.log_io_completed(res),
-            FlushCallback::Notify(tx) => {
+            FlushCallback::Append(cb, _) => cb.log_io_completed(res),
+            FlushCallback::Notify(tx, _) => {
                 // The waiter may be gone (its future was dropped); nothing to tell then.
                 let _ = tx.send(res);
             }

@@ -326,6 +326,11 @@ impl RaftNode {
         self.state_machine.store()
     }
 
+    /// `--data-dir`.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.config.data_dir
+    }
+
     /// This member's id.
     pub fn id(&self) -> NodeId {
         self.config.node_id

@@ -5,7 +5,7 @@
 //! - implemented: they do what etcd's do;
 //! - accepted: they have no meaning for fetcd (e.g. `--logger zap`) or fetcd's behaviour already
 //!   matches; they are parsed so existing command lines keep working;
-//! - refused: fetcd cannot honour them yet (TLS, multi-member clusters, auto compaction, quotas);
+//! - refused: fetcd cannot honour them yet (TLS, multi-member clusters, auto compaction);
 //!   [`Config::validate`] fails with a message naming the flag rather than silently running
 //!   without what the operator asked for.
 
@@ -150,7 +150,8 @@ pub struct Config {
     #[arg(long, env = "ETCD_ENABLE_V2", default_value = "false")]
     pub enable_v2: String,
 
-    /// Refused until fetcd has quotas: only 0 (etcd's default quota) is accepted.
+    /// Raise an alarm when the backend size exceeds the given quota (0 defaults to 2 GiB, as
+    /// etcd). fetcd's backend size is its whole data directory.
     #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: u64,
 
@@ -194,7 +195,7 @@ pub struct Config {
     #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", default_value = "false")]
     pub peer_client_cert_auth: String,
 
-    /// Refused until fetcd serves metrics: only empty is accepted.
+    /// Comma-separated URLs to serve `/metrics` and `/health` on (besides the client URLs).
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_delimiter = ',')]
     pub listen_metrics_urls: Vec<String>,
 }
@@ -308,16 +309,17 @@ impl Config {
         if truthy(&self.enable_v2) {
             return refuse("--enable-v2: fetcd serves only the v3 API");
         }
-        if self.quota_backend_bytes != 0 {
-            return refuse("--quota-backend-bytes: space quotas are not supported yet");
-        }
         if truthy(&self.auto_compaction_retention) {
             return refuse(
                 "--auto-compaction-retention: automatic compaction is not supported yet",
             );
         }
-        if !self.listen_metrics_urls.is_empty() {
-            return refuse("--listen-metrics-urls: the metrics endpoint is not supported yet");
+        for u in &self.listen_metrics_urls {
+            if !u.starts_with("http://") {
+                return refuse(&format!(
+                    "--listen-metrics-urls {u}: only http:// is supported"
+                ));
+            }
         }
         if self.max_txn_ops == 0 {
             return refuse("--max-txn-ops must be positive");

@@ -16,12 +16,17 @@
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
 pub mod config;
+pub mod http;
 pub mod lessor;
 pub mod limits;
+pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod services;
+pub mod snapshot;
 pub mod status;
 pub mod validate;
+pub mod version;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +52,7 @@ use crate::services::cluster::ClusterService;
 use crate::services::kv::KvService;
 use crate::services::lease::LeasePeerService;
 use crate::services::lease::LeaseService;
+use crate::services::maintenance::MaintenanceService;
 use crate::services::unimplemented::Unimplemented;
 use crate::services::watch::WatchService;
 use fetcd_proto::raftpb::lease_peer_server::LeasePeerServer;
@@ -89,6 +95,7 @@ pub struct EtcdServer {
     listeners: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     lessor_task: JoinHandle<()>,
     peer_server: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_urls: Vec<String>,
 }
 
 impl std::fmt::Debug for EtcdServer {
@@ -176,6 +183,7 @@ impl EtcdServer {
             lessor,
         );
 
+        node.quota().set_bytes(config.quota_backend_bytes);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         // Peers first: electing a leader needs them.
         let peer_server = tokio::spawn(serve_peers(node.clone(), listeners.peers, stop_rx.clone()));
@@ -183,6 +191,7 @@ impl EtcdServer {
             tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
         }
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
+        tokio::spawn(metrics::watch_leader(node.clone(), stop_rx.clone()));
         let watch = WatchService::new(
             node.clone(),
             config.experimental_watch_progress_notify_interval,
@@ -209,6 +218,20 @@ impl EtcdServer {
                 stop_rx.clone(),
             )));
         }
+        let mut metrics_urls = Vec::new();
+        for listener in bind_all(&config.listen_metrics_urls).await? {
+            let local: SocketAddr = listener.local_addr().map_err(|source| Error::Listen {
+                url: "metrics listener".into(),
+                source,
+            })?;
+            metrics_urls.push(format!("http://{local}"));
+            tracing::info!(%local, "serving /metrics and /health");
+            servers.push(tokio::spawn(serve_metrics(
+                node.clone(),
+                listener,
+                stop_rx.clone(),
+            )));
+        }
         // Like etcd's publish: record this member's name and URLs once there is a leader.
         let mut peer_urls = config.initial_advertise_peer_urls.clone();
         peer_urls.sort();
@@ -231,7 +254,13 @@ impl EtcdServer {
             listeners: servers,
             peer_server,
             lessor_task,
+            metrics_urls,
         })
+    }
+
+    /// Every `--listen-metrics-urls` URL actually bound (with the real port).
+    pub fn metrics_urls(&self) -> &[String] {
+        &self.metrics_urls
     }
 
     /// The first client URL actually bound (with the real port).
@@ -340,6 +369,21 @@ fn accept_stream(
     }))
 }
 
+/// `--listen-metrics-urls`: the HTTP endpoints only.
+async fn serve_metrics(
+    node: Arc<EtcdNode>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(http::router(node)))
+        .serve_with_incoming_shutdown(accept_stream(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
+
 /// Serves the peer port: Raft's RPCs and the lease requests followers hand to the leader.
 async fn serve_peers(
     node: Arc<EtcdNode>,
@@ -369,12 +413,10 @@ async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let max_recv = max_request_bytes.saturating_add(GRPC_OVERHEAD_BYTES);
-    let incoming = accept_stream(listener);
     let kv = KvServer::new(KvService::new(node.clone()))
         .max_decoding_message_size(max_recv)
         .max_encoding_message_size(usize::MAX);
-    tonic::transport::Server::builder()
-        .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
+    let grpc = tonic::service::Routes::builder()
         .add_service(kv)
         .add_service(
             WatchServer::new(watch)
@@ -386,9 +428,23 @@ async fn serve(
             stop.clone(),
         )))
         .add_service(ClusterServer::new(cluster))
-        .add_service(MaintenanceServer::new(Unimplemented))
+        .add_service(
+            MaintenanceServer::new(MaintenanceService::new(node.clone()))
+                .max_encoding_message_size(usize::MAX),
+        )
         .add_service(AuthServer::new(Unimplemented))
-        .serve_with_incoming_shutdown(incoming, async move {
+        .clone()
+        .routes();
+    // One port for gRPC and etcd's HTTP endpoints, as etcd: HTTP/1 requests and non-gRPC paths
+    // reach the HTTP router, gRPC paths the services.
+    let routes =
+        tonic::service::Routes::from(grpc.into_axum_router().merge(http::router(node.clone())));
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
+        .layer(metrics::GrpcMetricsLayer::new(node))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(accept_stream(listener), async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await

@@ -1,4 +1,8 @@
 //! The `fetcd` binary: etcd's flags in, a running member out, clean stop on SIGTERM/SIGINT.
+//!
+//! `fetcd snapshot restore <file> [--data-dir DIR] [--name NAME] ...` turns a snapshot taken with
+//! `etcdctl snapshot save` (against fetcd) into a new data directory; see
+//! `fetcd_server::snapshot`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -31,9 +35,71 @@ async fn wait_for_signal() -> anyhow::Result<&'static str> {
     }
 }
 
+/// `fetcd snapshot ...`.
+#[derive(Debug, Parser)]
+#[command(name = "fetcd snapshot", about = "Restore fetcd snapshots")]
+struct SnapshotCli {
+    #[command(subcommand)]
+    command: SnapshotCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SnapshotCommand {
+    /// Restores a snapshot file into a new data directory (which must not exist). The restored
+    /// member bootstraps a new cluster from the flags it is started with.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The snapshot file (`etcdctl snapshot save` output).
+    file: std::path::PathBuf,
+    /// Path to the data directory to create (default: `<name>.fetcd`).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    /// Human-readable name for this member.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Accepted like etcdctl's: fetcd takes membership from the flags it starts with.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// Accepted like etcdctl's: fetcd takes membership from the flags it starts with.
+    #[arg(long)]
+    initial_cluster_token: Option<String>,
+    /// Accepted like etcdctl's: fetcd takes membership from the flags it starts with.
+    #[arg(long)]
+    initial_advertise_peer_urls: Option<String>,
+}
+
+fn snapshot_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    let cli = SnapshotCli::parse_from(args);
+    init_tracing("info");
+    match cli.command {
+        SnapshotCommand::Restore(a) => {
+            let dir = a
+                .data_dir
+                .unwrap_or_else(|| std::path::PathBuf::from(format!("{}.fetcd", a.name)));
+            let r = fetcd_server::snapshot::restore(&a.file, &dir)
+                .with_context(|| format!("restore {}", a.file.display()))?;
+            tracing::info!(
+                path = %a.file.display(),
+                data_dir = %dir.display(),
+                revision = r.revision,
+                leases = r.leases,
+                "restored snapshot"
+            );
+            Ok(())
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "snapshot") {
+        return snapshot_main(args.into_iter().skip(1).collect());
+    }
+    let config = Config::parse_from(args);
     init_tracing(&config.log_level);
     tracing::info!(name = %config.name, data_dir = %config.data_dir().display(), "starting fetcd");
     let server = EtcdServer::start(config).await.context("start fetcd")?;

@@ -3,6 +3,9 @@
 
 use std::sync::Arc;
 
+use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
+use fetcd_proto::etcdserverpb::AlarmRequest;
+use fetcd_proto::etcdserverpb::AlarmType;
 use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::raftpb::internal_raft_request::Request;
 use fetcd_proto::raftpb::InternalRaftRequest;
@@ -15,6 +18,8 @@ use prost::Message;
 use tonic::Status;
 
 use crate::lessor::Lessor;
+use crate::metrics::Metrics;
+use crate::quota::Quota;
 use crate::status;
 
 /// Shared by every service of one member.
@@ -27,6 +32,8 @@ pub struct EtcdNode {
     max_txn_ops: usize,
     next_request_id: std::sync::atomic::AtomicU64,
     lessor: Lessor,
+    quota: Quota,
+    metrics: Metrics,
 }
 
 impl EtcdNode {
@@ -47,12 +54,24 @@ impl EtcdNode {
             max_txn_ops,
             next_request_id: std::sync::atomic::AtomicU64::new(1),
             lessor,
+            quota: Quota::default(),
+            metrics: Metrics::default(),
         })
     }
 
     /// Lease deadlines (kept while this member leads).
     pub fn lessor(&self) -> &Lessor {
         &self.lessor
+    }
+
+    /// The backend quota (`--quota-backend-bytes`) and the member's measured size.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// Counters served on `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// `--max-txn-ops`.
@@ -91,9 +110,49 @@ impl EtcdNode {
         h.raft_term = self.raft.term();
     }
 
-    /// Proposes a write (KV or lease) and returns the store's answer, refusing requests over
-    /// `--max-request-bytes` before they reach the log.
+    /// Proposes a write (KV, lease or alarm) and returns the store's answer, refusing requests
+    /// over `--max-request-bytes` before they reach the log, and writes that would grow the
+    /// store past the quota (raising `NOSPACE`, as etcd's `quotaAlarmer`).
     pub async fn write(&self, request: Request) -> Result<WriteResponse, Status> {
+        if matches!(
+            request,
+            Request::Put(_) | Request::Txn(_) | Request::LeaseGrant(_)
+        ) && !self.quota.available(&self.raft, request.encoded_len())
+        {
+            self.raise_no_space().await;
+            return Err(status::no_space());
+        }
+        self.propose(request).await
+    }
+
+    /// Raises this member's `NOSPACE` alarm through Raft (unless it is active already). A
+    /// failure is only logged: the refused request gets `database space exceeded` either way.
+    async fn raise_no_space(&self) {
+        let raised = self
+            .store()
+            .alarms(AlarmType::Nospace)
+            .iter()
+            .any(|a| a.member_id == self.member_id);
+        if raised {
+            return;
+        }
+        tracing::warn!(
+            quota = self.quota.bytes(),
+            size = self.quota.db_size(&self.raft),
+            "database space exceeded; raising NOSPACE"
+        );
+        let alarm = Request::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.member_id,
+            alarm: AlarmType::Nospace as i32,
+        });
+        if let Err(e) = self.propose(alarm).await {
+            tracing::warn!(error = %e, "could not raise NOSPACE");
+        }
+    }
+
+    /// Proposes `request` without the quota check.
+    async fn propose(&self, request: Request) -> Result<WriteResponse, Status> {
         let id = self
             .next_request_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

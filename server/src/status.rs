@@ -17,6 +17,7 @@ pub fn kv_error(e: &KvError) -> Status {
         KvError::LeaseNotFound => Status::not_found(msg::ERR_LEASE_NOT_FOUND),
         KvError::LeaseExists => Status::failed_precondition(msg::ERR_LEASE_EXIST),
         KvError::LeaseTtlTooLarge => Status::out_of_range(msg::ERR_LEASE_TTL_TOO_LARGE),
+        KvError::NoSpace => no_space(),
         other => Status::internal(format!("etcdserver: {other}")),
     }
 }
@@ -43,4 +44,9 @@ pub fn propose_error(e: &ProposeError) -> Status {
 /// A request larger than `--max-request-bytes`.
 pub fn request_too_large() -> Status {
     Status::invalid_argument(msg::ERR_REQUEST_TOO_LARGE)
+}
+
+/// A write refused because the database is over its quota or a `NOSPACE` alarm is active.
+pub fn no_space() -> Status {
+    Status::resource_exhausted(msg::ERR_NO_SPACE)
 }

@@ -22,8 +22,8 @@ fn refused_flags_stop_the_binary_and_name_the_flag() {
             "--initial-advertise-peer-urls",
         ),
         (
-            vec!["--quota-backend-bytes", "1000"],
-            "--quota-backend-bytes",
+            vec!["--listen-metrics-urls", "https://127.0.0.1:0"],
+            "--listen-metrics-urls",
         ),
         (vec!["--listen-client-urls", "https://127.0.0.1:0"], "TLS"),
     ] {

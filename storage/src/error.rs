@@ -26,6 +26,9 @@ pub enum KvError {
     /// A grant asks for more than [`crate::MAX_LEASE_TTL`] seconds.
     #[error("too large lease TTL")]
     LeaseTtlTooLarge,
+    /// A request that grows the store while a `NOSPACE` alarm is active.
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
 }
 
 /// The store failed underneath; the caller must stop applying.

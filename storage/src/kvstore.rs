@@ -28,6 +28,8 @@ use std::sync::MutexGuard;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
 
+use fetcd_proto::etcdserverpb::AlarmRequest;
+use fetcd_proto::etcdserverpb::AlarmResponse;
 use fetcd_proto::etcdserverpb::CompactionRequest;
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeRequest;
@@ -55,6 +57,8 @@ use sled::transaction::ConflictableTransactionError;
 use sled::transaction::TransactionError;
 use sled::Transactional;
 
+use crate::alarm;
+use crate::alarm::AlarmSet;
 use crate::key_index::KeyIndex;
 use crate::kv::KeyRange;
 use crate::kv::ReadView;
@@ -80,12 +84,12 @@ const COMPACTION_BATCH: usize = 10_000;
 /// The index and the revisions it is valid for, published together so a reader never sees a
 /// revision whose index changes are missing.
 #[derive(Debug, Default)]
-struct IndexState {
-    keys: BTreeMap<Vec<u8>, KeyIndex>,
+pub(crate) struct IndexState {
+    pub(crate) keys: BTreeMap<Vec<u8>, KeyIndex>,
     /// The newest revision; 1 for an empty store, as in etcd.
-    current: i64,
+    pub(crate) current: i64,
     /// Reads below this revision are refused; -1 before the first compaction.
-    compact: i64,
+    pub(crate) compact: i64,
     /// Leases and the keys attached to them.
     leases: LeaseIndex,
 }
@@ -112,6 +116,8 @@ pub enum WriteOp {
     SetMember(Member),
     /// Forget a removed member's name and URLs.
     RemoveMember(u64),
+    /// Raise or clear an alarm (see [`crate::alarm`]).
+    Alarm(AlarmRequest),
     /// Nothing for the KV space (a Raft blank or membership entry), but its consistent index
     /// must still be recorded.
     Noop,
@@ -134,6 +140,8 @@ pub enum WriteResponse {
     LeaseRevoke(LeaseRevokeResponse),
     /// Answer to [`WriteOp::LeaseCheckpoint`].
     LeaseCheckpoint(LeaseCheckpointResponse),
+    /// Answer to [`WriteOp::Alarm`].
+    Alarm(AlarmResponse),
     /// Answer to [`WriteOp::Noop`].
     Noop,
 }
@@ -144,7 +152,7 @@ pub type ExportSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
 /// The MVCC key-value store (etcd's `mvcc.store`).
 pub struct KvStore {
     db: sled::Db,
-    key_tree: sled::Tree,
+    pub(crate) key_tree: sled::Tree,
     meta_tree: sled::Tree,
     lease_tree: sled::Tree,
     index: RwLock<IndexState>,
@@ -152,6 +160,8 @@ pub struct KvStore {
     writer: Mutex<()>,
     /// Watchers, notified at commit.
     hub: WatchHub,
+    /// Active alarms, changed only after the sled write that stored them.
+    alarms: RwLock<AlarmSet>,
 }
 
 impl std::fmt::Debug for KvStore {
@@ -175,6 +185,7 @@ impl KvStore {
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
             hub: WatchHub::default(),
+            alarms: RwLock::new(AlarmSet::new()),
         };
         store.restore()?;
         Ok(store)
@@ -256,6 +267,7 @@ impl KvStore {
         for (k, lease) in key_lease {
             st.leases.attach(k, lease);
         }
+        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarm::load(&self.meta_tree)?;
         let leases = st.leases.leases.len();
         let keys = st.keys.len();
         let current = st.current;
@@ -364,6 +376,13 @@ impl KvStore {
         let mut out = Vec::new();
         let mut txn = WriteTxn::new(self, Some(guard));
         for (op, consistent_index) in ops_in {
+            if alarm::needs_space(&op) && txn.no_space() {
+                // etcd's capped applier: nothing that grows the store while NOSPACE is raised.
+                txn.end_op();
+                txn.consistent_index = Some(consistent_index);
+                out.push(Err(KvError::NoSpace));
+                continue;
+            }
             let res = match op {
                 WriteOp::Put(req) => ops::put(&mut txn, &req)?.map(WriteResponse::Put),
                 WriteOp::DeleteRange(req) => {
@@ -389,6 +408,7 @@ impl KvStore {
                     txn.meta_changed = true;
                     Ok(WriteResponse::Noop)
                 }
+                WriteOp::Alarm(req) => Ok(WriteResponse::Alarm(txn.apply_alarm(&req))),
                 WriteOp::Noop => Ok(WriteResponse::Noop),
                 WriteOp::Compaction(req) => {
                     // Compaction rewrites the committed index: commit what is staged first.
@@ -722,7 +742,17 @@ impl KvStore {
         }
     }
 
-    fn read_index(&self) -> RwLockReadGuard<'_, IndexState> {
+    /// The active alarms.
+    pub(crate) fn alarm_set(&self) -> RwLockReadGuard<'_, AlarmSet> {
+        self.alarms.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the writer: no apply or compaction runs until the guard is dropped.
+    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn read_index(&self) -> RwLockReadGuard<'_, IndexState> {
         // A panic while holding the lock cannot leave the index half-updated: publication is a
         // sequence of whole-entry inserts after the sled commit. Keep serving.
         self.index.read().unwrap_or_else(|p| p.into_inner())
@@ -827,9 +857,11 @@ pub(crate) struct WriteTxn<'a> {
     key_lease_overlay: HashMap<Vec<u8>, i64>,
     /// The `lease` tree writes matching `lease_overlay`.
     lease_batch: sled::Batch,
-    /// `meta` tree writes of cluster metadata.
+    /// `meta` tree writes: cluster metadata and the alarms of `alarm_overlay`.
     meta_batch: sled::Batch,
     meta_changed: bool,
+    /// The alarms as of this transaction, once an alarm request touched them.
+    alarm_overlay: Option<AlarmSet>,
 }
 
 impl<'a> WriteTxn<'a> {
@@ -854,7 +886,37 @@ impl<'a> WriteTxn<'a> {
             lease_batch: sled::Batch::default(),
             meta_batch: sled::Batch::default(),
             meta_changed: false,
+            alarm_overlay: None,
         }
+    }
+
+    /// True if a `NOSPACE` alarm is active as of this transaction.
+    fn no_space(&self) -> bool {
+        match &self.alarm_overlay {
+            Some(set) => set
+                .iter()
+                .any(|(_, a)| *a == fetcd_proto::etcdserverpb::AlarmType::Nospace as i32),
+            None => self.store.no_space(),
+        }
+    }
+
+    /// Stages an alarm change (no revision, like etcd's alarm store).
+    fn apply_alarm(&mut self, req: &AlarmRequest) -> AlarmResponse {
+        let mut set = match self.alarm_overlay.take() {
+            Some(s) => s,
+            None => self.store.alarm_set().clone(),
+        };
+        let (resp, changed) = alarm::apply(&mut set, req);
+        if changed {
+            let key = alarm::alarm_key(req.member_id, req.alarm);
+            if set.contains(&(req.member_id, req.alarm)) {
+                self.meta_batch.insert(key, &[][..]);
+            } else {
+                self.meta_batch.remove(key);
+            }
+        }
+        self.alarm_overlay = Some(set);
+        resp
     }
 
     fn base(&self) -> &IndexState {
@@ -1048,6 +1110,9 @@ impl<'a> WriteTxn<'a> {
         }
         // Only now, with the data in sled, does anyone get to see it.
         drop(self.base.take());
+        if let Some(set) = self.alarm_overlay.take() {
+            *store.alarms.write().unwrap_or_else(|p| p.into_inner()) = set;
+        }
         if !self.overlay.is_empty() || self.begin_rev != store.current_revision() || lease_changed {
             let mut st = store.write_index();
             for (k, ki) in std::mem::take(&mut self.overlay) {

@@ -7,12 +7,15 @@
 //! - `ops`: etcd's request semantics (Range, Put, DeleteRange, Txn) over a read view.
 //! - [`lease`]: leases and their attached keys (replicated state; expiry timing is the server's).
 //! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
+//! - [`alarm`]: cluster alarms as replicated state; [`hash`]: etcd's HashKV over the history.
 //!
 //! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
 //! request/response types from `fetcd-proto` and an opaque "consistent index" blob from whoever
 //! drives it, and knows nothing of how the writes were agreed on.
 
+pub mod alarm;
 mod error;
+pub mod hash;
 pub mod key_index;
 mod kv;
 pub mod kvstore;
@@ -22,9 +25,11 @@ pub mod revision;
 pub mod schema;
 pub mod watch;
 
+pub use alarm::alarm_text;
 pub use error::KvError;
 pub use error::Result;
 pub use error::StorageError;
+pub use hash::HashKv;
 pub use kv::KeyRange;
 pub use kvstore::KvStore;
 pub use kvstore::WriteOp;

@@ -15,3 +15,6 @@ pub const FINISHED_COMPACT_REV: &str = "finished_compact_rev";
 /// Meta key prefix: `member/` + 8-byte big-endian member id → protobuf `etcdserverpb.Member`
 /// (the member's name and URLs).
 pub const MEMBER_PREFIX: &[u8] = b"member/";
+/// Meta key prefix of the active alarms: prefix + 8-byte big-endian member id + 4-byte big-endian
+/// alarm type → empty value.
+pub const ALARM_PREFIX: &str = "alarm/";

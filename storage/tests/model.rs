@@ -499,8 +499,11 @@ impl Model {
         match op {
             WriteOp::LeaseGrant(g, _) => self.grant(g).map(WriteResponse::LeaseGrant),
             WriteOp::LeaseRevoke(r) => self.revoke(r.id).map(WriteResponse::LeaseRevoke),
-            WriteOp::LeaseCheckpoint(..) | WriteOp::SetMember(_) | WriteOp::RemoveMember(_) => {
-                unreachable!("the generator makes no checkpoints or member records")
+            WriteOp::LeaseCheckpoint(..)
+            | WriteOp::SetMember(_)
+            | WriteOp::RemoveMember(_)
+            | WriteOp::Alarm(_) => {
+                unreachable!("the generator makes no checkpoints, member records or alarms")
             }
             WriteOp::Put(p) => self.put(p).map(WriteResponse::Put),
             WriteOp::DeleteRange(d) => Ok(WriteResponse::DeleteRange(self.delete(d))),
@@ -850,7 +853,8 @@ fn resolve_op(op: &mut WriteOp, m: &Model) {
         | WriteOp::LeaseRevoke(_)
         | WriteOp::LeaseCheckpoint(..)
         | WriteOp::SetMember(_)
-        | WriteOp::RemoveMember(_) => {}
+        | WriteOp::RemoveMember(_)
+        | WriteOp::Alarm(_) => {}
     }
 }
 

@@ -104,10 +104,16 @@ impl EtcdProcess {
     /// Starts etcd on fresh loopback ports and waits (bounded by [`STARTUP_TIMEOUT`]) until it
     /// serves a linearizable read.
     pub async fn start() -> anyhow::Result<EtcdProcess> {
+        Self::start_with_flags(&[]).await
+    }
+
+    /// Like [`EtcdProcess::start`], with extra command-line flags (e.g.
+    /// `["--quota-backend-bytes", "1"]`).
+    pub async fn start_with_flags(flags: &[&str]) -> anyhow::Result<EtcdProcess> {
         let bin = etcd_bin()?;
         let mut last_err = None;
         for attempt in 1..=START_ATTEMPTS {
-            match Self::start_once(&bin).await {
+            match Self::start_once(&bin, flags).await {
                 Ok(p) => return Ok(p),
                 Err(e) => {
                     tracing::warn!("etcd start attempt {attempt} failed: {e:#}");
@@ -118,7 +124,7 @@ impl EtcdProcess {
         Err(last_err.unwrap_or_else(|| anyhow!("etcd did not start")))
     }
 
-    async fn start_once(bin: &Path) -> anyhow::Result<EtcdProcess> {
+    async fn start_once(bin: &Path, flags: &[&str]) -> anyhow::Result<EtcdProcess> {
         let dir = tempfile::Builder::new()
             .prefix("fetcd-tests-etcd-")
             .tempdir()
@@ -162,6 +168,7 @@ impl EtcdProcess {
             .arg("zap")
             .arg("--log-outputs")
             .arg("stderr")
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

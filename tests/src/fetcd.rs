@@ -5,6 +5,7 @@
 //! `EtcdServer::client_url()`, `EtcdServer::shutdown()`.
 
 use anyhow::{anyhow, Context};
+use clap::Parser;
 use etcd_client::Client;
 use fetcd_server::{Config, EtcdServer};
 use tempfile::TempDir;
@@ -20,11 +21,24 @@ pub struct FetcdInstance {
 /// Starts fetcd on a free loopback port (port 0) in a fresh temp dir and waits (bounded) until
 /// it serves a linearizable read.
 pub async fn start_fetcd() -> anyhow::Result<FetcdInstance> {
+    start_fetcd_with_flags(&[]).await
+}
+
+/// Like [`start_fetcd`], with extra etcd-style flags (parsed as the `fetcd` binary would).
+pub async fn start_fetcd_with_flags(flags: &[&str]) -> anyhow::Result<FetcdInstance> {
     let dir = tempfile::Builder::new()
         .prefix("fetcd-tests-fetcd-")
         .tempdir()
         .context("creating fetcd temp dir")?;
-    let config = Config::for_test(dir.path().join("data"));
+    let mut config = Config::for_test(dir.path().join("data"));
+    if !flags.is_empty() {
+        let for_test = config;
+        config = Config::try_parse_from(std::iter::once("fetcd").chain(flags.iter().copied()))
+            .map_err(|e| anyhow!("fetcd flags {flags:?}: {e}"))?;
+        config.data_dir = for_test.data_dir;
+        config.listen_client_urls = for_test.listen_client_urls;
+        config.advertise_client_urls = for_test.advertise_client_urls;
+    }
     let server = EtcdServer::start(config)
         .await
         .map_err(|e| anyhow!("fetcd failed to start: {e}"))?;

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::diff::{compare_observations, render_transcript};
 use crate::etcdctl::{normalize, run_etcdctl, EtcdctlOutput};
 use crate::observe::{self, Observation};
-use crate::target::{start_pair, Target};
+use crate::target::Target;
 
 /// Set to `1` to print both full transcripts (run with `--nocapture`).
 pub const VERBOSE_ENV: &str = "FETCD_TESTS_VERBOSE";
@@ -192,16 +192,28 @@ impl Session {
     }
 }
 
-/// Starts a fresh reference etcd and a fresh candidate (see [`start_pair`]), runs `scenario`
+/// Starts a fresh reference etcd and a fresh candidate (see [`crate::target::start_pair`]), runs `scenario`
 /// against both concurrently, stops them, and fails with a readable diff if the transcripts
 /// differ, or if the scenario's own absolute checks failed on either server.
 pub async fn run_differential<F>(name: &str, scenario: F) -> anyhow::Result<()>
 where
     F: AsyncFn(&mut Session) -> anyhow::Result<()>,
 {
+    run_differential_with_flags(name, &[], scenario).await
+}
+
+/// Like [`run_differential`], both servers started with the same extra etcd-style flags.
+pub async fn run_differential_with_flags<F>(
+    name: &str,
+    flags: &[&str],
+    scenario: F,
+) -> anyhow::Result<()>
+where
+    F: AsyncFn(&mut Session) -> anyhow::Result<()>,
+{
     crate::init_tracing();
     let started = Instant::now();
-    let (reference, candidate) = start_pair().await?;
+    let (reference, candidate) = crate::target::start_pair_with_flags(flags).await?;
     let boot = started.elapsed();
     let result = run_on_targets(name, &reference, &candidate, scenario).await;
     let ref_log = reference.log_tail(30);

@@ -32,11 +32,20 @@ impl TargetKind {
 
     /// Starts a fresh server of this kind (fresh data dir, revision 1).
     pub async fn start(self, label: impl Into<String>) -> anyhow::Result<Target> {
+        self.start_with_flags(label, &[]).await
+    }
+
+    /// Like [`TargetKind::start`], with extra etcd-style flags given to either kind.
+    pub async fn start_with_flags(
+        self,
+        label: impl Into<String>,
+        flags: &[&str],
+    ) -> anyhow::Result<Target> {
         let label = label.into();
         let inner = match self {
-            TargetKind::Etcd => Inner::Etcd(EtcdProcess::start().await?),
+            TargetKind::Etcd => Inner::Etcd(EtcdProcess::start_with_flags(flags).await?),
             #[cfg(feature = "fetcd")]
-            TargetKind::Fetcd => Inner::Fetcd(crate::fetcd::start_fetcd().await?),
+            TargetKind::Fetcd => Inner::Fetcd(crate::fetcd::start_fetcd_with_flags(flags).await?),
             #[cfg(not(feature = "fetcd"))]
             TargetKind::Fetcd => bail!(
                 "the fetcd target needs the `fetcd` cargo feature: \
@@ -120,14 +129,19 @@ impl Target {
 /// Starts the reference (always real etcd) and the candidate ([`TargetKind::candidate`])
 /// concurrently. Labels: `etcd` and `fetcd`, or `etcd` and `etcd2`.
 pub async fn start_pair() -> anyhow::Result<(Target, Target)> {
+    start_pair_with_flags(&[]).await
+}
+
+/// Like [`start_pair`], both servers started with the same extra flags.
+pub async fn start_pair_with_flags(flags: &[&str]) -> anyhow::Result<(Target, Target)> {
     let candidate = TargetKind::candidate()?;
     let candidate_label = match candidate {
         TargetKind::Etcd => "etcd2",
         TargetKind::Fetcd => "fetcd",
     };
     let (reference, candidate) = tokio::join!(
-        TargetKind::Etcd.start("etcd"),
-        candidate.start(candidate_label)
+        TargetKind::Etcd.start_with_flags("etcd", flags),
+        candidate.start_with_flags(candidate_label, flags)
     );
     Ok((reference?, candidate?))
 }

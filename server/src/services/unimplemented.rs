@@ -1,10 +1,7 @@
-//! The services whose issues have not landed yet. Every RPC answers gRPC `Unimplemented` with
+//! The services whose issues have not landed yet (Cluster, Auth). Every RPC answers gRPC `Unimplemented` with
 //! the RPC's name — never a fake success a client could mistake for etcd's answer.
 
-use std::pin::Pin;
-
 use fetcd_proto::etcdserverpb as pb;
-use futures::Stream;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
@@ -12,8 +9,6 @@ use tonic::Status;
 /// A service with no implemented RPC yet.
 #[derive(Debug, Clone, Default)]
 pub struct Unimplemented;
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn unimplemented(rpc: &str) -> Status {
     Status::unimplemented(format!("fetcd: {rpc} is not implemented yet"))
@@ -34,26 +29,6 @@ macro_rules! unimplemented_service {
             )*
         }
     };
-}
-
-unimplemented_service! {
-    pb::maintenance_server::Maintenance {
-        type SnapshotStream = BoxStream<pb::SnapshotResponse>;
-
-        async fn snapshot(
-            &self,
-            _: Request<pb::SnapshotRequest>,
-        ) -> Result<Response<Self::SnapshotStream>, Status> {
-            Err(unimplemented("Snapshot"))
-        }
-    }
-    alarm(AlarmRequest) -> AlarmResponse;
-    status(StatusRequest) -> StatusResponse;
-    defragment(DefragmentRequest) -> DefragmentResponse;
-    hash(HashRequest) -> HashResponse;
-    hash_kv(HashKvRequest) -> HashKvResponse;
-    move_leader(MoveLeaderRequest) -> MoveLeaderResponse;
-    downgrade(DowngradeRequest) -> DowngradeResponse;
 }
 
 unimplemented_service! {

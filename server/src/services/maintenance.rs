@@ -1,0 +1,251 @@
+//! etcd's Maintenance service. Every answer comes from this member's own state (its store, its
+//! Raft metrics, its disk), as etcd's do, so it works unchanged once there are several members.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use fetcd_proto::etcdserverpb as pb;
+use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
+use fetcd_proto::etcdserverpb::maintenance_server::Maintenance;
+use fetcd_proto::etcdserverpb::AlarmType;
+use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::status as msg;
+use fetcd_raft::maintenance::TransferError;
+use fetcd_storage::WriteResponse;
+use futures::Stream;
+use tonic::Request as GrpcRequest;
+use tonic::Response;
+use tonic::Status;
+
+use crate::node::EtcdNode;
+use crate::snapshot;
+use crate::status;
+use crate::version;
+
+/// Size of one `SnapshotResponse.blob`, as etcd (32 KiB).
+const SNAPSHOT_CHUNK: usize = 32 * 1024;
+/// How long a `dbSizeInUse` estimate is reused: it reads every record of the store.
+const IN_USE_CACHE: Duration = Duration::from_secs(5);
+
+/// The Maintenance service of one member.
+#[derive(Debug, Clone)]
+pub struct MaintenanceService {
+    node: Arc<EtcdNode>,
+    in_use: Arc<Mutex<Option<(Instant, u64)>>>,
+}
+
+impl MaintenanceService {
+    /// A Maintenance service over `node`.
+    pub fn new(node: Arc<EtcdNode>) -> Self {
+        MaintenanceService {
+            node,
+            in_use: Arc::default(),
+        }
+    }
+
+    /// Live bytes of the store, estimated at most [`IN_USE_CACHE`] ago.
+    async fn db_size_in_use(&self) -> Result<u64, Status> {
+        if let Some((at, n)) = *self.in_use.lock().unwrap_or_else(|p| p.into_inner()) {
+            if at.elapsed() < IN_USE_CACHE {
+                return Ok(n);
+            }
+        }
+        let store = self.node.store().clone();
+        let n = tokio::task::spawn_blocking(move || store.live_bytes())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
+            .map_err(|e| status::storage_error(&e))?;
+        *self.in_use.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
+        Ok(n)
+    }
+
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        let mut h = None;
+        self.node.fill_header(&mut h);
+        h
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn join_error(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("etcdserver: {e}"))
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    type SnapshotStream = BoxStream<pb::SnapshotResponse>;
+
+    /// GET answers from this member's alarm set (after a read barrier, so it includes every
+    /// alarm committed before the call); ACTIVATE and DEACTIVATE go through Raft and answer
+    /// with the alarm if it changed, as etcd.
+    async fn alarm(
+        &self,
+        req: GrpcRequest<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
+        let r = req.into_inner();
+        let mut resp = match AlarmAction::try_from(r.action) {
+            Ok(AlarmAction::Get) => {
+                self.node.read_barrier(false).await?;
+                let t = AlarmType::try_from(r.alarm).unwrap_or(AlarmType::None);
+                pb::AlarmResponse {
+                    header: None,
+                    alarms: self.node.store().alarms(t),
+                }
+            }
+            Ok(AlarmAction::Activate) | Ok(AlarmAction::Deactivate) => {
+                match self.node.write(Request::Alarm(r)).await? {
+                    WriteResponse::Alarm(a) => a,
+                    _ => return Err(Status::internal("etcdserver: unexpected answer to alarm")),
+                }
+            }
+            Err(_) => return Err(Status::invalid_argument("etcdserver: unknown alarm action")),
+        };
+        resp.header = None;
+        self.node.fill_header(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn status(
+        &self,
+        _: GrpcRequest<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let raft = self.node.raft();
+        let st = raft.raft_status();
+        let errors = self
+            .node
+            .store()
+            .alarms(AlarmType::None)
+            .iter()
+            .map(fetcd_storage::alarm_text)
+            .collect();
+        let resp = pb::StatusResponse {
+            header: self.header(),
+            version: version::ETCD_SERVER_VERSION.into(),
+            db_size: self.node.quota().db_size(raft) as i64,
+            leader: st.leader,
+            raft_index: st.last_log_index,
+            raft_term: st.term,
+            raft_applied_index: st.applied_index,
+            errors,
+            db_size_in_use: self.db_size_in_use().await? as i64,
+            is_learner: st.is_learner,
+            ..Default::default()
+        };
+        Ok(Response::new(resp))
+    }
+
+    /// sled has no defragmentation (it reuses freed space itself and cannot be asked to give
+    /// file space back), so this flushes the store's buffers and reports success, which is what
+    /// the call guarantees in etcd too: afterwards the member serves the same data.
+    async fn defragment(
+        &self,
+        _: GrpcRequest<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        tracing::info!("starting defragment (sled: flush only)");
+        let store = self.node.store().clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(join_error)?
+            .map_err(|e| status::storage_error(&e))?;
+        tracing::info!("finished defragment");
+        Ok(Response::new(pb::DefragmentResponse { header: None }))
+    }
+
+    async fn hash(
+        &self,
+        _: GrpcRequest<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
+        let store = self.node.store().clone();
+        let hash = tokio::task::spawn_blocking(move || store.hash_all())
+            .await
+            .map_err(join_error)?
+            .map_err(|e| status::storage_error(&e))?;
+        Ok(Response::new(pb::HashResponse {
+            header: self.header(),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: GrpcRequest<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
+        let rev = req.into_inner().revision;
+        let store = self.node.store().clone();
+        let h = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| status::storage_error(&e))?
+            .map_err(|e| status::kv_error(&e))?;
+        let mut header = Some(pb::ResponseHeader {
+            revision: h.current_revision,
+            ..Default::default()
+        });
+        self.node.fill_header(&mut header);
+        Ok(Response::new(pb::HashKvResponse {
+            header,
+            hash: h.hash,
+            compact_revision: h.compact_revision,
+            hash_revision: h.hash_revision,
+        }))
+    }
+
+    /// Streams one consistent copy of the store (see [`crate::snapshot`]) in 32 KiB chunks. The
+    /// copy is built in memory first, holding the store's writer only while exporting.
+    async fn snapshot(
+        &self,
+        _: GrpcRequest<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let store = self.node.store().clone();
+        let bytes = tokio::task::spawn_blocking(move || snapshot::build(&store))
+            .await
+            .map_err(join_error)?
+            .map_err(|e| Status::internal(format!("etcdserver: snapshot: {e}")))?;
+        let header = self.header();
+        let total = bytes.len();
+        tracing::info!(bytes = total, "sending snapshot");
+        let chunks: Vec<Result<pb::SnapshotResponse, Status>> = bytes
+            .chunks(SNAPSHOT_CHUNK)
+            .scan(total, |remaining, chunk| {
+                *remaining -= chunk.len();
+                Some(Ok(pb::SnapshotResponse {
+                    header,
+                    remaining_bytes: *remaining as u64,
+                    blob: chunk.to_vec(),
+                    version: version::ETCD_SERVER_VERSION.into(),
+                }))
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn move_leader(
+        &self,
+        req: GrpcRequest<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        match self.node.raft().transfer_leader(target).await {
+            Ok(()) => Ok(Response::new(pb::MoveLeaderResponse {
+                header: self.header(),
+            })),
+            Err(TransferError::NotLeader) => Err(Status::failed_precondition(msg::ERR_NOT_LEADER)),
+            Err(TransferError::BadTransferee) => {
+                Err(Status::failed_precondition(msg::ERR_BAD_LEADER_TRANSFEREE))
+            }
+            Err(e @ TransferError::Unsupported) => {
+                Err(Status::unimplemented(format!("fetcd: {e}")))
+            }
+        }
+    }
+
+    async fn downgrade(
+        &self,
+        _: GrpcRequest<pb::DowngradeRequest>,
+    ) -> Result<Response<pb::DowngradeResponse>, Status> {
+        Err(Status::unimplemented("fetcd: Downgrade is not implemented"))
+    }
+}
