@@ -30,6 +30,11 @@ pub(crate) enum Workload {
     LeaseKeepalive,
     /// Grant a lease, then revoke it; an op is the pair.
     LeaseGrantRevoke,
+    /// Mass expiry: `--total` leases of `--lease-ttl` seconds with one key each are granted,
+    /// then left to expire while one writer keeps putting; ops are that writer's puts, so the
+    /// latency percentiles and max are the write stall expiry causes. Reports how long after the
+    /// deadline the last key was gone.
+    LeaseExpiry,
     /// A replay of kube-apiserver's request mix on `/registry/...`: paginated lists, gets, CAS
     /// updates, event creates with shared leases, counts, health reads, plus one watch per
     /// resource prefix and a compactor in the background.

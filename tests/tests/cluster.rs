@@ -460,3 +460,47 @@ async fn member_list_add_learner_snapshot_catch_up_promote_remove() -> Result<()
     ensure!(list.members().len() == 3 && list.members().iter().all(|m| m.id() != new_id));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hash_kv_and_status_agree_across_members() -> Result<()> {
+    let c = Cluster::start(3).await?;
+    let mut cl = c.client(1).await?;
+    for i in 0..100 {
+        cl.put(format!("h/{}", i % 17), format!("{i}"), None)
+            .await?;
+    }
+    cl.delete("h/3", None).await?;
+    let rev = rev(cl.get("h/0", None).await?.header());
+    cl.compact(rev - 10, None).await?;
+    let mut hashes = Vec::new();
+    let mut leaders = Vec::new();
+    for i in 0..3 {
+        let mut m = c.client(i).await?;
+        // Each member answers from its own store: wait until it applied the compaction.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let h = loop {
+            let h = m.hash_kv(rev).await?;
+            if h.compact_version() == rev - 10 {
+                break h;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "member {i} never compacted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        hashes.push(h.hash());
+        let s = m.status().await?;
+        leaders.push(s.leader());
+        ensure!(s.raft_index() >= s.raft_applied_index() || s.raft_applied_index() > 0);
+    }
+    ensure!(
+        hashes.windows(2).all(|w| w[0] == w[1]),
+        "hashes differ: {hashes:?}"
+    );
+    ensure!(
+        leaders.windows(2).all(|w| w[0] == w[1]) && leaders[0] != 0,
+        "leaders {leaders:?}"
+    );
+    Ok(())
+}

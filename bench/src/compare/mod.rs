@@ -35,6 +35,7 @@ const STANDARD: &[(&str, &str, &str, u64)] = &[
     ("watch-latency", "watch-latency, 100 watchers, 100 puts/s", "watch-latency --watchers 100 --val-size 256", 1_000),
     ("lease-keepalive", "lease keepalive, 64 streams", "lease-keepalive --clients 64 --conns 8", 30_000),
     ("lease-grant-revoke", "lease grant+revoke, 64 clients", "lease-grant-revoke --clients 64 --conns 8", 10_000),
+    ("lease-expiry", "10,000 leases expiring (writer latency)", "lease-expiry --clients 32 --conns 8 --lease-ttl 5", 10_000),
     ("kube", "kube-apiserver mix, 32 clients", "kube --clients 32 --conns 8 --kube-objects 1000", 20_000),
 ];
 
@@ -46,6 +47,8 @@ enum Metric {
     Throughput,
     P50,
     P99,
+    /// The slowest successful op (a stall).
+    Max,
     /// Peak RSS after the load case.
     Rss,
     /// Restart time with the load case's keys.
@@ -133,6 +136,13 @@ const TARGETS: &[Target] = &[
         goal: 2.0,
     },
     Target {
+        label: "lease expiry: writer max stall",
+        case: "lease-expiry",
+        metric: Metric::Max,
+        better: Better::Lower,
+        goal: 1.0,
+    },
+    Target {
         label: "kube mix: throughput",
         case: "kube",
         metric: Metric::Throughput,
@@ -197,6 +207,7 @@ impl CaseResult {
                 Metric::Throughput => r.ops_per_sec,
                 _ if r.latency.count() == 0 => f64::NAN,
                 Metric::P50 => r.p_ms(0.50),
+                Metric::Max => r.latency.max_ms(),
                 _ => r.p_ms(0.99),
             })
             .collect()

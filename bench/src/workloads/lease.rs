@@ -107,3 +107,102 @@ pub(crate) async fn run(args: &Args, workload: Workload, ui: &Ui) -> anyhow::Res
         rec,
     ))
 }
+
+/// `lease-expiry`: grant `--total` leases with one key each, let them all expire while one
+/// writer keeps putting, and measure the writer's latency and when the last key was gone.
+pub(crate) async fn expiry(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
+    use anyhow::Context;
+    use etcd_client::GetOptions;
+    use etcd_client::PutOptions;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let conns = connect_all(&args.endpoints, args.conns).await?;
+    let prefix = "fetcd-bench/lease-expiry/";
+    let total = args.total;
+    let pb = ui.bar(total, "lease-expiry: grant");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let grants_started = Instant::now();
+    for c in 0..args.clients.max(1) {
+        let mut client = conns[c % conns.len()].clone();
+        let next = next.clone();
+        let ttl = args.lease_ttl;
+        let pb = pb.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(());
+                }
+                let lease = client.lease_grant(ttl, None).await?.id();
+                client
+                    .put(
+                        format!("{prefix}{i:08}"),
+                        "v",
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+                pb.inc(1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.context("grant task")??;
+    }
+    pb.finish_and_clear();
+    // The earliest any lease can expire, and the latest by its TTL.
+    let deadline = grants_started + Duration::from_secs(args.lease_ttl.max(0) as u64);
+    let mut writer = conns[0].clone();
+    let mut watcher = conns[conns.len() - 1].clone();
+    let mut rec = Recorder::default();
+    let started = Instant::now();
+    let mut gone_at = None;
+    let mut last_count_check = Instant::now() - Duration::from_secs(1);
+    let give_up = Instant::now() + Duration::from_secs(args.lease_ttl.max(0) as u64 + 120);
+    let mut i = 0u64;
+    while Instant::now() < give_up {
+        let t = Instant::now();
+        let r = writer
+            .put("fetcd-bench/lease-expiry-probe", format!("{i}"), None)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from);
+        rec.op(t.elapsed(), r);
+        i += 1;
+        if last_count_check.elapsed() >= Duration::from_millis(100) {
+            last_count_check = Instant::now();
+            let n = watcher
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?
+                .count();
+            if n == 0 {
+                gone_at = Some(Instant::now());
+                break;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut report = Report::from_recorder("lease-expiry".into(), 1, i, elapsed.as_secs_f64(), rec);
+    match gone_at {
+        Some(at) => {
+            let late = at.saturating_duration_since(deadline).as_secs_f64();
+            report.extra.insert("leases".into(), total.into());
+            report
+                .extra
+                .insert("all_gone_after_deadline_s".into(), late.into());
+            report.note = Some(format!(
+                "{total} leases: last key gone {late:.2} s after the TTL deadline; \
+                 writer max latency {:.1} ms",
+                report.latency.max_ms()
+            ));
+        }
+        None => anyhow::bail!("leased keys still present {give_up:?} after the deadline"),
+    }
+    Ok(report)
+}
