@@ -33,3 +33,17 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+# ---------------------------------------------------------------------------------------------
+# The docker-compose cluster: the offline image build (a release build of fetcd-server, then a
+# FROM-scratch image), three members in containers, a leader killed and restarted. It needs a
+# Docker engine with compose (v2 plugin or v1 docker-compose); without the docker command at all
+# it is skipped, loudly. Anything else missing fails the run.
+echo "==> compose cluster test (tests/compose/compose-test.sh)"
+if command -v docker >/dev/null 2>&1; then
+  ./tests/compose/compose-test.sh
+else
+  echo "##############################################################################" >&2
+  echo "## SKIPPED: tests/compose/compose-test.sh — no 'docker' command on this machine" >&2
+  echo "##############################################################################" >&2
+fi
