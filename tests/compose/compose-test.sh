@@ -161,13 +161,32 @@ cluster_ids=$(for n in 1 2 3; do ctl "${ports[$n]}" get /compose/k -w json | gre
 [ "$(wc -l <<<"$cluster_ids")" = 1 ] || fail "members disagree on the cluster id: $cluster_ids"
 step_done
 
-# TODO(cluster service): once Cluster.MemberList is implemented, check the membership:
-#   [ "$(ctl "$FETCD1_PORT" member list | wc -l)" = 3 ] || fail "member list does not show 3 members"
-# TODO(maintenance service): once Maintenance.Status / HashKV and /health are implemented:
-#   all="http://127.0.0.1:$FETCD1_PORT,http://127.0.0.1:$FETCD2_PORT,http://127.0.0.1:$FETCD3_PORT"
-#   "$etcdctl_bin" --endpoints="$all" endpoint health
-#   "$etcdctl_bin" --endpoints="$all" endpoint status -w table   # and take the leader from it
-#   curl -fsS "http://127.0.0.1:$FETCD1_PORT/health" | grep -q '"health":"true"'
+# etcdctl 3.4's per-endpoint commands send the endpoint as HTTP/2 :authority; give them host:port
+# (see README, Maintenance).
+all="127.0.0.1:$FETCD1_PORT,127.0.0.1:$FETCD2_PORT,127.0.0.1:$FETCD3_PORT"
+mctl() { "$etcdctl_bin" --endpoints="$all" --dial-timeout=2s --command-timeout=5s "$@"; }
+
+step "etcdctl: member list, endpoint health/status, alarm list, defrag, snapshot save; /health"
+# Members publish their names and client URLs once a leader is there.
+deadline=$((SECONDS + 30))
+until [ "$(ctl "$FETCD1_PORT" member list | grep -c ', started, fetcd[123], http://fetcd[123]:2380, http://fetcd[123]:2379, false$')" = 3 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "member list: $(ctl "$FETCD1_PORT" member list)"
+  sleep 0.5
+done
+health_out=$(mctl endpoint health 2>&1) || fail "endpoint health: $health_out"
+[ "$(grep -c 'is healthy: successfully committed proposal' <<<"$health_out")" = 3 ] || fail "endpoint health: $health_out"
+status=$(mctl endpoint status -w json) || fail "endpoint status failed"
+leaders=$(grep -oE '"leader":[0-9]+' <<<"$status" | sort -u | wc -l)
+[ "$leaders" = 1 ] || fail "members disagree on the leader: $status"
+[ "$(grep -oE '"version":"3\.5\.[0-9]+"' <<<"$status" | wc -l)" = 3 ] || fail "endpoint status version: $status"
+[ -z "$(ctl "$FETCD1_PORT" alarm list)" ] || fail "alarm list is not empty"
+defrag_out=$(mctl defrag 2>&1) || fail "defrag: $defrag_out"
+[ "$(grep -c '^Finished defragmenting etcd member' <<<"$defrag_out")" = 3 ] || fail "defrag: $defrag_out"
+snap=$(mktemp -d)/snap.db
+ctl "$FETCD2_PORT" snapshot save "$snap" >/dev/null 2>&1 || fail "snapshot save"
+[ -s "$snap" ] || fail "snapshot file is empty"
+curl -fsS "http://127.0.0.1:$FETCD3_PORT/health" | grep -q '"health":"true"' || fail "/health of fetcd3"
+step_done
 
 step "find the leader"
 leader=""
@@ -229,8 +248,15 @@ done
 wait_healthy 1 2 3
 step_done
 
-# TODO(maintenance service): every member's hash of the same revision must agree:
-#   "$etcdctl_bin" --endpoints="$all" endpoint hashkv -w json   # one distinct hash across the three
+step "endpoint hashkv: one hash on all three members"
+deadline=$((SECONDS + 30))
+while :; do
+  hashes=$(mctl endpoint hashkv -w json | grep -oE '"hash":[0-9]+' | sort -u)
+  [ "$(wc -l <<<"$hashes")" = 1 ] && break
+  [ "$SECONDS" -lt "$deadline" ] || fail "hashes differ: $hashes"
+  sleep 0.5
+done
+step_done
 
 step "down -v"
 compose down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1
