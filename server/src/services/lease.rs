@@ -315,6 +315,17 @@ impl LeasePeerService {
     pub fn new(node: Arc<EtcdNode>) -> Self {
         LeasePeerService { node }
     }
+
+    /// A follower may ask a fresh leader before its lessor is promoted (it first applies the log
+    /// of earlier terms): wait for that, bounded.
+    async fn wait_primary(&self) -> Result<(), Status> {
+        let lessor = self.node.lessor();
+        if lessor.is_primary() || lessor.wait_primary(PRIMARY_WAIT).await {
+            Ok(())
+        } else {
+            Err(not_primary())
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -324,6 +335,7 @@ impl LeasePeer for LeasePeerService {
         req: GrpcRequest<LeaseKeepAliveRequest>,
     ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
         let id = req.into_inner().id;
+        self.wait_primary().await?;
         let ttl = renew_local(&self.node, id).await?;
         Ok(Response::new(LeaseKeepAliveResponse {
             header: None,
@@ -336,9 +348,7 @@ impl LeasePeer for LeasePeerService {
         &self,
         req: GrpcRequest<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        if !self.node.lessor().is_primary() {
-            return Err(not_primary());
-        }
+        self.wait_primary().await?;
         Ok(Response::new(time_to_live_local(&self.node, req.get_ref())))
     }
 
@@ -346,9 +356,7 @@ impl LeasePeer for LeasePeerService {
         &self,
         _req: GrpcRequest<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        if !self.node.lessor().is_primary() {
-            return Err(not_primary());
-        }
+        self.wait_primary().await?;
         Ok(Response::new(leases_local(&self.node)))
     }
 }
