@@ -544,6 +544,9 @@ async fn submit(
             };
         }
         let addr = peer_addr(raft, leader).ok_or(ProposeError::NoLeader)?;
+        // A copy, so a member that no longer leads (a stale view during an election) can be
+        // answered by forwarding again instead of failing the whole batch; it costs about what
+        // encoding the batch for the wire costs.
         match shared.network.forward(&addr, batch.clone()).await {
             Ok(Ok((index, resp))) => {
                 wait_applied(raft, index).await?;
