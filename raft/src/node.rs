@@ -341,6 +341,11 @@ impl RaftNode {
         self.raft.metrics().borrow().current_term
     }
 
+    /// `--election-timeout`: how long a member may go without hearing from a leader.
+    pub fn election_timeout(&self) -> Duration {
+        self.config.election_timeout
+    }
+
     /// The current leader, if known.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader

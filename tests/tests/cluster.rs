@@ -504,3 +504,53 @@ async fn hash_kv_and_status_agree_across_members() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_requiring_a_leader_is_canceled_when_the_member_loses_it() -> Result<()> {
+    use fetcd_proto::etcdserverpb::watch_request::RequestUnion;
+    use fetcd_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+    let mut c = Cluster::start(3).await?;
+    let open = |url: String, require_leader: bool| async move {
+        let mut client = fetcd_tests::watch::raw_client(&url).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: b"hl".to_vec(),
+                ..Default::default()
+            })),
+        })?;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+        if require_leader {
+            req.metadata_mut().insert("hasleader", "true".parse()?);
+        }
+        let mut stream = client.watch(req).await?.into_inner();
+        let created = stream.message().await?.context("no created response")?;
+        ensure!(created.created);
+        anyhow::Ok((tx, stream))
+    };
+    let (_t1, mut strict) = open(c.client_url(0), true).await?;
+    let (_t2, mut relaxed) = open(c.client_url(0), false).await?;
+    // Member 0 alone: it has no leader any more.
+    c.stop(1).await?;
+    c.stop(2).await?;
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(20), strict.message())
+        .await
+        .context("the hasleader stream was not canceled within 20 s")?;
+    let status = end.expect_err("the stream must end with an error");
+    ensure!(
+        status.code() == tonic::Code::Unavailable && status.message() == "etcdserver: no leader",
+        "{status:?}"
+    );
+    // The stream without the requirement stays open.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), relaxed.message()).await;
+    ensure!(
+        quiet.is_err(),
+        "the watch without hasleader ended: {quiet:?}"
+    );
+    eprintln!(
+        "hasleader stream canceled {:?} after losing quorum",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -210,6 +210,13 @@ impl Watch for WatchService {
             catch_up: self.catch_up.clone(),
         });
         let requests = req.into_inner();
+        if require_leader {
+            tokio::spawn(monitor_leader(
+                ctx.clone(),
+                out_tx.clone(),
+                self.stop.clone(),
+            ));
+        }
         tokio::spawn(recv_loop(
             ctx.clone(),
             requests,
@@ -226,6 +233,44 @@ impl Watch for WatchService {
         ));
         let out = tokio_stream::wrappers::ReceiverStream::new(out_rx);
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Leader checks without a leader after which a `hasleader` stream is canceled (etcd's
+/// `maxNoLeaderCnt`).
+const MAX_NO_LEADER_CHECKS: u32 = 3;
+
+/// For a stream opened with `hasleader: true` (clientv3's `WithRequireLeader`): once this member
+/// has seen no leader for three election timeouts in a row, end the stream with etcd's
+/// `etcdserver: no leader`, so the client reconnects elsewhere instead of waiting on a member
+/// cut off from the cluster (etcd's `monitorLeader`).
+async fn monitor_leader(
+    ctx: Arc<StreamCtx>,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = ctx.node.raft().election_timeout();
+    let mut misses = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = out.closed() => return,
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if ctx.node.raft().leader().is_some() {
+            misses = 0;
+            continue;
+        }
+        misses += 1;
+        if misses >= MAX_NO_LEADER_CHECKS {
+            tracing::info!(
+                stream = ctx.id,
+                "no leader: canceling a watch stream that requires one"
+            );
+            ctx.node.store().cancel_watch_stream(ctx.id);
+            let _ = out.send(Err(Status::unavailable(msg::ERR_NO_LEADER))).await;
+            return;
+        }
     }
 }
 
