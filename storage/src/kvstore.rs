@@ -78,6 +78,11 @@ use crate::KvError;
 use crate::Result;
 use crate::StorageError;
 
+/// sled's page cache. Its default (1 GiB) is what made fetcd's memory grow with the data: the
+/// key index is in memory anyway and a Range reads few values, so a modest cache plus the OS page
+/// cache serve reads as well.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// How many `key` tree deletions physical compaction puts in one sled batch.
 const COMPACTION_BATCH: usize = 10_000;
 
@@ -199,7 +204,11 @@ impl KvStore {
     pub fn open_path(path: &std::path::Path) -> Result<Self> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match sled::Config::new().path(path).open() {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => return Self::open(db),
                 // sled reports it as ErrorKind::Other with this text only.
                 Err(sled::Error::Io(e))
