@@ -341,6 +341,21 @@ impl RaftNode {
         self.raft.metrics().borrow().current_term
     }
 
+    /// True if this member knows a leader that can still lead: another member it follows, or
+    /// itself with a quorum confirming that within `timeout` (a leader cut off from the others
+    /// keeps its role in openraft, but must not count as one; etcd's check-quorum steps it down).
+    pub async fn has_live_leader(&self, timeout: Duration) -> bool {
+        match self.leader() {
+            None => false,
+            Some(l) if l == self.config.node_id => {
+                // Confirms leadership with a quorum (the first step of a read index).
+                let confirm = self.raft.get_read_log_id();
+                matches!(tokio::time::timeout(timeout, confirm).await, Ok(Ok(_)))
+            }
+            Some(_) => true,
+        }
+    }
+
     /// `--election-timeout`: how long a member may go without hearing from a leader.
     pub fn election_timeout(&self) -> Duration {
         self.config.election_timeout

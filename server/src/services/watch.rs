@@ -257,7 +257,7 @@ async fn monitor_leader(
             _ = out.closed() => return,
             _ = stop.wait_for(|s| *s) => return,
         }
-        if ctx.node.raft().leader().is_some() {
+        if ctx.node.raft().has_live_leader(period).await {
             misses = 0;
             continue;
         }
