@@ -274,19 +274,9 @@ impl RaftNode {
 
     /// Waits until some member leads, up to `timeout`.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, ProposeError> {
-        let mut rx = self.raft.metrics();
-        let res = tokio::time::timeout(timeout, async {
-            loop {
-                if let Some(l) = rx.borrow().current_leader {
-                    return Ok(l);
-                }
-                if rx.changed().await.is_err() {
-                    return Err(ProposeError::Stopped("raft metrics closed".into()));
-                }
-            }
-        })
-        .await;
-        res.unwrap_or(Err(ProposeError::NoLeader))
+        tokio::time::timeout(timeout, leader_of(&self.raft))
+            .await
+            .unwrap_or(Err(ProposeError::NoLeader))
     }
 
     /// Proposes `req` and returns the state machine's answer once it is applied here. Requests
