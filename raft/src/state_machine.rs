@@ -2,7 +2,8 @@
 //! snapshots.
 //!
 //! The applied marker (last applied log id + last membership) is the store's opaque "consistent
-//! index": the store writes it in the same sled transaction as the data each entry produced, so
+//! index": the store writes it in the same sled transaction as the data the entries up to it
+//! produced (applies are grouped into sled transactions off the apply path), so
 //! after a crash the marker never claims more or less than what is stored. sled may lose its last
 //! writes on a crash (it does not fsync); the marker then lags and openraft re-applies the tail
 //! of the (fdatasynced) Raft log.

@@ -41,6 +41,9 @@ pub enum StorageError {
     /// Bytes on disk that this crate cannot have written.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// An earlier group of applied writes could not be written to sled (see the persister).
+    #[error("kv store write failed: {0}")]
+    Persist(String),
     /// I/O outside sled (snapshot files).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -112,6 +112,8 @@ impl KvStore {
         let mut h = Crc32c::new();
         h.update(schema::KEY_TREE.as_bytes());
         let end = Revision::main_start_bytes(at.saturating_add(1));
+        // Revisions up to `at` may still be queued for sled.
+        self.persister.barrier()?;
         for item in self.key_tree.range(..end) {
             let (k, v) = item?;
             let (r, _) = Revision::from_bytes(&k)

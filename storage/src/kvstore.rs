@@ -11,7 +11,10 @@
 //!
 //! Invariants (etcd bug 13766 came from breaking the first two):
 //! 1. The consistent index is written atomically with the data it produced.
-//! 2. The in-memory key index and current revision change only after that sled write succeeded.
+//! 2. The in-memory key index and current revision change only after the write is queued for
+//!    sled (see [`crate::persister`]): its records are readable from then on, and sled receives
+//!    them in one transaction per group of applies, with the newest consistent index of the group.
+//!    What readers see may be ahead of sled, never ahead of the Raft log it was applied from.
 //! 3. Every request is checked completely before anything is written, so a refused request leaves
 //!    no trace.
 //! 4. The in-memory index is derived state: [`KvStore::open`] rebuilds it from the `key` tree.
@@ -53,9 +56,7 @@ use fetcd_proto::mvccpb::event::EventType;
 use fetcd_proto::mvccpb::Event;
 use fetcd_proto::mvccpb::KeyValue;
 use prost::Message;
-use sled::transaction::ConflictableTransactionError;
-use sled::transaction::TransactionError;
-use sled::Transactional;
+use sled::IVec;
 
 use crate::alarm;
 use crate::alarm::AlarmSet;
@@ -66,6 +67,9 @@ use crate::lease::Lease;
 use crate::lease::LeaseIndex;
 use crate::lease::LeaseStamp;
 use crate::ops;
+use crate::persister::Persister;
+use crate::persister::Trees;
+use crate::persister::WriteSet;
 use crate::revision::Revision;
 use crate::schema;
 use crate::watch::CatchUp;
@@ -167,6 +171,15 @@ pub struct KvStore {
     hub: WatchHub,
     /// Active alarms, changed only after the sled write that stored them.
     alarms: RwLock<AlarmSet>,
+    /// Writes committed write transactions to sled in groups, off the apply path.
+    pub(crate) persister: Arc<Persister>,
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        // Writes what is still queued and lets go of the trees (and so of sled's file lock).
+        self.persister.stop();
+    }
 }
 
 impl std::fmt::Debug for KvStore {
@@ -182,6 +195,11 @@ impl KvStore {
         let key_tree = db.open_tree(schema::KEY_TREE)?;
         let meta_tree = db.open_tree(schema::META_TREE)?;
         let lease_tree = db.open_tree(schema::LEASE_TREE)?;
+        let persister = Persister::start(Trees {
+            key: key_tree.clone(),
+            meta: meta_tree.clone(),
+            lease: lease_tree.clone(),
+        })?;
         let store = KvStore {
             db,
             key_tree,
@@ -191,6 +209,7 @@ impl KvStore {
             writer: Mutex::new(()),
             hub: WatchHub::default(),
             alarms: RwLock::new(AlarmSet::new()),
+            persister,
         };
         store.restore()?;
         Ok(store)
@@ -307,6 +326,7 @@ impl KvStore {
 
     /// The consistent index last written with data: the Raft layer's opaque applied marker.
     pub fn consistent_index(&self) -> Result<Option<Vec<u8>>> {
+        self.persister.barrier()?;
         Ok(self
             .meta_tree
             .get(schema::CONSISTENT_INDEX)?
@@ -342,6 +362,7 @@ impl KvStore {
 
     /// Every member's recorded name and URLs, in id order.
     pub fn members(&self) -> Result<Vec<Member>> {
+        self.persister.barrier()?;
         let mut out = Vec::new();
         for item in self.meta_tree.scan_prefix(schema::MEMBER_PREFIX) {
             let (_, v) = item?;
@@ -363,7 +384,7 @@ impl KvStore {
     pub fn range(&self, req: &RangeRequest) -> Result<std::result::Result<RangeResponse, KvError>> {
         let view = CommittedView {
             st: self.read_index(),
-            key_tree: &self.key_tree,
+            store: self,
         };
         ops::range(&view, req)
     }
@@ -457,6 +478,8 @@ impl KvStore {
             }
             st.current
         };
+        // Everything applied before goes to sled first: the compaction writes sled directly.
+        self.persister.barrier()?;
         // Schedule first, atomically with the consistent index: a crash after this point
         // finishes the compaction on restart instead of re-applying the entry.
         let mut batch = sled::Batch::default();
@@ -511,6 +534,7 @@ impl KvStore {
     /// Asks sled to write its buffers out. Not an fsync on Linux (sled 0.34); durability comes from
     /// the Raft log. Used before snapshots and on clean shutdown to shorten replay.
     pub fn flush(&self) -> Result<()> {
+        self.persister.barrier()?;
         self.db.flush()?;
         Ok(())
     }
@@ -519,6 +543,7 @@ impl KvStore {
     /// Holds the writer so the copy is one consistent revision.
     pub fn export(&self, out: &mut ExportSink<'_>) -> Result<()> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.persister.barrier()?;
         for (name, tree) in [
             (schema::KEY_TREE, &self.key_tree),
             (schema::META_TREE, &self.meta_tree),
@@ -539,6 +564,7 @@ impl KvStore {
         I: IntoIterator<Item = Result<(String, Vec<u8>, Vec<u8>)>>,
     {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.persister.barrier()?;
         self.key_tree.clear()?;
         self.meta_tree.clear()?;
         self.lease_tree.clear()?;
@@ -718,8 +744,14 @@ impl KvStore {
         }
         let start = Revision::main_start_bytes(from.max(0));
         let end = Revision::main_start_bytes(to.saturating_add(1));
+        // The persister's records first (see `Persister::range`), then sled's, merged.
+        let mut records: BTreeMap<IVec, IVec> =
+            self.persister.range(&start, &end).into_iter().collect();
         for item in self.key_tree.range(start..end) {
             let (k, v) = item?;
+            records.entry(k).or_insert(v);
+        }
+        for (k, v) in records {
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
             let kv = decode_kv(&v)?;
@@ -795,17 +827,22 @@ fn decode_kv(v: &[u8]) -> Result<KeyValue> {
     KeyValue::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
 }
 
-fn load_from(key_tree: &sled::Tree, rev: Revision) -> Result<KeyValue> {
-    let v = key_tree.get(rev.to_bytes(false))?.ok_or_else(|| {
-        StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
-    })?;
+/// The stored key-value at `rev`: queued for sled, or in it.
+fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
+    let key = rev.to_bytes(false);
+    let v = match store.persister.get(&key) {
+        Some(v) => v,
+        None => store.key_tree.get(&key)?.ok_or_else(|| {
+            StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
+        })?,
+    };
     decode_kv(&v)
 }
 
 /// The committed state, as plain reads see it.
 struct CommittedView<'a> {
     st: RwLockReadGuard<'a, IndexState>,
-    key_tree: &'a sled::Tree,
+    store: &'a KvStore,
 }
 
 impl ReadView for CommittedView<'_> {
@@ -829,7 +866,7 @@ impl ReadView for CommittedView<'_> {
     }
 
     fn load(&self, rev: Revision) -> Result<KeyValue> {
-        load_from(self.key_tree, rev)
+        load_from(self.store, rev)
     }
 
     fn lease_exists(&self, id: i64) -> bool {
@@ -849,8 +886,8 @@ pub(crate) struct WriteTxn<'a> {
     writer: Option<MutexGuard<'a, ()>>,
     overlay: BTreeMap<Vec<u8>, KeyIndex>,
     staged: HashMap<Revision, KeyValue>,
-    batch: sled::Batch,
-    batch_len: usize,
+    /// New `key` tree records (revision → key-value).
+    batch: Vec<(IVec, IVec)>,
     /// The revision the current operation started from.
     begin_rev: i64,
     /// Changes of the current operation; their count is the next sub revision.
@@ -883,8 +920,7 @@ impl<'a> WriteTxn<'a> {
             writer,
             overlay: BTreeMap::new(),
             staged: HashMap::new(),
-            batch: sled::Batch::default(),
-            batch_len: 0,
+            batch: Vec::new(),
             begin_rev,
             changes: 0,
             events: Vec::new(),
@@ -923,6 +959,7 @@ impl<'a> WriteTxn<'a> {
             } else {
                 self.meta_batch.remove(key);
             }
+            self.meta_changed = true;
         }
         self.alarm_overlay = Some(set);
         resp
@@ -972,8 +1009,8 @@ impl<'a> WriteTxn<'a> {
             value,
             lease,
         };
-        self.batch.insert(rev.to_bytes(false), kv.encode_to_vec());
-        self.batch_len += 1;
+        self.batch
+            .push((rev.to_bytes(false).into(), kv.encode_to_vec().into()));
         self.events.push(Event {
             r#type: EventType::Put as i32,
             kv: Some(kv.clone()),
@@ -1002,8 +1039,8 @@ impl<'a> WriteTxn<'a> {
                 key: key.clone(),
                 ..Default::default()
             };
-            self.batch.insert(rev.to_bytes(true), kv.encode_to_vec());
-            self.batch_len += 1;
+            self.batch
+                .push((rev.to_bytes(true).into(), kv.encode_to_vec().into()));
             self.events.push(delete_event(key.clone(), rev.main));
             self.changes += 1;
         }
@@ -1085,39 +1122,28 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    /// Writes the staged batch and the consistent index in one sled transaction, then publishes
-    /// the index changes. Returns the writer guard for reuse.
+    /// Queues the staged records and the consistent index for sled (one atomic group, see
+    /// [`crate::persister`]), then publishes the index changes. Returns the writer guard for
+    /// reuse.
     fn commit(mut self) -> Result<Option<MutexGuard<'a, ()>>> {
         self.end_op();
         let store = self.store;
         let lease_changed = self.lease_changed();
-        if self.batch_len > 0
+        if !self.batch.is_empty()
             || self.consistent_index.is_some()
             || lease_changed
             || self.meta_changed
         {
-            let batch = std::mem::take(&mut self.batch);
-            let lease_batch = std::mem::take(&mut self.lease_batch);
-            let meta_batch = std::mem::take(&mut self.meta_batch);
-            let ci = self.consistent_index.take();
-            (&store.key_tree, &store.meta_tree, &store.lease_tree)
-                .transaction(|(kt, mt, lt)| {
-                    kt.apply_batch(&batch)?;
-                    lt.apply_batch(&lease_batch)?;
-                    mt.apply_batch(&meta_batch)?;
-                    if let Some(ci) = &ci {
-                        mt.insert(schema::CONSISTENT_INDEX, ci.as_slice())?;
-                    }
-                    Ok::<_, ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    TransactionError::Storage(e) => StorageError::Sled(e),
-                    TransactionError::Abort(()) => {
-                        StorageError::Corrupt("write transaction aborted".into())
-                    }
-                })?;
+            store.persister.enqueue(WriteSet {
+                keys: std::mem::take(&mut self.batch),
+                lease: lease_changed.then(|| std::mem::take(&mut self.lease_batch)),
+                meta: self
+                    .meta_changed
+                    .then(|| std::mem::take(&mut self.meta_batch)),
+                consistent_index: self.consistent_index.take(),
+            })?;
         }
-        // Only now, with the data in sled, does anyone get to see it.
+        // Only now, with the records readable (queued or in sled), does anyone get to see them.
         drop(self.base.take());
         if let Some(set) = self.alarm_overlay.take() {
             *store.alarms.write().unwrap_or_else(|p| p.into_inner()) = set;
@@ -1185,7 +1211,7 @@ impl ReadView for WriteTxn<'_> {
     fn load(&self, rev: Revision) -> Result<KeyValue> {
         match self.staged.get(&rev) {
             Some(kv) => Ok(kv.clone()),
-            None => load_from(&self.store.key_tree, rev),
+            None => load_from(self.store, rev),
         }
     }
 

@@ -21,6 +21,7 @@ mod kv;
 pub mod kvstore;
 pub mod lease;
 mod ops;
+mod persister;
 pub mod revision;
 pub mod schema;
 pub mod watch;

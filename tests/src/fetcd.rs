@@ -38,6 +38,10 @@ pub async fn start_fetcd_with_flags(flags: &[&str]) -> anyhow::Result<FetcdInsta
         config.data_dir = for_test.data_dir;
         config.listen_client_urls = for_test.listen_client_urls;
         config.advertise_client_urls = for_test.advertise_client_urls;
+        // Never the default :2380, which another server on the machine may hold.
+        if !flags.iter().any(|f| f.starts_with("--listen-peer-urls")) {
+            config.listen_peer_urls = for_test.listen_peer_urls;
+        }
     }
     let server = EtcdServer::start(config)
         .await
