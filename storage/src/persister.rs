@@ -25,6 +25,8 @@ use std::sync::Condvar;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::sync::RwLock;
+use std::time::Duration;
+use std::time::Instant;
 
 use sled::transaction::ConflictableTransactionError;
 use sled::transaction::TransactionError;
@@ -42,7 +44,7 @@ const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// Least time between the starts of two group commits. sled's cost is per transaction, so under
 /// load each transaction should carry many applies; an idle store still writes at once (the
 /// first group after a pause goes without waiting).
-const GROUP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+const GROUP_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What one committed write transaction changed in sled's trees.
 #[derive(Default)]
@@ -205,42 +207,15 @@ impl Persister {
     }
 
     fn run(&self, trees: Trees) {
-        let mut last: Option<std::time::Instant> = None;
-        loop {
-            let (sets, upto) = {
-                let mut q = lock(&self.queue);
-                // Let a group gather for the rest of the interval, unless someone waits for it.
-                if let Some(due) = last.map(|t| t + GROUP_INTERVAL) {
-                    loop {
-                        let now = std::time::Instant::now();
-                        if q.urgent || q.stop || now >= due {
-                            break;
-                        }
-                        q = self
-                            .work
-                            .wait_timeout(q, due - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                }
-                while q.sets.is_empty() && !q.stop {
-                    q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
-                if q.sets.is_empty() {
-                    return;
-                }
-                q.urgent = false;
-                (std::mem::take(&mut q.sets), q.enqueued)
-            };
-            last = Some(std::time::Instant::now());
+        let mut last: Option<Instant> = None;
+        while let Some((sets, upto)) = self.next_group(last) {
+            last = Some(Instant::now());
             let res = write_group(&trees, &sets);
             if res.is_ok() {
                 // Only now may readers stop finding these records in the overlay.
                 let mut ov = self.overlay.write().unwrap_or_else(|p| p.into_inner());
-                for set in &sets {
-                    for (k, _) in &set.keys {
-                        ov.remove(k);
-                    }
+                for (k, _) in sets.iter().flat_map(|s| &s.keys) {
+                    ov.remove(k);
                 }
                 self.overlay_len.store(ov.len(), Ordering::SeqCst);
             }
@@ -248,9 +223,8 @@ impl Persister {
             match res {
                 Ok(()) => {
                     q.persisted = upto;
-                    q.bytes = q
-                        .bytes
-                        .saturating_sub(sets.iter().map(WriteSet::bytes).sum());
+                    let written: usize = sets.iter().map(WriteSet::bytes).sum();
+                    q.bytes = q.bytes.saturating_sub(written);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "writing applied state to sled failed");
@@ -262,6 +236,32 @@ impl Persister {
                 return;
             }
         }
+    }
+
+    /// Waits for the next group: lets it gather until [`GROUP_INTERVAL`] after the previous one
+    /// started (`last`) unless someone waits for it, then takes everything queued and the count
+    /// it brings `persisted` to. `None` once stopped with nothing left.
+    fn next_group(&self, last: Option<Instant>) -> Option<(Vec<WriteSet>, u64)> {
+        let mut q = lock(&self.queue);
+        let due = last.map(|t| t + GROUP_INTERVAL);
+        while let Some(wait) = due.and_then(|d| d.checked_duration_since(Instant::now())) {
+            if q.urgent || q.stop || wait.is_zero() {
+                break;
+            }
+            q = self
+                .work
+                .wait_timeout(q, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        while q.sets.is_empty() && !q.stop {
+            q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.sets.is_empty() {
+            return None;
+        }
+        q.urgent = false;
+        Some((std::mem::take(&mut q.sets), q.enqueued))
     }
 }
 
