@@ -744,29 +744,20 @@ impl KvStore {
         }
         let start = Revision::main_start_bytes(from.max(0));
         let end = Revision::main_start_bytes(to.saturating_add(1));
-        // The persister's records first (see `Persister::range`), then sled's, merged.
-        let mut records: BTreeMap<IVec, IVec> =
-            self.persister.range(&start, &end).into_iter().collect();
+        // Queued records are read before sled (see `Persister::range`). sled receives groups in
+        // revision order, so the queued records sled does not have are all after the last one it
+        // has: sled's range, then the queued tail past it.
+        let queued = self.persister.range(&start, &end);
+        let mut last: Option<IVec> = None;
         for item in self.key_tree.range(start..end) {
             let (k, v) = item?;
-            records.entry(k).or_insert(v);
+            push_history_event(&mut out, range, &k, &v)?;
+            last = Some(k);
         }
-        for (k, v) in records {
-            let (rev, tombstone) = Revision::from_bytes(&k)
-                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            let kv = decode_kv(&v)?;
-            if range.is_some_and(|r| !r.contains(&kv.key)) {
-                continue;
+        for (k, v) in queued {
+            if last.as_ref().is_none_or(|l| k > *l) {
+                push_history_event(&mut out, range, &k, &v)?;
             }
-            out.push(if tombstone {
-                delete_event(kv.key, rev.main)
-            } else {
-                Event {
-                    r#type: EventType::Put as i32,
-                    kv: Some(kv),
-                    prev_kv: None,
-                }
-            });
         }
         Ok(out)
     }
@@ -825,6 +816,31 @@ fn delete_event(key: Vec<u8>, rev: i64) -> Event {
 
 fn decode_kv(v: &[u8]) -> Result<KeyValue> {
     KeyValue::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
+}
+
+/// Appends the event a `key` tree record stands for, if its key is in `range`.
+fn push_history_event(
+    out: &mut Vec<Event>,
+    range: Option<&KeyRange>,
+    k: &[u8],
+    v: &[u8],
+) -> Result<()> {
+    let (rev, tombstone) = Revision::from_bytes(k)
+        .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+    let kv = decode_kv(v)?;
+    if range.is_some_and(|r| !r.contains(&kv.key)) {
+        return Ok(());
+    }
+    out.push(if tombstone {
+        delete_event(kv.key, rev.main)
+    } else {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv),
+            prev_kv: None,
+        }
+    });
+    Ok(())
 }
 
 /// The stored key-value at `rev`: queued for sled, or in it.
