@@ -34,5 +34,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .compile_with_config(config, PROTOS, &[PROTO_DIR])?;
 
+    // The server side of etcd's Watch service once more, under the same route
+    // (`/etcdserverpb.Watch/Watch`), but answering with `EncodedWatchResponse`: the same wire
+    // bytes as `WatchResponse`, with each event encoded once for all of its watchers.
+    let watch = tonic_prost_build::manual::Service::builder()
+        .name("Watch")
+        .package("etcdserverpb")
+        .method(
+            tonic_prost_build::manual::Method::builder()
+                .name("watch")
+                .route_name("Watch")
+                .input_type("crate::etcdserverpb::WatchRequest")
+                .output_type("crate::wire::EncodedWatchResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    tonic_prost_build::manual::Builder::new()
+        .build_client(false)
+        .compile(&[watch]);
+
     Ok(())
 }

@@ -71,6 +71,83 @@ pub mod raftpb {
     tonic::include_proto!("fetcdraftpb");
 }
 
+/// Watch responses with events encoded once, however many watchers receive them.
+///
+/// Protobuf encodes an embedded message exactly like a `bytes` field holding that message's
+/// encoding (tag, length, payload). So [`wire::EncodedWatchResponse`], whose `events` are the
+/// encoded `mvccpb.Event`s, puts the same bytes on the wire as `etcdserverpb.WatchResponse`
+/// with those events: clients decode it as a `WatchResponse`. The server encodes each event
+/// once (a [`bytes::Bytes`] shared by every watcher it goes to) instead of once per watcher.
+pub mod wire {
+    use bytes::Bytes;
+
+    use crate::etcdserverpb::ResponseHeader;
+    use crate::etcdserverpb::WatchResponse;
+
+    /// `etcdserverpb.WatchResponse` with pre-encoded events (same field numbers).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct EncodedWatchResponse {
+        /// `WatchResponse.header` (1).
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+        /// `WatchResponse.watch_id` (2).
+        #[prost(int64, tag = "2")]
+        pub watch_id: i64,
+        /// `WatchResponse.created` (3).
+        #[prost(bool, tag = "3")]
+        pub created: bool,
+        /// `WatchResponse.canceled` (4).
+        #[prost(bool, tag = "4")]
+        pub canceled: bool,
+        /// `WatchResponse.compact_revision` (5).
+        #[prost(int64, tag = "5")]
+        pub compact_revision: i64,
+        /// `WatchResponse.cancel_reason` (6).
+        #[prost(string, tag = "6")]
+        pub cancel_reason: String,
+        /// `WatchResponse.fragment` (7).
+        #[prost(bool, tag = "7")]
+        pub fragment: bool,
+        /// `WatchResponse.events` (11), each an encoded `mvccpb.Event`.
+        #[prost(bytes = "bytes", repeated, tag = "11")]
+        pub events: Vec<Bytes>,
+    }
+
+    impl From<WatchResponse> for EncodedWatchResponse {
+        /// Encodes `r`'s events (for the rare responses not built from shared events).
+        fn from(r: WatchResponse) -> Self {
+            use prost::Message;
+            EncodedWatchResponse {
+                header: r.header,
+                watch_id: r.watch_id,
+                created: r.created,
+                canceled: r.canceled,
+                compact_revision: r.compact_revision,
+                cancel_reason: r.cancel_reason,
+                fragment: r.fragment,
+                events: r
+                    .events
+                    .iter()
+                    .map(|e| Bytes::from(e.encode_to_vec()))
+                    .collect(),
+            }
+        }
+    }
+
+    /// The Watch server trait and service answering with [`EncodedWatchResponse`].
+    #[allow(
+        clippy::all,
+        clippy::pedantic,
+        unused_qualifications,
+        missing_docs,
+        rustdoc::all
+    )]
+    mod generated {
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.Watch.rs"));
+    }
+    pub use generated::watch_server;
+}
+
 /// etcd's gRPC error messages, verbatim.
 ///
 /// Clients (Go `clientv3` in particular) map errors back to typed errors by
@@ -318,5 +395,51 @@ mod tests {
         let bytes = req.encode_to_vec();
         let decoded = InternalRaftRequest::decode(bytes.as_slice());
         assert_eq!(decoded.ok(), Some(req));
+    }
+
+    #[test]
+    fn encoded_watch_response_is_a_watch_response_on_the_wire() {
+        use super::etcdserverpb::{ResponseHeader, WatchResponse};
+        use super::mvccpb::{event::EventType, Event};
+        use super::wire::EncodedWatchResponse;
+        let ev = |k: &[u8], t: EventType, prev: bool| Event {
+            r#type: t as i32,
+            kv: Some(KeyValue {
+                key: k.to_vec(),
+                value: b"v".repeat(300),
+                create_revision: 2,
+                mod_revision: 9,
+                version: 3,
+                lease: 7,
+            }),
+            prev_kv: prev.then(|| KeyValue {
+                key: k.to_vec(),
+                mod_revision: 8,
+                ..Default::default()
+            }),
+        };
+        let plain = WatchResponse {
+            header: Some(ResponseHeader {
+                cluster_id: 1,
+                member_id: 2,
+                revision: 9,
+                raft_term: 4,
+            }),
+            watch_id: 5,
+            created: true,
+            canceled: true,
+            compact_revision: 3,
+            cancel_reason: "why".into(),
+            fragment: true,
+            events: vec![
+                ev(b"a", EventType::Put, false),
+                ev(b"b", EventType::Delete, true),
+            ],
+        };
+        let encoded = EncodedWatchResponse::from(plain.clone());
+        assert_eq!(encoded.encode_to_vec(), plain.encode_to_vec());
+        assert_eq!(encoded.encoded_len(), plain.encoded_len());
+        let back = WatchResponse::decode(encoded.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(back, plain);
     }
 }

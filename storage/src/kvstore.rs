@@ -74,8 +74,10 @@ use crate::revision::Revision;
 use crate::schema;
 use crate::watch::CatchUp;
 use crate::watch::SendOutcome;
+use crate::watch::SharedEvent;
 use crate::watch::WatchHub;
 use crate::watch::WatchKey;
+use crate::watch::WatchMessage;
 use crate::watch::WatchSink;
 use crate::watch::WatchSpec;
 use crate::KvError;
@@ -651,7 +653,12 @@ impl KvStore {
             };
             let from = ws.iter().map(first).min().unwrap_or(current + 1);
             let to = current.min(from.saturating_add(max_revisions.max(1) - 1));
-            let events = self.history(None, from, to)?;
+            // Shared, so each event is encoded once for all the watchers it goes to.
+            let events: Vec<Arc<SharedEvent>> = self
+                .history(None, from, to)?
+                .into_iter()
+                .map(SharedEvent::new)
+                .collect();
             // Checked after reading: a compaction that started meanwhile may have removed part
             // of what was read, and then the watcher must be told, not handed a gap.
             let compact = self.compact_revision();
@@ -670,7 +677,7 @@ impl KvStore {
     fn catch_up(
         &self,
         w: &CatchUp,
-        events: &[Event],
+        events: &[Arc<SharedEvent>],
         from: i64,
         to: i64,
         current: i64,
@@ -688,7 +695,7 @@ impl KvStore {
                 canceled: true,
                 ..Default::default()
             };
-            return match w.sink.try_send(resp) {
+            return match w.sink.try_send(WatchMessage::Response(resp)) {
                 SendOutcome::Full => false,
                 SendOutcome::Sent | SendOutcome::Closed => {
                     self.hub.cancel_caught_up(w);
@@ -704,26 +711,24 @@ impl KvStore {
             // Later than this round's window; a later round reaches it.
             return false;
         }
-        let mine: Vec<Event> = events
+        let mine: Arc<[Arc<SharedEvent>]> = events
             .iter()
             .filter(|e| {
-                e.kv.as_ref()
+                e.event()
+                    .kv
+                    .as_ref()
                     .is_some_and(|kv| kv.mod_revision >= from && w.spec.range.contains(&kv.key))
                     && w.spec.wants_event(e)
             })
             .cloned()
             .collect();
         if !mine.is_empty() {
-            let resp = WatchResponse {
-                header: Some(ResponseHeader {
-                    revision: current,
-                    ..Default::default()
-                }),
+            let msg = WatchMessage::Events {
                 watch_id: w.key.id,
+                revision: current,
                 events: mine,
-                ..Default::default()
             };
-            match w.sink.try_send(resp) {
+            match w.sink.try_send(msg) {
                 SendOutcome::Sent => {}
                 SendOutcome::Full => return false,
                 SendOutcome::Closed => {
@@ -733,6 +738,21 @@ impl KvStore {
             }
         }
         self.hub.advance(w, to + 1)
+    }
+
+    /// The previous value a watch event reports as `prev_kv`: the key at `mod_revision - 1`
+    /// (etcd's rule); `None` if there is none or it was compacted, as in etcd.
+    pub fn watch_prev_kv(&self, ev: &Event) -> Option<KeyValue> {
+        let kv = ev.kv.as_ref()?;
+        let req = RangeRequest {
+            key: kv.key.clone(),
+            revision: kv.mod_revision - 1,
+            ..Default::default()
+        };
+        match self.range(&req) {
+            Ok(Ok(mut r)) => r.kvs.pop(),
+            _ => None,
+        }
     }
 
     /// The events of `range` (every key if `None`) in revisions `[from, to]`, in order, from the
@@ -1175,8 +1195,8 @@ impl<'a> WriteTxn<'a> {
             );
             st.current = self.begin_rev;
             // Still under the index lock: watchers get revision R before any reader sees R.
-            for (rev, events) in &self.revisions {
-                store.hub.notify(*rev, events);
+            for (rev, events) in std::mem::take(&mut self.revisions) {
+                store.hub.notify(rev, events);
             }
         }
         Ok(self.writer.take())

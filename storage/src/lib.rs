@@ -16,6 +16,7 @@
 pub mod alarm;
 mod error;
 pub mod hash;
+mod interval_tree;
 pub mod key_index;
 mod kv;
 pub mod kvstore;
@@ -41,6 +42,8 @@ pub use lease::MAX_LEASE_TTL;
 pub use ops::is_txn_read_only;
 pub use revision::Revision;
 pub use watch::SendOutcome;
+pub use watch::SharedEvent;
 pub use watch::WatchKey;
+pub use watch::WatchMessage;
 pub use watch::WatchSink;
 pub use watch::WatchSpec;

@@ -21,6 +21,9 @@
 //! - *Atomic revisions.* All events of one revision for one watcher go in one response (the
 //!   server may fragment it only if the watcher asked).
 //!
+//! *Encoded once.* Each event becomes one [`SharedEvent`], encoded (with and without `prev_kv`)
+//! at most once however many watchers receive it; watchers share it by reference count.
+//!
 //! Events are notified while the store's index lock is held for writing (like etcd's
 //! `watchableStoreTxnWrite.End`): events of revision R are queued before any reader can observe
 //! R. Lock order is index → hub, never the reverse.
@@ -29,12 +32,18 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 
 use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::etcdserverpb::WatchResponse;
 use fetcd_proto::mvccpb::event::EventType;
 use fetcd_proto::mvccpb::Event;
+use fetcd_proto::mvccpb::KeyValue;
+use prost::Message;
 
+use crate::interval_tree::IntervalTree;
 use crate::kv::KeyRange;
 
 /// A watch: the gRPC stream it lives on and its id on that stream.
@@ -57,10 +66,92 @@ pub enum SendOutcome {
     Closed,
 }
 
+/// One event, built once and shared by every watcher it goes to, with its protobuf encoding
+/// made on first use (so a revision with a thousand watchers is encoded once, not a thousand
+/// times).
+#[derive(Debug)]
+pub struct SharedEvent {
+    event: Event,
+    encoded: OnceLock<Bytes>,
+    with_prev: OnceLock<Bytes>,
+}
+
+impl SharedEvent {
+    /// Wraps `event` (without `prev_kv`) for sharing.
+    pub fn new(event: Event) -> Arc<Self> {
+        Arc::new(SharedEvent {
+            event,
+            encoded: OnceLock::new(),
+            with_prev: OnceLock::new(),
+        })
+    }
+
+    /// The event, without `prev_kv`.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// True for a PUT event.
+    pub fn is_put(&self) -> bool {
+        self.event.r#type == EventType::Put as i32
+    }
+
+    /// True for the PUT that created its key (etcd's `IsCreate`): it has no previous value.
+    pub fn is_create(&self) -> bool {
+        self.is_put()
+            && self
+                .event
+                .kv
+                .as_ref()
+                .is_some_and(|kv| kv.create_revision == kv.mod_revision)
+    }
+
+    /// The encoded `mvccpb.Event`, without `prev_kv`.
+    pub fn encoded(&self) -> &Bytes {
+        self.encoded
+            .get_or_init(|| Bytes::from(self.event.encode_to_vec()))
+    }
+
+    /// The encoded event with `prev_kv` set to what `prev` finds (called at most once per
+    /// event; a create has no previous value, and `None` leaves `prev_kv` empty as in etcd).
+    pub fn encoded_with_prev(&self, prev: impl FnOnce(&Event) -> Option<KeyValue>) -> &Bytes {
+        self.with_prev.get_or_init(|| {
+            if self.is_create() {
+                return self.encoded().clone();
+            }
+            match prev(&self.event) {
+                None => self.encoded().clone(),
+                Some(p) => {
+                    let mut ev = self.event.clone();
+                    ev.prev_kv = Some(p);
+                    Bytes::from(ev.encode_to_vec())
+                }
+            }
+        })
+    }
+}
+
+/// What the store hands a stream.
+#[derive(Debug)]
+pub enum WatchMessage {
+    /// Events of one watch, in revision order; all of a revision's events are in one message.
+    Events {
+        /// The watch (`WatchResponse.watch_id`).
+        watch_id: i64,
+        /// The header revision to report.
+        revision: i64,
+        /// The events, shared with the other watchers they go to (the list itself too, when a
+        /// watcher gets all of a revision's events).
+        events: Arc<[Arc<SharedEvent>]>,
+    },
+    /// Any other response: a compaction cancel or a progress notification.
+    Response(WatchResponse),
+}
+
 /// Where a stream's responses go: a bounded, non-blocking queue owned by the server.
 pub trait WatchSink: Send + Sync {
-    /// Queues `resp` without waiting.
-    fn try_send(&self, resp: WatchResponse) -> SendOutcome;
+    /// Queues `msg` without waiting.
+    fn try_send(&self, msg: WatchMessage) -> SendOutcome;
 
     /// True if nothing could be queued now; catch-up skips the history read then.
     fn is_full(&self) -> bool;
@@ -81,8 +172,8 @@ pub struct WatchSpec {
 
 impl WatchSpec {
     /// False for events the filters drop.
-    pub fn wants_event(&self, ev: &Event) -> bool {
-        let put = ev.r#type == EventType::Put as i32;
+    pub fn wants_event(&self, ev: &SharedEvent) -> bool {
+        let put = ev.is_put();
         !(put && self.no_put || !put && self.no_delete)
     }
 }
@@ -105,12 +196,12 @@ struct Watcher {
 }
 
 /// Finds synced watchers for a key without scanning all of them: exact keys and prefixes
-/// (kube-apiserver's shapes) by hash lookups, other intervals by a scan of those only.
+/// (kube-apiserver's shapes) by hash lookups, other intervals by an interval tree.
 #[derive(Default)]
 struct Matcher {
     exact: HashMap<Vec<u8>, HashSet<WatchKey>>,
     prefix: HashMap<Vec<u8>, HashSet<WatchKey>>,
-    other: HashMap<WatchKey, KeyRange>,
+    other: IntervalTree<WatchKey>,
 }
 
 /// The end of the prefix range of `p` (etcd's `GetPrefixRangeEnd`), if it has one.
@@ -128,7 +219,8 @@ fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
 enum Shape<'a> {
     Exact(&'a [u8]),
     Prefix(&'a [u8]),
-    Other,
+    /// `[start, end)`, `end == None` for every key from `start` on.
+    Other(&'a [u8], Option<&'a [u8]>),
 }
 
 fn shape(range: &KeyRange) -> Shape<'_> {
@@ -140,7 +232,7 @@ fn shape(range: &KeyRange) -> Shape<'_> {
         } if !start.is_empty() && prefix_end(start).as_deref() == Some(end.as_slice()) => {
             Shape::Prefix(start)
         }
-        _ => Shape::Other,
+        KeyRange::Interval { start, end } => Shape::Other(start, end.as_deref()),
     }
 }
 
@@ -153,9 +245,7 @@ impl Matcher {
             Shape::Prefix(p) => {
                 self.prefix.entry(p.to_vec()).or_default().insert(key);
             }
-            Shape::Other => {
-                self.other.insert(key, range.clone());
-            }
+            Shape::Other(start, end) => self.other.insert(start, end, key),
         }
     }
 
@@ -171,8 +261,8 @@ impl Matcher {
         match shape(range) {
             Shape::Exact(k) => remove_from(&mut self.exact, k),
             Shape::Prefix(p) => remove_from(&mut self.prefix, p),
-            Shape::Other => {
-                self.other.remove(&key);
+            Shape::Other(start, _) => {
+                self.other.remove(start, key);
             }
         }
     }
@@ -188,10 +278,8 @@ impl Matcher {
                 }
             }
         }
-        for (w, r) in &self.other {
-            if r.contains(k) {
-                out.push(*w);
-            }
+        if self.other.len() > 0 {
+            self.other.stab(k, out);
         }
     }
 }
@@ -325,25 +413,33 @@ impl WatchHub {
 
     /// Pushes one revision's events to the synced watchers they match. Called with the store's
     /// index write lock held, in revision order.
-    pub(crate) fn notify(&self, rev: i64, events: &[Event]) {
+    pub(crate) fn notify(&self, rev: i64, events: Vec<Event>) {
         let mut st = self.lock();
         st.current = rev;
         if st.watchers.is_empty() {
             return;
         }
-        let mut per_watcher: HashMap<WatchKey, Vec<usize>> = HashMap::new();
-        let mut hits = Vec::new();
+        // (watcher, event index) for every match, in event order per watcher.
+        let mut hits: Vec<(WatchKey, usize)> = Vec::new();
+        let mut scratch = Vec::new();
         for (i, ev) in events.iter().enumerate() {
             let Some(kv) = &ev.kv else { continue };
-            hits.clear();
-            st.synced.matches(&kv.key, &mut hits);
-            for w in &hits {
-                per_watcher.entry(*w).or_default().push(i);
-            }
+            scratch.clear();
+            st.synced.matches(&kv.key, &mut scratch);
+            hits.extend(scratch.iter().map(|w| (*w, i)));
         }
+        if hits.is_empty() {
+            return;
+        }
+        if events.len() > 1 {
+            // Stable: each watcher's events stay in revision order.
+            hits.sort_by_key(|(w, _)| *w);
+        }
+        let shared: Arc<[Arc<SharedEvent>]> = events.into_iter().map(SharedEvent::new).collect();
         let mut demote = Vec::new();
         let mut closed = Vec::new();
-        for (key, idxs) in per_watcher {
+        for group in hits.chunk_by(|a, b| a.0 == b.0) {
+            let key = group[0].0;
             let Some(w) = st.watchers.get(&key) else {
                 continue;
             };
@@ -351,25 +447,27 @@ impl WatchHub {
             if rev < w.min_rev {
                 continue;
             }
-            let evs: Vec<Event> = idxs
-                .into_iter()
-                .map(|i| &events[i])
-                .filter(|e| w.spec.wants_event(e))
-                .cloned()
-                .collect();
+            let evs: Arc<[Arc<SharedEvent>]> =
+                if group.len() == shared.len() && shared.iter().all(|e| w.spec.wants_event(e)) {
+                    // The usual case (one event, or a watcher that gets every event): no copy.
+                    shared.clone()
+                } else {
+                    group
+                        .iter()
+                        .map(|(_, i)| &shared[*i])
+                        .filter(|e| w.spec.wants_event(e))
+                        .cloned()
+                        .collect()
+                };
             if evs.is_empty() {
                 continue;
             }
-            let resp = WatchResponse {
-                header: Some(ResponseHeader {
-                    revision: rev,
-                    ..Default::default()
-                }),
+            let msg = WatchMessage::Events {
                 watch_id: key.id,
+                revision: rev,
                 events: evs,
-                ..Default::default()
             };
-            match w.sink.try_send(resp) {
+            match w.sink.try_send(msg) {
                 SendOutcome::Sent => {}
                 SendOutcome::Full => demote.push(key),
                 SendOutcome::Closed => closed.push(key),
@@ -464,7 +562,7 @@ impl WatchHub {
             return;
         }
         if let Some(sink) = st.pending_progress.remove(&stream) {
-            let resp = progress_response(st.current);
+            let resp = WatchMessage::Response(progress_response(st.current));
             if sink.try_send(resp) == SendOutcome::Full {
                 st.pending_progress.insert(stream, sink);
             }
@@ -521,19 +619,193 @@ mod tests {
         m.add(w(2), &KeyRange::new(b"/a/", b"/a0"));
         m.add(w(3), &KeyRange::new(b"/a/b", b"\0"));
         m.add(w(4), &KeyRange::new(b"/z", b"/zz"));
+        m.add(w(5), &KeyRange::new(b"/a/a", b"/a/c"));
         let mut out = Vec::new();
         m.matches(b"/a/b", &mut out);
         out.sort();
-        assert_eq!(out, vec![w(1), w(2), w(3)]);
+        assert_eq!(out, vec![w(1), w(2), w(3), w(5)]);
         out.clear();
         m.matches(b"/a/c", &mut out);
         out.sort();
         assert_eq!(out, vec![w(2), w(3)]);
         m.remove(w(2), &KeyRange::new(b"/a/", b"/a0"));
+        m.remove(w(5), &KeyRange::new(b"/a/a", b"/a/c"));
+        out.clear();
+        m.matches(b"/a/b", &mut out);
+        out.sort();
+        assert_eq!(out, vec![w(1), w(3)]);
         out.clear();
         m.matches(b"/a/", &mut out);
         assert!(out.is_empty());
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff"), None);
+    }
+
+    /// Keeps every message, undecoded.
+    #[derive(Default)]
+    struct Capture(Mutex<Vec<WatchMessage>>);
+
+    impl WatchSink for Capture {
+        fn try_send(&self, msg: WatchMessage) -> SendOutcome {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
+            SendOutcome::Sent
+        }
+
+        fn is_full(&self) -> bool {
+            false
+        }
+    }
+
+    fn put_event(key: &[u8], rev: i64, create: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: key.to_vec(),
+                value: b"v".to_vec(),
+                create_revision: create,
+                mod_revision: rev,
+                version: 1,
+                lease: 0,
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn synced(hub: &WatchHub, key: WatchKey, range: KeyRange, sink: Arc<Capture>) {
+        hub.register(
+            key,
+            WatchSpec {
+                range,
+                start_revision: 0,
+                no_put: false,
+                no_delete: false,
+            },
+            sink,
+        );
+        hub.activate(key);
+        let c = hub
+            .unsynced()
+            .into_iter()
+            .find(|c| c.key == key)
+            .expect("unsynced");
+        hub.advance(&c, 2);
+    }
+
+    #[test]
+    fn one_event_is_shared_and_encoded_once_for_all_its_watchers() {
+        let hub = WatchHub::default();
+        hub.set_current(1);
+        let sink = Arc::new(Capture::default());
+        let n = 300;
+        for id in 0..n {
+            let range = match id % 3 {
+                0 => KeyRange::Single(b"/a/b".to_vec()),
+                1 => KeyRange::new(b"/a/", b"/a0"),
+                _ => KeyRange::new(b"/a/a", b"/a/c"),
+            };
+            synced(&hub, WatchKey { stream: 1, id }, range, sink.clone());
+        }
+        hub.notify(2, vec![put_event(b"/a/b", 2, 1)]);
+        let msgs = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
+        assert_eq!(msgs.len(), n as usize, "every watcher gets the revision");
+        let lists: Vec<Arc<[Arc<SharedEvent>]>> = msgs
+            .into_iter()
+            .map(|m| match m {
+                WatchMessage::Events {
+                    revision, events, ..
+                } => {
+                    assert_eq!(revision, 2);
+                    events
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            lists.iter().all(|l| Arc::ptr_eq(l, &lists[0])),
+            "one shared list"
+        );
+        let ev = &lists[0][0];
+        let bytes = ev.encoded().clone();
+        for l in &lists {
+            // The same buffer, not an equal copy: encoded once.
+            assert_eq!(l[0].encoded().as_ptr(), bytes.as_ptr());
+        }
+        assert_eq!(
+            Event::decode(bytes.as_ref()).expect("decodes"),
+            put_event(b"/a/b", 2, 1)
+        );
+        let mut lookups = 0;
+        for _ in 0..3 {
+            ev.encoded_with_prev(|_| {
+                lookups += 1;
+                Some(KeyValue {
+                    key: b"/a/b".to_vec(),
+                    mod_revision: 1,
+                    ..Default::default()
+                })
+            });
+        }
+        assert_eq!(lookups, 1, "prev_kv looked up once per event");
+        let with_prev = Event::decode(ev.encoded_with_prev(|_| None).as_ref()).expect("decodes");
+        assert_eq!(with_prev.prev_kv.map(|p| p.mod_revision), Some(1));
+    }
+
+    #[test]
+    fn filtered_and_multi_key_watchers_get_their_own_subset_in_order() {
+        let hub = WatchHub::default();
+        hub.set_current(1);
+        let sink = Arc::new(Capture::default());
+        synced(
+            &hub,
+            WatchKey { stream: 1, id: 0 },
+            KeyRange::new(b"a", b"c"),
+            sink.clone(),
+        );
+        synced(
+            &hub,
+            WatchKey { stream: 1, id: 1 },
+            KeyRange::Single(b"b".to_vec()),
+            sink.clone(),
+        );
+        let del = Event {
+            r#type: EventType::Delete as i32,
+            kv: Some(KeyValue {
+                key: b"a".to_vec(),
+                mod_revision: 2,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        };
+        hub.notify(2, vec![del, put_event(b"b", 2, 2), put_event(b"z", 2, 2)]);
+        let msgs = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut got: Vec<(i64, Vec<Vec<u8>>)> = msgs
+            .into_iter()
+            .map(|m| match m {
+                WatchMessage::Events {
+                    watch_id, events, ..
+                } => (
+                    watch_id,
+                    events
+                        .iter()
+                        .map(|e| {
+                            e.event()
+                                .kv
+                                .as_ref()
+                                .map(|kv| kv.key.clone())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                ),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (0, vec![b"a".to_vec(), b"b".to_vec()]),
+                (1, vec![b"b".to_vec()]),
+            ]
+        );
     }
 }

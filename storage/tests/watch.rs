@@ -11,14 +11,18 @@ use std::sync::Mutex;
 
 use fetcd_proto::etcdserverpb::CompactionRequest;
 use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::etcdserverpb::WatchResponse;
+use fetcd_proto::mvccpb::Event;
 use fetcd_storage::KeyRange;
 use fetcd_storage::KvStore;
 use fetcd_storage::SendOutcome;
 use fetcd_storage::WatchKey;
+use fetcd_storage::WatchMessage;
 use fetcd_storage::WatchSink;
 use fetcd_storage::WatchSpec;
 use fetcd_storage::WriteOp;
+use prost::Message;
 
 /// A bounded queue like a stream's, drained by the test.
 struct TestSink {
@@ -39,13 +43,41 @@ impl TestSink {
     }
 }
 
+/// The response a stream would send for `msg`, with events decoded from their shared encoding
+/// (so the encoding is checked too).
+fn response(msg: WatchMessage) -> WatchResponse {
+    match msg {
+        WatchMessage::Response(r) => r,
+        WatchMessage::Events {
+            watch_id,
+            revision,
+            events,
+        } => WatchResponse {
+            header: Some(ResponseHeader {
+                revision,
+                ..Default::default()
+            }),
+            watch_id,
+            events: events
+                .iter()
+                .map(|e| {
+                    let ev = Event::decode(e.encoded().as_ref()).unwrap();
+                    assert_eq!(&ev, e.event());
+                    ev
+                })
+                .collect(),
+            ..Default::default()
+        },
+    }
+}
+
 impl WatchSink for TestSink {
-    fn try_send(&self, resp: WatchResponse) -> SendOutcome {
+    fn try_send(&self, msg: WatchMessage) -> SendOutcome {
         let mut q = self.q.lock().unwrap();
         if q.len() >= self.cap {
             return SendOutcome::Full;
         }
-        q.push_back(resp);
+        q.push_back(response(msg));
         SendOutcome::Sent
     }
 

@@ -6,28 +6,34 @@
 //! events and a progress revision never overtakes events at or below it. The send loop fills
 //! `prev_kv` (the value at `mod_revision - 1`, as etcd's `sendLoop`), fills the header and splits
 //! large responses for watches that asked for `fragment`.
+//!
+//! Events arrive as [`fetcd_storage::SharedEvent`]s and leave as their protobuf encoding
+//! ([`EncodedWatchResponse`]): an event going to a thousand watchers is encoded once (once more
+//! with `prev_kv`, looked up once), and each watcher's response only copies those bytes.
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fetcd_proto::etcdserverpb::watch_request::RequestUnion;
-use fetcd_proto::etcdserverpb::watch_server::Watch;
-use fetcd_proto::etcdserverpb::RangeRequest;
 use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::etcdserverpb::WatchCreateRequest;
 use fetcd_proto::etcdserverpb::WatchRequest;
 use fetcd_proto::etcdserverpb::WatchResponse;
-use fetcd_proto::mvccpb::event::EventType;
 use fetcd_proto::status as msg;
+use fetcd_proto::wire::watch_server::Watch;
+use fetcd_proto::wire::EncodedWatchResponse;
 use fetcd_storage::watch::progress_response;
 use fetcd_storage::KeyRange;
 use fetcd_storage::SendOutcome;
 use fetcd_storage::WatchKey;
+use fetcd_storage::WatchMessage;
 use fetcd_storage::WatchSink;
 use fetcd_storage::WatchSpec;
 use futures::Stream;
@@ -41,8 +47,15 @@ use tonic::Streaming;
 
 use crate::node::EtcdNode;
 
-/// Responses a stream may have queued before its watchers fall behind (etcd: 128).
-const STREAM_QUEUE: usize = 128;
+/// Responses a stream may have queued before its watchers fall behind. etcd's is 128, but
+/// queued responses here only hold references to shared events, so a deeper queue is cheap, and
+/// a stream multiplexing hundreds of watchers (one response each per revision) would otherwise
+/// overflow on every burst and send them all through the slower catch-up path.
+const STREAM_QUEUE: usize = 4096;
+/// Responses the send loop may have handed to gRPC and not yet written.
+const OUT_QUEUE: usize = 128;
+/// Queued responses the send loop takes in one go before it checks its timers again.
+const SEND_BATCH: usize = 256;
 /// Revisions one catch-up round hands one watcher (etcd's `watchBatchMaxRevs`).
 const CATCH_UP_REVISIONS: i64 = 1000;
 /// How often lagging watchers are retried even without a wake-up (etcd: 100 ms).
@@ -134,19 +147,27 @@ async fn catch_up_loop(node: Arc<EtcdNode>, wake: Arc<Notify>) {
 }
 
 /// The stream's ordered queue, as the store sees it.
-struct QueueSink(mpsc::Sender<WatchResponse>);
+struct QueueSink {
+    queue: mpsc::Sender<WatchMessage>,
+    /// Set when a watcher fell behind because the queue was full: the send loop wakes the
+    /// catch-up as soon as there is room again, instead of leaving it to the next tick.
+    overflowed: Arc<AtomicBool>,
+}
 
 impl WatchSink for QueueSink {
-    fn try_send(&self, resp: WatchResponse) -> SendOutcome {
-        match self.0.try_send(resp) {
+    fn try_send(&self, msg: WatchMessage) -> SendOutcome {
+        match self.queue.try_send(msg) {
             Ok(()) => SendOutcome::Sent,
-            Err(mpsc::error::TrySendError::Full(_)) => SendOutcome::Full,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.store(true, Ordering::Release);
+                SendOutcome::Full
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => SendOutcome::Closed,
         }
     }
 
     fn is_full(&self) -> bool {
-        self.0.capacity() == 0
+        self.queue.capacity() == 0
     }
 }
 
@@ -166,13 +187,23 @@ struct StreamCtx {
     /// Server-wide stream id (the store keys watchers by it).
     id: u64,
     /// The stream's ordered queue (events, created, canceled, progress).
-    queue: mpsc::Sender<WatchResponse>,
+    queue: mpsc::Sender<WatchMessage>,
     watches: Mutex<HashMap<i64, WatchOpts>>,
     next_id: Mutex<i64>,
     catch_up: Arc<Notify>,
+    /// See [`QueueSink::overflowed`].
+    overflowed: Arc<AtomicBool>,
 }
 
 impl StreamCtx {
+    /// The store's handle on this stream's queue.
+    fn sink(&self) -> Arc<QueueSink> {
+        Arc::new(QueueSink {
+            queue: self.queue.clone(),
+            overflowed: self.overflowed.clone(),
+        })
+    }
+
     fn key(&self, id: i64) -> WatchKey {
         WatchKey {
             stream: self.id,
@@ -181,7 +212,11 @@ impl StreamCtx {
     }
 }
 
-type WatchStreamOut = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+type WatchStreamOut =
+    Pin<Box<dyn Stream<Item = Result<EncodedWatchResponse, Status>> + Send + 'static>>;
+
+/// Where the send loop puts finished responses (the gRPC stream).
+type Out = mpsc::Sender<Result<EncodedWatchResponse, Status>>;
 
 #[tonic::async_trait]
 impl Watch for WatchService {
@@ -200,7 +235,7 @@ impl Watch for WatchService {
         }
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (queue_tx, queue_rx) = mpsc::channel(STREAM_QUEUE);
-        let (out_tx, out_rx) = mpsc::channel(STREAM_QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let ctx = Arc::new(StreamCtx {
             node: self.node.clone(),
             id: stream_id,
@@ -208,6 +243,7 @@ impl Watch for WatchService {
             watches: Mutex::new(HashMap::new()),
             next_id: Mutex::new(0),
             catch_up: self.catch_up.clone(),
+            overflowed: Arc::new(AtomicBool::new(false)),
         });
         let requests = req.into_inner();
         if require_leader {
@@ -246,7 +282,7 @@ const MAX_NO_LEADER_CHECKS: u32 = 3;
 /// cut off from the cluster (etcd's `monitorLeader`).
 async fn monitor_leader(
     ctx: Arc<StreamCtx>,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: Out,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let period = ctx.node.raft().election_timeout();
@@ -289,7 +325,7 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 async fn recv_loop(
     ctx: Arc<StreamCtx>,
     mut requests: Streaming<WatchRequest>,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: Out,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let (node, stream, queue) = (&ctx.node, ctx.id, &ctx.queue);
@@ -320,15 +356,18 @@ async fn recv_loop(
                         canceled: true,
                         ..Default::default()
                     };
-                    queue.send(resp).await.is_ok()
+                    queue.send(WatchMessage::Response(resp)).await.is_ok()
                 } else {
                     true
                 }
             }
             Some(RequestUnion::ProgressRequest(_)) => {
-                let sink = Arc::new(QueueSink(queue.clone()));
+                let sink = ctx.sink();
                 match node.store().request_progress(stream, sink) {
-                    Some(rev) => queue.send(progress_response(rev)).await.is_ok(),
+                    Some(rev) => queue
+                        .send(WatchMessage::Response(progress_response(rev)))
+                        .await
+                        .is_ok(),
                     // Answered by the catch-up once this stream's watchers are synced.
                     None => {
                         ctx.catch_up.notify_one();
@@ -355,13 +394,15 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         c.key.clone()
     };
     let range = KeyRange::new(&key, &c.range_end);
-    let refuse = |reason: &str, id: i64| WatchResponse {
-        header: header(node.store().current_revision()),
-        watch_id: id,
-        created: true,
-        canceled: true,
-        cancel_reason: reason.to_string(),
-        ..Default::default()
+    let refuse = |reason: &str, id: i64| {
+        WatchMessage::Response(WatchResponse {
+            header: header(node.store().current_revision()),
+            watch_id: id,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        })
     };
     if let KeyRange::Interval {
         start,
@@ -417,7 +458,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         no_put,
         no_delete,
     };
-    let sink = Arc::new(QueueSink(queue.clone()));
+    let sink = ctx.sink();
     let rev = node.store().watch(key, spec, sink);
     let created = WatchResponse {
         header: header(rev),
@@ -425,7 +466,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         created: true,
         ..Default::default()
     };
-    if queue.send(created).await.is_err() {
+    if queue.send(WatchMessage::Response(created)).await.is_err() {
         return false;
     }
     node.store().activate_watch(key);
@@ -436,8 +477,8 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
 /// Turns the stream's queue into gRPC responses: prev_kv, header, fragments, progress ticks.
 async fn send_loop(
     ctx: Arc<StreamCtx>,
-    mut queue: mpsc::Receiver<WatchResponse>,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    mut queue: mpsc::Receiver<WatchMessage>,
+    out: Out,
     progress_interval: Duration,
     max_request_bytes: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -450,6 +491,26 @@ async fn send_loop(
                 let Some(resp) = resp else { break };
                 if !deliver(&ctx, resp, &out, max_request_bytes).await {
                     break;
+                }
+                // Whatever else is queued goes out without another trip through the select.
+                let mut open = true;
+                for _ in 0..SEND_BATCH {
+                    let Ok(resp) = queue.try_recv() else { break };
+                    if !deliver(&ctx, resp, &out, max_request_bytes).await {
+                        open = false;
+                        break;
+                    }
+                }
+                if !open {
+                    break;
+                }
+                // Watchers of this stream fell behind on a full queue: once a quarter of it is
+                // free, let the catch-up bring them back.
+                if ctx.overflowed.load(Ordering::Acquire)
+                    && queue.len() <= STREAM_QUEUE * 3 / 4
+                    && ctx.overflowed.swap(false, Ordering::AcqRel)
+                {
+                    ctx.catch_up.notify_one();
                 }
             }
             _ = ticker.tick() => {
@@ -469,7 +530,7 @@ async fn send_loop(
                 for id in due {
                     if let Some(rev) = ctx.node.store().watcher_progress(ctx.key(id)) {
                         let resp = WatchResponse { header: header(rev), watch_id: id, ..Default::default() };
-                        let _ = ctx.queue.try_send(resp);
+                        let _ = ctx.queue.try_send(WatchMessage::Response(resp));
                     }
                 }
             }
@@ -492,27 +553,51 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-async fn deliver(
-    ctx: &StreamCtx,
-    mut resp: WatchResponse,
-    out: &mpsc::Sender<Result<WatchResponse, Status>>,
-    max_request_bytes: usize,
-) -> bool {
+async fn deliver(ctx: &StreamCtx, msg: WatchMessage, out: &Out, max_request_bytes: usize) -> bool {
     let node = &ctx.node;
-    let opts = lock(&ctx.watches).get(&resp.watch_id).copied();
-    if !resp.events.is_empty() {
-        if let Some(o) = lock(&ctx.watches).get_mut(&resp.watch_id) {
+    let (watch_id, revision, events) = match msg {
+        WatchMessage::Response(r) => {
+            let mut resp = EncodedWatchResponse::from(r);
+            node.fill_ids(&mut resp.header);
+            return out.send(Ok(resp)).await.is_ok();
+        }
+        WatchMessage::Events {
+            watch_id,
+            revision,
+            events,
+        } => (watch_id, revision, events),
+    };
+    let opts = {
+        let mut watches = lock(&ctx.watches);
+        let o = watches.get_mut(&watch_id);
+        o.map(|o| {
             o.active = true;
-        }
-        if opts.is_some_and(|o| o.prev_kv) {
-            fill_prev_kv(node, &mut resp);
-        }
-    }
+            *o
+        })
+    };
+    let Some(opts) = opts else {
+        // Canceled while these were queued: etcd drops them too.
+        return true;
+    };
+    let store = node.store();
+    let events: Vec<Bytes> = events
+        .iter()
+        .map(|e| {
+            if opts.prev_kv {
+                e.encoded_with_prev(|ev| store.watch_prev_kv(ev)).clone()
+            } else {
+                e.encoded().clone()
+            }
+        })
+        .collect();
+    let mut resp = EncodedWatchResponse {
+        header: header(revision),
+        watch_id,
+        events,
+        ..Default::default()
+    };
     node.fill_ids(&mut resp.header);
-    if opts.is_some_and(|o| o.fragment)
-        && resp.encoded_len() >= max_request_bytes
-        && resp.events.len() > 1
-    {
+    if opts.fragment && resp.events.len() > 1 && resp.encoded_len() >= max_request_bytes {
         for part in fragments(resp, max_request_bytes) {
             if out.send(Ok(part)).await.is_err() {
                 return false;
@@ -523,41 +608,29 @@ async fn deliver(
     out.send(Ok(resp)).await.is_ok()
 }
 
-/// The previous value of each non-create event: the key at `mod_revision - 1` (etcd's rule; a
-/// compacted previous revision leaves it empty, as in etcd).
-fn fill_prev_kv(node: &EtcdNode, resp: &mut WatchResponse) {
-    for ev in &mut resp.events {
-        let Some(kv) = &ev.kv else { continue };
-        let is_create = ev.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
-        if is_create {
-            continue;
-        }
-        let req = RangeRequest {
-            key: kv.key.clone(),
-            revision: kv.mod_revision - 1,
-            ..Default::default()
-        };
-        if let Ok(Ok(mut r)) = node.store().range(&req) {
-            ev.prev_kv = r.kvs.pop();
-        }
-    }
+/// The bytes one event adds to a response (field 11: tag, length, payload).
+fn event_len(ev: &Bytes) -> usize {
+    prost::encoding::bytes::encoded_len(11, ev)
 }
 
 /// etcd's `sendFragments`: consecutive responses each under the limit (at least one event each),
 /// all but the last marked `fragment`.
-fn fragments(resp: WatchResponse, max_bytes: usize) -> Vec<WatchResponse> {
+fn fragments(resp: EncodedWatchResponse, max_bytes: usize) -> Vec<EncodedWatchResponse> {
     let mut parts = Vec::new();
     let mut template = resp.clone();
     template.events.clear();
     template.fragment = true;
+    let base = template.encoded_len();
     let mut cur = template.clone();
+    let mut size = base;
     for ev in resp.events {
-        cur.events.push(ev);
-        if cur.events.len() > 1 && cur.encoded_len() >= max_bytes {
-            let ev = cur.events.pop();
+        let len = event_len(&ev);
+        if !cur.events.is_empty() && size + len >= max_bytes {
             parts.push(std::mem::replace(&mut cur, template.clone()));
-            cur.events.extend(ev);
+            size = base;
         }
+        size += len;
+        cur.events.push(ev);
     }
     cur.fragment = false;
     parts.push(cur);
@@ -570,6 +643,10 @@ mod tests {
     use fetcd_proto::mvccpb::KeyValue;
 
     use super::*;
+
+    fn encoded(resp: WatchResponse) -> EncodedWatchResponse {
+        EncodedWatchResponse::from(resp)
+    }
 
     #[test]
     fn fragments_keep_every_event_in_order_and_mark_all_but_last() {
@@ -586,14 +663,23 @@ mod tests {
             events: (0..10).map(ev).collect(),
             ..Default::default()
         };
-        let parts = fragments(resp.clone(), 1000);
+        let parts = fragments(encoded(resp.clone()), 1000);
         assert!(parts.len() > 1);
         assert!(parts[..parts.len() - 1].iter().all(|p| p.fragment));
         assert!(!parts[parts.len() - 1].fragment);
-        let joined: Vec<Event> = parts.iter().flat_map(|p| p.events.clone()).collect();
+        // Each part decodes as a WatchResponse; together they hold every event in order.
+        let decoded: Vec<WatchResponse> = parts
+            .iter()
+            .map(|p| WatchResponse::decode(p.encode_to_vec().as_slice()).expect("decodes"))
+            .collect();
+        let joined: Vec<Event> = decoded.iter().flat_map(|p| p.events.clone()).collect();
         assert_eq!(joined, resp.events);
         assert!(parts
             .iter()
             .all(|p| p.watch_id == 3 && !p.events.is_empty()));
+        // Every part but those holding a single event stays under the limit.
+        assert!(parts
+            .iter()
+            .all(|p| p.events.len() == 1 || p.encoded_len() < 1000));
     }
 }
