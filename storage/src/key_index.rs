@@ -18,8 +18,171 @@
 //! keeps `{2.0 3.0}` and `{4.0 5.0}`; at 3 it keeps only the second generation.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use crate::revision::Revision;
+
+/// Revisions the mutable tail of a [`Revs`] holds before it is frozen.
+const CHUNK: usize = 32;
+
+/// A generation's revisions, ascending: a `Vec` whose clone costs O(log n) in the length of
+/// the history, not O(n).
+///
+/// Every write clones its key's index entry into the write transaction (readers keep seeing the
+/// committed one until the commit publishes the new one). With a plain `Vec`, a hot key — a
+/// leader-election lease, an endpoint, a benchmark key — made each put copy its whole history,
+/// O(n) until the next compaction. Here older revisions sit in immutable runs shared by every
+/// clone: runs of doubling length, merged like the carries of a binary counter, so each
+/// revision is copied O(log n) times in all and a clone copies one pointer plus a tail of fewer
+/// than [`CHUNK`] revisions.
+#[derive(Clone, Debug, Default)]
+pub struct Revs {
+    /// The oldest revisions, shared between clones; never changed in place.
+    frozen: Option<Arc<Frozen>>,
+    /// The newest revisions, fewer than `CHUNK`.
+    tail: Vec<Revision>,
+}
+
+#[derive(Debug)]
+struct Frozen {
+    /// Runs of revisions, oldest first, each longer than the next (lengths are `CHUNK` times
+    /// distinct powers of two).
+    runs: Vec<Arc<[Revision]>>,
+    len: usize,
+}
+
+impl Revs {
+    fn frozen_len(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.len)
+    }
+
+    /// Number of revisions.
+    pub fn len(&self) -> usize {
+        self.frozen_len() + self.tail.len()
+    }
+
+    /// True with no revision.
+    pub fn is_empty(&self) -> bool {
+        self.tail.is_empty() && self.frozen.is_none()
+    }
+
+    /// The `i`-th revision, oldest first.
+    pub fn get(&self, mut i: usize) -> Option<Revision> {
+        if let Some(f) = &self.frozen {
+            if i < f.len {
+                for run in &f.runs {
+                    if i < run.len() {
+                        return run.get(i).copied();
+                    }
+                    i -= run.len();
+                }
+                return None;
+            }
+            i -= f.len;
+        }
+        self.tail.get(i).copied()
+    }
+
+    /// The oldest revision.
+    pub fn first(&self) -> Option<Revision> {
+        self.get(0)
+    }
+
+    /// The newest revision.
+    pub fn last(&self) -> Option<Revision> {
+        match self.tail.last() {
+            Some(r) => Some(*r),
+            None => self.len().checked_sub(1).and_then(|i| self.get(i)),
+        }
+    }
+
+    /// Appends `rev`, newer than every revision held.
+    pub fn push(&mut self, rev: Revision) {
+        self.tail.push(rev);
+        if self.tail.len() < CHUNK {
+            return;
+        }
+        let (mut runs, len) = match &self.frozen {
+            Some(f) => (f.runs.clone(), f.len),
+            None => (Vec::new(), 0),
+        };
+        let mut run: Arc<[Revision]> = Arc::from(std::mem::take(&mut self.tail));
+        // Carry, as in a binary counter: merge with the previous run while it is no longer.
+        while let Some(prev) = runs.last() {
+            if prev.len() > run.len() {
+                break;
+            }
+            let merged: Vec<Revision> = prev.iter().chain(run.iter()).copied().collect();
+            runs.pop();
+            run = Arc::from(merged);
+        }
+        runs.push(run);
+        self.frozen = Some(Arc::new(Frozen {
+            runs,
+            len: len + CHUNK,
+        }));
+    }
+
+    /// The index of the newest revision whose main revision is `<= at_rev`.
+    pub fn last_at_or_below(&self, at_rev: i64) -> Option<usize> {
+        // Usually the newest one: reads at the current revision.
+        if let Some(last) = self.last() {
+            if last.main <= at_rev {
+                return Some(self.len() - 1);
+            }
+        }
+        let (mut lo, mut hi) = (0, self.len());
+        // Invariant: every index < lo is <= at_rev, every index >= hi is > at_rev.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.get(mid) {
+                Some(r) if r.main <= at_rev => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        lo.checked_sub(1)
+    }
+
+    /// Drops the `n` oldest revisions (compaction).
+    pub fn drop_front(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        *self = self.iter().skip(n).collect();
+    }
+
+    /// The revisions, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = Revision> + '_ {
+        self.frozen
+            .iter()
+            .flat_map(|f| f.runs.iter().flat_map(|c| c.iter().copied()))
+            .chain(self.tail.iter().copied())
+    }
+}
+
+impl FromIterator<Revision> for Revs {
+    fn from_iter<I: IntoIterator<Item = Revision>>(iter: I) -> Self {
+        let mut revs = Revs::default();
+        for r in iter {
+            revs.push(r);
+        }
+        revs
+    }
+}
+
+impl PartialEq for Revs {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Revs {}
+
+impl PartialEq<Vec<Revision>> for Revs {
+    fn eq(&self, other: &Vec<Revision>) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter().copied())
+    }
+}
 
 /// One life of a key: from creation to (possibly) its tombstone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,7 +193,7 @@ pub struct Generation {
     /// The revision that created this generation (`create_revision` of its key-values).
     pub created: Revision,
     /// Revisions of this generation that are still stored, ascending.
-    pub revs: Vec<Revision>,
+    pub revs: Revs,
 }
 
 impl Generation {
@@ -83,7 +246,7 @@ impl KeyIndex {
             generations: vec![Generation {
                 ver,
                 created,
-                revs: vec![modified],
+                revs: std::iter::once(modified).collect(),
             }],
         }
     }
@@ -122,9 +285,9 @@ impl KeyIndex {
                     }
                 }
             }
-            let n = g.revs.iter().rposition(|r| r.main <= at_rev)?;
+            let n = g.revs.last_at_or_below(at_rev)?;
             return Some(VisibleRevision {
-                modified: g.revs[n],
+                modified: g.revs.get(n)?,
                 created: g.created,
                 version: g.ver - (g.revs.len() - 1 - n) as i64,
             });
@@ -150,13 +313,17 @@ impl KeyIndex {
         let last_gen = self.generations.len() - 1;
         let g = &mut self.generations[gen_idx];
         if !g.is_empty() {
-            if let Some(n) = g.revs.iter().rposition(|r| r.main <= at_rev) {
-                keep.insert(g.revs[n]);
-                g.revs.drain(..n);
+            if let Some(n) = g.revs.last_at_or_below(at_rev) {
+                if let Some(r) = g.revs.get(n) {
+                    keep.insert(r);
+                }
+                g.revs.drop_front(n);
             }
             // A generation reduced to its tombstone is invisible at every revision >= at_rev.
             if g.revs.len() == 1 && gen_idx != last_gen {
-                keep.remove(&g.revs[0]);
+                if let Some(tomb) = g.revs.first() {
+                    keep.remove(&tomb);
+                }
                 gen_idx += 1;
             }
         }
@@ -229,5 +396,49 @@ mod tests {
         ki.compact(2, &mut keep);
         assert!(ki.is_empty());
         assert!(keep.is_empty());
+    }
+
+    #[test]
+    fn revs_behave_like_a_vec_across_chunks_and_clones_share_history() {
+        let mut revs = Revs::default();
+        let mut model: Vec<Revision> = Vec::new();
+        for main in 1..=(CHUNK as i64 * 5 + 7) {
+            // Two changes per main revision, as in a txn.
+            for sub in 0..2 {
+                revs.push(Revision::new(main * 2, sub));
+                model.push(Revision::new(main * 2, sub));
+            }
+            assert_eq!(revs.len(), model.len());
+        }
+        assert_eq!(revs, model);
+        assert_eq!(revs.first(), model.first().copied());
+        assert_eq!(revs.last(), model.last().copied());
+        for at in 0..(CHUNK as i64 * 12 + 20) {
+            assert_eq!(
+                revs.last_at_or_below(at),
+                model.iter().rposition(|r| r.main <= at),
+                "at {at}"
+            );
+        }
+        for i in 0..model.len() + 2 {
+            assert_eq!(revs.get(i), model.get(i).copied());
+        }
+        // Runs stay few: O(log n).
+        let runs = revs.frozen.as_ref().unwrap().runs.len();
+        assert!(runs <= 8, "{runs} runs for {} revisions", revs.len());
+        // A clone shares the frozen runs and does not see later pushes of the original.
+        let snapshot = revs.clone();
+        assert!(Arc::ptr_eq(
+            snapshot.frozen.as_ref().unwrap(),
+            revs.frozen.as_ref().unwrap()
+        ));
+        revs.push(Revision::new(10_000, 0));
+        assert_eq!(snapshot, model);
+        assert_eq!(revs.len(), model.len() + 1);
+        // Compaction drops a prefix.
+        let mut dropped = snapshot.clone();
+        dropped.drop_front(CHUNK + 3);
+        assert_eq!(dropped, model[CHUNK + 3..].to_vec());
+        assert_eq!(dropped.last_at_or_below(0), None);
     }
 }
