@@ -12,8 +12,8 @@
 //! with `prev_kv`, looked up once), and each watcher's response only copies those bytes.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,8 +54,6 @@ use crate::node::EtcdNode;
 const STREAM_QUEUE: usize = 4096;
 /// Responses the send loop may have handed to gRPC and not yet written.
 const OUT_QUEUE: usize = 128;
-/// Queued responses the send loop takes in one go before it checks its timers again.
-const SEND_BATCH: usize = 256;
 /// Revisions one catch-up round hands one watcher (etcd's `watchBatchMaxRevs`).
 const CATCH_UP_REVISIONS: i64 = 1000;
 /// How often lagging watchers are retried even without a wake-up (etcd: 100 ms).
@@ -146,28 +144,85 @@ async fn catch_up_loop(node: Arc<EtcdNode>, wake: Arc<Notify>) {
     }
 }
 
-/// The stream's ordered queue, as the store sees it.
-struct QueueSink {
-    queue: mpsc::Sender<WatchMessage>,
-    /// Set when a watcher fell behind because the queue was full: the send loop wakes the
-    /// catch-up as soon as there is room again, instead of leaving it to the next tick.
-    overflowed: Arc<AtomicBool>,
+/// A stream's ordered queue: every response of the stream passes through it.
+///
+/// A mutex-guarded deque rather than a channel: the store pushes one message per matching
+/// watcher per revision (ten thousand watchers on a key are ten thousand pushes), and the send
+/// loop takes everything queued in one lock.
+struct StreamQueue {
+    state: Mutex<QueueState>,
+    /// Signaled when the queue goes from empty to non-empty (a permit is kept if the send loop
+    /// is not waiting yet, so no wake-up is lost).
+    ready: Notify,
 }
 
-impl WatchSink for QueueSink {
-    fn try_send(&self, msg: WatchMessage) -> SendOutcome {
-        match self.queue.try_send(msg) {
-            Ok(()) => SendOutcome::Sent,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.store(true, Ordering::Release);
-                SendOutcome::Full
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => SendOutcome::Closed,
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<WatchMessage>,
+    closed: bool,
+    /// A watcher fell behind because the queue was full: the send loop wakes the catch-up as
+    /// soon as it has emptied the queue, instead of leaving it to the next tick.
+    overflowed: bool,
+}
+
+impl StreamQueue {
+    fn new() -> Self {
+        StreamQueue {
+            state: Mutex::new(QueueState::default()),
+            ready: Notify::new(),
         }
     }
 
+    /// Queues `msg`; with `bounded`, refuses it when [`STREAM_QUEUE`] messages are waiting.
+    /// Responses to the client's own requests (created, canceled, progress) are not bounded:
+    /// there is one per request.
+    fn push(&self, msg: WatchMessage, bounded: bool) -> SendOutcome {
+        let was_empty = {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return SendOutcome::Closed;
+            }
+            if bounded && st.items.len() >= STREAM_QUEUE {
+                st.overflowed = true;
+                return SendOutcome::Full;
+            }
+            st.items.push_back(msg);
+            st.items.len() == 1
+        };
+        if was_empty {
+            self.ready.notify_one();
+        }
+        SendOutcome::Sent
+    }
+
+    /// Queues a response to a client request; false once the stream is closed.
+    fn send(&self, msg: WatchMessage) -> bool {
+        self.push(msg, false) == SendOutcome::Sent
+    }
+
+    /// Takes everything queued into `into`; true if a watcher overflowed the queue since the
+    /// last take (the catch-up should run now that there is room).
+    fn take(&self, into: &mut VecDeque<WatchMessage>) -> bool {
+        let mut st = lock(&self.state);
+        std::mem::swap(&mut st.items, into);
+        std::mem::take(&mut st.overflowed)
+    }
+
+    /// Refuses everything from now on (the stream ended).
+    fn close(&self) {
+        let mut st = lock(&self.state);
+        st.closed = true;
+        st.items.clear();
+    }
+}
+
+impl WatchSink for StreamQueue {
+    fn try_send(&self, msg: WatchMessage) -> SendOutcome {
+        self.push(msg, true)
+    }
+
     fn is_full(&self) -> bool {
-        self.queue.capacity() == 0
+        lock(&self.state).items.len() >= STREAM_QUEUE
     }
 }
 
@@ -187,21 +242,16 @@ struct StreamCtx {
     /// Server-wide stream id (the store keys watchers by it).
     id: u64,
     /// The stream's ordered queue (events, created, canceled, progress).
-    queue: mpsc::Sender<WatchMessage>,
+    queue: Arc<StreamQueue>,
     watches: Mutex<HashMap<i64, WatchOpts>>,
     next_id: Mutex<i64>,
     catch_up: Arc<Notify>,
-    /// See [`QueueSink::overflowed`].
-    overflowed: Arc<AtomicBool>,
 }
 
 impl StreamCtx {
     /// The store's handle on this stream's queue.
-    fn sink(&self) -> Arc<QueueSink> {
-        Arc::new(QueueSink {
-            queue: self.queue.clone(),
-            overflowed: self.overflowed.clone(),
-        })
+    fn sink(&self) -> Arc<StreamQueue> {
+        self.queue.clone()
     }
 
     fn key(&self, id: i64) -> WatchKey {
@@ -234,16 +284,14 @@ impl Watch for WatchService {
             return Err(Status::unavailable(msg::ERR_NO_LEADER));
         }
         let stream_id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (queue_tx, queue_rx) = mpsc::channel(STREAM_QUEUE);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let ctx = Arc::new(StreamCtx {
             node: self.node.clone(),
             id: stream_id,
-            queue: queue_tx,
+            queue: Arc::new(StreamQueue::new()),
             watches: Mutex::new(HashMap::new()),
             next_id: Mutex::new(0),
             catch_up: self.catch_up.clone(),
-            overflowed: Arc::new(AtomicBool::new(false)),
         });
         let requests = req.into_inner();
         if require_leader {
@@ -261,7 +309,6 @@ impl Watch for WatchService {
         ));
         tokio::spawn(send_loop(
             ctx,
-            queue_rx,
             out_tx,
             self.progress_interval,
             self.max_request_bytes,
@@ -356,7 +403,7 @@ async fn recv_loop(
                         canceled: true,
                         ..Default::default()
                     };
-                    queue.send(WatchMessage::Response(resp)).await.is_ok()
+                    queue.send(WatchMessage::Response(resp))
                 } else {
                     true
                 }
@@ -364,10 +411,7 @@ async fn recv_loop(
             Some(RequestUnion::ProgressRequest(_)) => {
                 let sink = ctx.sink();
                 match node.store().request_progress(stream, sink) {
-                    Some(rev) => queue
-                        .send(WatchMessage::Response(progress_response(rev)))
-                        .await
-                        .is_ok(),
+                    Some(rev) => queue.send(WatchMessage::Response(progress_response(rev))),
                     // Answered by the catch-up once this stream's watchers are synced.
                     None => {
                         ctx.catch_up.notify_one();
@@ -410,10 +454,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
     } = &range
     {
         if start >= end {
-            return queue
-                .send(refuse(ERR_EMPTY_WATCHER_RANGE, -1))
-                .await
-                .is_ok();
+            return queue.send(refuse(ERR_EMPTY_WATCHER_RANGE, -1));
         }
     }
     let id = {
@@ -447,7 +488,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         id
     };
     let Some(id) = id else {
-        return queue.send(refuse(ERR_DUPLICATE_WATCH_ID, -1)).await.is_ok();
+        return queue.send(refuse(ERR_DUPLICATE_WATCH_ID, -1));
     };
     let no_put = c.filters.contains(&0);
     let no_delete = c.filters.contains(&1);
@@ -466,7 +507,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         created: true,
         ..Default::default()
     };
-    if queue.send(WatchMessage::Response(created)).await.is_err() {
+    if !queue.send(WatchMessage::Response(created)) {
         return false;
     }
     node.store().activate_watch(key);
@@ -477,7 +518,6 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
 /// Turns the stream's queue into gRPC responses: prev_kv, header, fragments, progress ticks.
 async fn send_loop(
     ctx: Arc<StreamCtx>,
-    mut queue: mpsc::Receiver<WatchMessage>,
     out: Out,
     progress_interval: Duration,
     max_request_bytes: usize,
@@ -485,34 +525,10 @@ async fn send_loop(
 ) {
     let mut ticker = tokio::time::interval(progress_interval);
     ticker.tick().await;
-    loop {
+    let mut batch = VecDeque::new();
+    'stream: loop {
         tokio::select! {
-            resp = queue.recv() => {
-                let Some(resp) = resp else { break };
-                if !deliver(&ctx, resp, &out, max_request_bytes).await {
-                    break;
-                }
-                // Whatever else is queued goes out without another trip through the select.
-                let mut open = true;
-                for _ in 0..SEND_BATCH {
-                    let Ok(resp) = queue.try_recv() else { break };
-                    if !deliver(&ctx, resp, &out, max_request_bytes).await {
-                        open = false;
-                        break;
-                    }
-                }
-                if !open {
-                    break;
-                }
-                // Watchers of this stream fell behind on a full queue: once a quarter of it is
-                // free, let the catch-up bring them back.
-                if ctx.overflowed.load(Ordering::Acquire)
-                    && queue.len() <= STREAM_QUEUE * 3 / 4
-                    && ctx.overflowed.swap(false, Ordering::AcqRel)
-                {
-                    ctx.catch_up.notify_one();
-                }
-            }
+            _ = ctx.queue.ready.notified() => {}
             _ = ticker.tick() => {
                 // Periodic progress for quiet, synced watches that asked for it; queued behind
                 // their events so it never runs ahead of them.
@@ -537,7 +553,23 @@ async fn send_loop(
             _ = out.closed() => break,
             _ = stopped(&mut stop) => break,
         }
+        // Everything queued goes out before the next wait.
+        loop {
+            if ctx.queue.take(&mut batch) {
+                // Watchers of this stream fell behind on a full queue; it is empty now.
+                ctx.catch_up.notify_one();
+            }
+            if batch.is_empty() {
+                break;
+            }
+            while let Some(msg) = batch.pop_front() {
+                if !deliver(&ctx, msg, &out, max_request_bytes).await {
+                    break 'stream;
+                }
+            }
+        }
     }
+    ctx.queue.close();
     ctx.node.store().cancel_watch_stream(ctx.id);
 }
 
