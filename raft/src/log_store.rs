@@ -103,6 +103,8 @@ use std::marker::PhantomData;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
@@ -188,12 +190,54 @@ impl Default for LogStoreConfig {
 /// [`get_log_reader`](RaftLogStorage::get_log_reader) hands out readers.
 pub struct LogStore<C: RaftTypeConfig> {
     inner: Arc<Mutex<RaftLog<RaftLogTypes<C>>>>,
+    syncs: Arc<SyncGauge>,
 }
 
 impl<C: RaftTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            syncs: self.syncs.clone(),
+        }
+    }
+}
+
+/// Appends handed to the flush worker whose fdatasync has not completed yet.
+///
+/// The proposer reads it to hold its next batch while a sync runs: fsyncs of the log happen one
+/// after another anyway, so a batch proposed during a sync only waits for the next one, and
+/// proposing it at once splits the clients into cohorts that each get half a sync's worth of
+/// batching. Holding it lets everything that arrives during the sync share the next one.
+#[derive(Debug, Default)]
+pub struct SyncGauge {
+    pending: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl SyncGauge {
+    /// Appends waiting for their sync.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no append waits for a sync.
+    pub async fn wait_idle(&self) {
+        let notified = self.idle.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.pending() == 0 {
+            return;
+        }
+        notified.await;
+    }
+
+    fn started(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finished(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
         }
     }
 }
@@ -247,7 +291,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
 
         Ok(Self {
             inner: Arc::new(Mutex::new(raft_log)),
+            syncs: Arc::default(),
         })
+    }
+
+    /// The count of appends waiting for their fdatasync.
+    pub fn sync_gauge(&self) -> Arc<SyncGauge> {
+        self.syncs.clone()
     }
 
     /// Locks the log. A poisoned mutex (a panic inside raft-log) is reported as an IO error.
@@ -457,8 +507,15 @@ where
 
         rl.append(records).map_err(err)?;
         // Do not wait: the worker calls `callback` after the fdatasync of the batch.
-        rl.flush(true, Some(FlushCallback::Append(callback, Instant::now())))
-            .map_err(err)?;
+        self.syncs.started();
+        let syncs = self.syncs.clone();
+        if let Err(e) = rl.flush(
+            true,
+            Some(FlushCallback::Append(callback, Instant::now(), syncs)),
+        ) {
+            self.syncs.finished();
+            return Err(err(e));
+        }
         Ok(())
     }
 
@@ -560,8 +617,8 @@ impl<C: RaftTypeConfig> raft_log::Types for RaftLogTypes<C> {
 /// for `flush(true, ..)`.
 enum FlushCallback<C: RaftTypeConfig> {
     /// An `append`: tell openraft the entries are persisted. The instant is when the flush
-    /// was requested, for [`crate::metrics::WAL_FSYNC`].
-    Append(LogFlushed<C>, Instant),
+    /// was requested, for [`crate::metrics::WAL_FSYNC`]; the gauge counts it until it is.
+    Append(LogFlushed<C>, Instant, Arc<SyncGauge>),
     /// A `save_vote` waiting for its sync.
     Notify(oneshot::Sender<Result<(), io::Error>>, Instant),
 }
@@ -569,13 +626,16 @@ enum FlushCallback<C: RaftTypeConfig> {
 impl<C: RaftTypeConfig> raft_log::Callback for FlushCallback<C> {
     fn send(self, res: Result<(), io::Error>) {
         let requested = match &self {
-            FlushCallback::Append(_, t) | FlushCallback::Notify(_, t) => *t,
+            FlushCallback::Append(_, t, _) | FlushCallback::Notify(_, t) => *t,
         };
         if res.is_ok() {
             crate::metrics::WAL_FSYNC.observe(requested.elapsed());
         }
         match self {
-            FlushCallback::Append(cb, _) => cb.log_io_completed(res),
+            FlushCallback::Append(cb, _, syncs) => {
+                cb.log_io_completed(res);
+                syncs.finished();
+            }
             FlushCallback::Notify(tx, _) => {
                 // The waiter may be gone (its future was dropped); nothing to tell then.
                 let _ = tx.send(res);

@@ -29,6 +29,7 @@ use crate::command::must_propose_alone;
 use crate::command::ApplyResult;
 use crate::command::Command;
 use crate::log_store::LogStore;
+use crate::log_store::SyncGauge;
 use crate::membership::MembershipChange;
 use crate::membership::MembershipError;
 use crate::network::Network;
@@ -145,6 +146,8 @@ struct Shared {
     network: Network,
     id: NodeId,
     timeout: Duration,
+    /// This member's appends waiting for their fdatasync (see [`run_batcher`]).
+    log_syncs: Arc<SyncGauge>,
 }
 
 /// A running member.
@@ -177,6 +180,7 @@ impl RaftNode {
         std::fs::create_dir_all(&member).map_err(OpenError::Log)?;
         let log_store =
             LogStore::<TypeConfig>::open(&member.join("raft-log")).map_err(OpenError::Log)?;
+        let log_syncs = log_store.sync_gauge();
         let store = Arc::new(KvStore::open_path(&member.join("kv"))?);
         let state_machine = StateMachine::open(store, &member.join("snap"))?;
 
@@ -257,6 +261,7 @@ impl RaftNode {
             network: network.clone(),
             id: config.node_id,
             timeout: config.request_timeout,
+            log_syncs,
         });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
         tokio::spawn(run_batcher(shared.clone(), rx));
@@ -431,10 +436,38 @@ impl RaftNode {
 async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
     let mut in_flight = FuturesUnordered::new();
     let mut carry: Option<Proposal> = None;
+    // Requests in the batch proposed last.
+    let mut last_batch = 0;
     loop {
         if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
             in_flight.next().await;
             continue;
+        }
+        if !in_flight.is_empty() {
+            let queued = rx.len() + usize::from(carry.is_some());
+            if shared.log_syncs.pending() > 0 {
+                // The log is syncing the batch in flight: a batch proposed now would only wait
+                // for the next sync, so let it gather everything that arrives meanwhile (syncs
+                // run one after another; see `SyncGauge`).
+                tokio::select! {
+                    _ = shared.log_syncs.wait_idle() => {}
+                    _ = in_flight.next() => {}
+                }
+                continue;
+            }
+            if queued < last_batch {
+                // Synced and being applied. Its clients answer with their next requests as soon
+                // as it is answered; proposing the few that came early would split them into
+                // two entries and two syncs. Overlap only a batch as large as the last one.
+                tokio::select! {
+                    _ = in_flight.next() => {}
+                    p = rx.recv(), if carry.is_none() => match p {
+                        Some(p) => carry = Some(p),
+                        None => break,
+                    },
+                }
+                continue;
+            }
         }
         let first = match carry.take() {
             Some(p) => p,
@@ -463,6 +496,7 @@ async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
                 Err(_) => break,
             }
         }
+        last_batch = batch.len();
         in_flight.push(propose_batch(shared.clone(), batch));
     }
     while in_flight.next().await.is_some() {}
