@@ -223,6 +223,8 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
+    /// etcd's v3rpc answers `not leader` unless this member leads (etcdctl sends MoveLeader to
+    /// the leader it finds through Status), then `bad leader transferee` for a non-voter.
     async fn move_leader(
         &self,
         req: GrpcRequest<pb::MoveLeaderRequest>,
@@ -236,8 +238,8 @@ impl Maintenance for MaintenanceService {
             Err(TransferError::BadTransferee) => {
                 Err(Status::failed_precondition(msg::ERR_BAD_LEADER_TRANSFEREE))
             }
-            Err(e @ TransferError::Unsupported) => {
-                Err(Status::unimplemented(format!("fetcd: {e}")))
+            Err(TransferError::Timeout) => {
+                Err(Status::unavailable(msg::ERR_TIMEOUT_LEADER_TRANSFER))
             }
         }
     }
