@@ -1,5 +1,5 @@
 //! What the Maintenance service asks of a member's Raft: its status as etcd reports it, the
-//! on-disk size of its data, and leader transfer.
+//! on-disk size of its backend, and leader transfer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -102,10 +102,11 @@ impl RaftNode {
             .unwrap_or(Err(TransferError::Timeout))
     }
 
-    /// Bytes this member's data takes on disk: the sled store, the Raft log and the snapshot
-    /// (everything under `<data-dir>/member`).
-    pub fn disk_size(&self) -> u64 {
-        dir_size(&self.data_dir().join("member"))
+    /// Bytes of this member's backend, etcd's `dbSize`: the MVCC store (`<data-dir>/member/kv`,
+    /// the sled files), the counterpart of etcd's bolt file. The Raft log and snapshots are not
+    /// counted, as etcd does not count its WAL and snap files.
+    pub fn backend_size(&self) -> u64 {
+        dir_size(&self.data_dir().join("member").join("kv"))
     }
 }
 
