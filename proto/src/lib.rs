@@ -274,6 +274,9 @@ pub mod status {
     pub const ERR_TIMEOUT_DUE_TO_CONNECTION_LOST: &str =
         "etcdserver: request timed out, possibly due to connection lost";
     /// `Unavailable`.
+    pub const ERR_TIMEOUT_LEADER_TRANSFER: &str =
+        "etcdserver: request timed out, leader transfer took too long";
+    /// `Unavailable`.
     pub const ERR_UNHEALTHY: &str = "etcdserver: unhealthy cluster";
     /// `DataLoss`.
     pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";

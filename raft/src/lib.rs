@@ -7,6 +7,7 @@
 //!   index, membership changes).
 //! - [`membership`]: etcd's member operations as openraft membership changes.
 //! - [`maintenance`]: status, disk size and leader transfer for the Maintenance service.
+//! - [`transfer`]: the pauses and peer steps that make a leader transfer possible on openraft.
 //! - [`metrics`]: the Raft log's fsync histogram.
 //! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
 //!
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod state_machine;
+pub mod transfer;
 
 pub use command::ApplyResult;
 pub use command::Command;

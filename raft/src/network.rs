@@ -46,6 +46,9 @@ use crate::command::Command;
 use crate::command::CommandResponse;
 use crate::membership::MembershipChange;
 use crate::membership::MembershipError;
+use crate::transfer::Pauses;
+use crate::transfer::StepError;
+use crate::transfer::TransferStep;
 use crate::typ;
 use crate::NodeId;
 use crate::TypeConfig;
@@ -165,6 +168,20 @@ impl Network {
             .change_membership(msg)
             .await
             .map_err(TransportError::Unreachable)?;
+        Ok(decode(resp.get_ref())?)
+    }
+
+    /// Sends one leader-transfer step to the member at `addr`.
+    pub async fn transfer_step(
+        &self,
+        addr: &str,
+        step: &TransferStep,
+    ) -> Result<Result<(), StepError>, TransportError> {
+        let mut c = self.client(addr)?;
+        let msg = PeerMessage {
+            data: bincode::serialize(step)?,
+        };
+        let resp = c.transfer(msg).await.map_err(TransportError::Unreachable)?;
         Ok(decode(resp.get_ref())?)
     }
 
@@ -288,16 +305,20 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// The peer service of one member: hands openraft's RPCs to the local Raft, proposes forwarded
-/// writes, and answers read-index requests when this member leads.
+/// writes, answers read-index requests when this member leads, and carries out leader-transfer
+/// steps. While this member is a quiet leader (handing over leadership), forwarded writes, read
+/// indexes and membership changes wait for the transfer to end: they would renew the followers'
+/// leader lease.
 #[derive(Clone)]
 pub struct PeerService {
     raft: typ::Raft,
+    pauses: Arc<Pauses>,
 }
 
 impl PeerService {
-    /// The tonic service for `raft`.
-    pub fn server(raft: typ::Raft) -> RaftPeerServer<PeerService> {
-        RaftPeerServer::new(PeerService { raft })
+    /// The tonic service for `raft`, with its transfer pauses.
+    pub fn server(raft: typ::Raft, pauses: Arc<Pauses>) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(PeerService { raft, pauses })
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE)
     }
@@ -341,6 +362,7 @@ impl RaftPeer for PeerService {
         req: tonic::Request<InternalRaftBatch>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let cmd = Command(req.into_inner());
+        self.pauses.wait_released().await;
         let res: Result<(u64, CommandResponse), PeerError> = match self.raft.client_write(cmd).await
         {
             Ok(r) => Ok((r.log_id.index, r.data)),
@@ -360,6 +382,7 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let change: MembershipChange = decode(req.get_ref()).map_err(bad_request)?;
+        self.pauses.wait_released().await;
         let res = crate::membership::apply(&self.raft, change).await;
         encode(&res).map(tonic::Response::new)
     }
@@ -368,6 +391,7 @@ impl RaftPeer for PeerService {
         &self,
         _req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        self.pauses.wait_released().await;
         let res: Result<u64, PeerError> = match self.raft.get_read_log_id().await {
             Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
             Err(RaftError::APIError(e)) => match e {
@@ -378,6 +402,15 @@ impl RaftPeer for PeerService {
             },
             Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
         };
+        encode(&res).map(tonic::Response::new)
+    }
+
+    async fn transfer(
+        &self,
+        req: tonic::Request<PeerMessage>,
+    ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+        let step: TransferStep = decode(req.get_ref()).map_err(bad_request)?;
+        let res = self.pauses.apply(step).await;
         encode(&res).map(tonic::Response::new)
     }
 }

@@ -36,6 +36,7 @@ use crate::network::Network;
 use crate::network::PeerError;
 use crate::network::PeerService;
 use crate::state_machine::StateMachine;
+use crate::transfer::Pauses;
 use crate::typ;
 use crate::NodeId;
 use crate::TypeConfig;
@@ -148,16 +149,21 @@ struct Shared {
     timeout: Duration,
     /// This member's appends waiting for their fdatasync (see [`run_batcher`]).
     log_syncs: Arc<SyncGauge>,
+    pauses: Arc<Pauses>,
 }
 
 /// A running member.
 pub struct RaftNode {
     raft: typ::Raft,
     state_machine: Arc<StateMachine>,
-    config: RaftNodeConfig,
+    pub(crate) config: RaftNodeConfig,
     proposals: mpsc::Sender<Proposal>,
     reads: mpsc::Sender<ReadWaiter>,
-    network: Network,
+    pub(crate) network: Network,
+    /// Leader-transfer pauses of this member (see [`crate::transfer`]).
+    pub(crate) pauses: Arc<Pauses>,
+    /// One leader transfer at a time.
+    pub(crate) transferring: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -256,12 +262,14 @@ impl RaftNode {
                 tracing::warn!(error = %e, "could not trigger election");
             }
         }
+        let pauses = Pauses::new(raft.clone());
         let shared = Arc::new(Shared {
             raft: raft.clone(),
             network: network.clone(),
             id: config.node_id,
             timeout: config.request_timeout,
             log_syncs,
+            pauses: pauses.clone(),
         });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
         tokio::spawn(run_batcher(shared.clone(), rx));
@@ -274,6 +282,8 @@ impl RaftNode {
             proposals,
             reads,
             network,
+            pauses,
+            transferring: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -342,6 +352,8 @@ impl RaftNode {
     pub async fn has_live_leader(&self, timeout: Duration) -> bool {
         match self.leader() {
             None => false,
+            // Handing leadership over: deliberately silent, not cut off.
+            Some(l) if l == self.config.node_id && self.pauses.is_held() => true,
             Some(l) if l == self.config.node_id => {
                 // Confirms leadership with a quorum (the first step of a read index).
                 let confirm = self.raft.get_read_log_id();
@@ -363,7 +375,7 @@ impl RaftNode {
 
     /// The tonic service peers talk to (Raft RPCs, forwarded writes, read index).
     pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
-        PeerService::server(self.raft.clone())
+        PeerService::server(self.raft.clone(), self.pauses.clone())
     }
 
     /// The leader (if another member) and a channel to its peer port, for requests only the
@@ -383,6 +395,7 @@ impl RaftNode {
         change: MembershipChange,
     ) -> Result<Result<(), MembershipError>, ProposeError> {
         let fut = async {
+            self.pauses.wait_released().await;
             let leader = leader_of(&self.raft).await?;
             if leader == self.config.node_id {
                 return Ok(crate::membership::apply(&self.raft, change).await);
@@ -409,6 +422,12 @@ impl RaftNode {
     /// True if this member is the leader now.
     pub fn is_leader(&self) -> bool {
         self.leader() == Some(self.config.node_id)
+    }
+
+    /// This member's leader-transfer pauses (see [`crate::transfer`]); public for tests that
+    /// play a coordinator dying mid-transfer.
+    pub fn transfer_pauses(&self) -> &Arc<Pauses> {
+        &self.pauses
     }
 
     /// The underlying Raft handle (metrics, membership, tests).
@@ -531,7 +550,7 @@ async fn propose_batch(shared: Arc<Shared>, batch: Vec<Proposal>) {
 }
 
 /// The peer URL of member `id` in the current membership.
-fn peer_addr(raft: &typ::Raft, id: NodeId) -> Option<String> {
+pub(crate) fn peer_addr(raft: &typ::Raft, id: NodeId) -> Option<String> {
     raft.metrics()
         .borrow()
         .membership_config
@@ -574,6 +593,11 @@ async fn submit(
     let mut leader = leader_of(raft).await?;
     let batch = InternalRaftBatch { requests: reqs };
     for _ in 0..3 {
+        if leader == shared.id && shared.pauses.is_held() {
+            // Handing leadership over: propose once that is done, wherever the leader is then.
+            shared.pauses.wait_released().await;
+            leader = leader_of(raft).await?;
+        }
         if leader == shared.id {
             return match raft.client_write(Command(batch)).await {
                 Ok(resp) => Ok(resp.data.0),
@@ -635,6 +659,10 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
     let raft = &shared.raft;
     let mut leader = leader_of(raft).await?;
     for _ in 0..3 {
+        if leader == shared.id && shared.pauses.is_held() {
+            shared.pauses.wait_released().await;
+            leader = leader_of(raft).await?;
+        }
         if leader == shared.id {
             return match raft.ensure_linearizable().await {
                 Ok(_) => Ok(()),

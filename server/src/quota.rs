@@ -1,15 +1,15 @@
 //! The backend space quota (`--quota-backend-bytes`, etcd's `backendQuota`).
 //!
 //! A write that would grow the database (Put, a writing Txn, LeaseGrant) is admitted only while
-//! the member's on-disk size plus the request's size stays under the quota. Otherwise the member
+//! the member's backend size plus the request's size stays under the quota. Otherwise the member
 //! raises a `NOSPACE` alarm for itself through Raft and refuses the request with
 //! `etcdserver: mvcc: database space exceeded`; while the alarm is active every member's store
 //! refuses such writes at apply time too (see `fetcd_storage::alarm`).
 //!
-//! The size is the member's whole data directory (sled store, Raft log, snapshot): fetcd has no
-//! single bolt file. It only shrinks when the Raft log is purged behind a snapshot (sled does
-//! not give space back), so an operator clears `NOSPACE` by raising the quota or by compacting
-//! and letting a snapshot purge the log, then disarming.
+//! The backend size is the MVCC store's files (`member/kv`), fetcd's counterpart of etcd's bolt
+//! file; the Raft log and snapshots are not counted, as etcd does not count its WAL. As in etcd,
+//! compaction alone frees space for reuse without shrinking the files, and `Defragment` gives it
+//! back; then `etcdctl alarm disarm` lets writes in again.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -57,13 +57,18 @@ impl Quota {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// The member's on-disk size, measured at most [`SIZE_CACHE`] ago.
+    /// Forgets the measured size (after a defragmentation changed it).
+    pub fn forget_size(&self) {
+        *self.size.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The member's backend size, measured at most [`SIZE_CACHE`] ago.
     pub fn db_size(&self, raft: &RaftNode) -> u64 {
         let mut cached = self.size.lock().unwrap_or_else(|p| p.into_inner());
         match *cached {
             Some((at, size)) if at.elapsed() < SIZE_CACHE => size,
             _ => {
-                let size = raft.disk_size();
+                let size = raft.backend_size();
                 *cached = Some((Instant::now(), size));
                 size
             }

@@ -114,7 +114,7 @@ impl KvStore {
         let end = Revision::main_start_bytes(at.saturating_add(1));
         // Revisions up to `at` may still be queued for sled.
         self.persister.barrier()?;
-        for item in self.key_tree.range(..end) {
+        for item in self.trees().key.range(..end) {
             let (k, v) = item?;
             let (r, _) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;

@@ -60,6 +60,7 @@ use sled::IVec;
 
 use crate::alarm;
 use crate::alarm::AlarmSet;
+use crate::defrag;
 use crate::key_index::KeyIndex;
 use crate::kv::KeyRange;
 use crate::kv::ReadView;
@@ -162,10 +163,12 @@ pub type ExportSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
 
 /// The MVCC key-value store (etcd's `mvcc.store`).
 pub struct KvStore {
-    db: sled::Db,
-    pub(crate) key_tree: sled::Tree,
-    meta_tree: sled::Tree,
-    lease_tree: sled::Tree,
+    /// The sled database and its trees; replaced whole by [`KvStore::defragment`] (under the
+    /// writer, after the persister drained), so every access goes through [`KvStore::trees`].
+    db: RwLock<sled::Db>,
+    trees: Arc<RwLock<Trees>>,
+    /// Where the database lives, if it was opened from a path (needed to defragment).
+    path: Option<std::path::PathBuf>,
     index: RwLock<IndexState>,
     /// One writer at a time; writes are applied in Raft log order anyway.
     writer: Mutex<()>,
@@ -194,19 +197,16 @@ impl KvStore {
     /// Opens the store in `db`, rebuilding the key index from the `key` tree and finishing a
     /// compaction that a crash interrupted.
     pub fn open(db: sled::Db) -> Result<Self> {
-        let key_tree = db.open_tree(schema::KEY_TREE)?;
-        let meta_tree = db.open_tree(schema::META_TREE)?;
-        let lease_tree = db.open_tree(schema::LEASE_TREE)?;
-        let persister = Persister::start(Trees {
-            key: key_tree.clone(),
-            meta: meta_tree.clone(),
-            lease: lease_tree.clone(),
-        })?;
+        Self::open_in(db, None)
+    }
+
+    fn open_in(db: sled::Db, path: Option<std::path::PathBuf>) -> Result<Self> {
+        let trees = Arc::new(RwLock::new(Trees::open(&db)?));
+        let persister = Persister::start(trees.clone())?;
         let store = KvStore {
-            db,
-            key_tree,
-            meta_tree,
-            lease_tree,
+            db: RwLock::new(db),
+            trees,
+            path,
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
             hub: WatchHub::default(),
@@ -217,31 +217,40 @@ impl KvStore {
         Ok(store)
     }
 
-    /// Opens (or creates) a sled database at `path` and the store in it.
-    ///
-    /// sled holds an exclusive file lock until the last handle of a database is dropped, which
-    /// can be a moment after a member in the same process (an embedding program, a test) shut
-    /// down; the open waits up to 10 s for it rather than failing.
+    /// Opens (or creates) a sled database at `path` and the store in it, after finishing or
+    /// undoing a defragmentation that a crash interrupted (see [`crate::defrag`]). Waits (up to
+    /// 10 s) for sled's file lock, which a member closed a moment ago in the same process may
+    /// still hold.
     pub fn open_path(path: &std::path::Path) -> Result<Self> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match sled::Config::new()
-                .path(path)
-                .cache_capacity(CACHE_BYTES)
-                .open()
-            {
-                Ok(db) => return Self::open(db),
-                // sled reports it as ErrorKind::Other with this text only.
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    tracing::debug!(error = %e, "sled database still locked; waiting");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        defrag::recover(path)?;
+        Self::open_in(
+            defrag::open_db(path, CACHE_BYTES)?,
+            Some(path.to_path_buf()),
+        )
+    }
+
+    /// The trees as they are now (a defragmentation replaces them; it waits for this guard).
+    pub(crate) fn trees(&self) -> RwLockReadGuard<'_, Trees> {
+        self.trees.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rewrites the store into a fresh sled database holding only the live records and swaps it
+    /// in, so the space compaction freed goes back to the file system (etcd's defragmentation of
+    /// its bolt file; sled never shrinks its files itself). Writers wait meanwhile, as in etcd;
+    /// readers go on. A store opened without a path only flushes.
+    pub fn defragment(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return self.flush();
+        };
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.persister.barrier()?;
+        let db = defrag::rewrite(&self.trees(), path, CACHE_BYTES)?;
+        let trees = Trees::open(&db)?;
+        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = trees;
+        *self.db.write().unwrap_or_else(|p| p.into_inner()) = db;
+        // The old database is closed now that its last handles are gone.
+        defrag::remove_old(path);
+        Ok(())
     }
 
     /// Rebuilds the in-memory state from sled (etcd's `restore` / `restoreIntoIndex`).
@@ -258,7 +267,7 @@ impl KvStore {
             compact: finished,
             leases: LeaseIndex::default(),
         };
-        for item in self.lease_tree.iter() {
+        for item in self.trees().lease.iter() {
             let (k, v) = item?;
             let lease = Lease::decode(&k, &v)?;
             st.leases
@@ -266,7 +275,7 @@ impl KvStore {
         }
         // The lease of each live key is the one in its latest put.
         let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
-        for item in self.key_tree.iter() {
+        for item in self.trees().key.iter() {
             let (k, v) = item?;
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
@@ -297,7 +306,7 @@ impl KvStore {
         for (k, lease) in key_lease {
             st.leases.attach(k, lease);
         }
-        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarm::load(&self.meta_tree)?;
+        *self.alarms.write().unwrap_or_else(|p| p.into_inner()) = alarm::load(&self.trees().meta)?;
         let leases = st.leases.leases.len();
         let keys = st.keys.len();
         let current = st.current;
@@ -330,7 +339,8 @@ impl KvStore {
     pub fn consistent_index(&self) -> Result<Option<Vec<u8>>> {
         self.persister.barrier()?;
         Ok(self
-            .meta_tree
+            .trees()
+            .meta
             .get(schema::CONSISTENT_INDEX)?
             .map(|v| v.to_vec()))
     }
@@ -366,7 +376,7 @@ impl KvStore {
     pub fn members(&self) -> Result<Vec<Member>> {
         self.persister.barrier()?;
         let mut out = Vec::new();
-        for item in self.meta_tree.scan_prefix(schema::MEMBER_PREFIX) {
+        for item in self.trees().meta.scan_prefix(schema::MEMBER_PREFIX) {
             let (_, v) = item?;
             out.push(
                 Member::decode(v.as_ref())
@@ -487,7 +497,7 @@ impl KvStore {
         let mut batch = sled::Batch::default();
         batch.insert(schema::SCHEDULED_COMPACT_REV, &rev.to_be_bytes());
         batch.insert(schema::CONSISTENT_INDEX, consistent_index);
-        self.meta_tree.apply_batch(batch)?;
+        self.trees().meta.apply_batch(batch)?;
         self.compact_locked(rev)?;
         Ok(Ok(CompactionResponse {
             header: Some(ops::header(current)),
@@ -510,7 +520,8 @@ impl KvStore {
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
         let mut deleted = 0usize;
-        for item in self.key_tree.range(..end) {
+        let trees = self.trees();
+        for item in trees.key.range(..end) {
             let (k, _) = item?;
             let (r, _) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
@@ -520,14 +531,15 @@ impl KvStore {
             batch.remove(k);
             n += 1;
             if n == COMPACTION_BATCH {
-                self.key_tree.apply_batch(std::mem::take(&mut batch))?;
+                trees.key.apply_batch(std::mem::take(&mut batch))?;
                 deleted += n;
                 n = 0;
             }
         }
-        self.key_tree.apply_batch(batch)?;
+        trees.key.apply_batch(batch)?;
         deleted += n;
-        self.meta_tree
+        trees
+            .meta
             .insert(schema::FINISHED_COMPACT_REV, &rev.to_be_bytes())?;
         tracing::info!(revision = rev, deleted, "compaction finished");
         Ok(())
@@ -537,7 +549,7 @@ impl KvStore {
     /// the Raft log. Used before snapshots and on clean shutdown to shorten replay.
     pub fn flush(&self) -> Result<()> {
         self.persister.barrier()?;
-        self.db.flush()?;
+        self.db.read().unwrap_or_else(|p| p.into_inner()).flush()?;
         Ok(())
     }
 
@@ -546,10 +558,11 @@ impl KvStore {
     pub fn export(&self, out: &mut ExportSink<'_>) -> Result<()> {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
+        let trees = self.trees();
         for (name, tree) in [
-            (schema::KEY_TREE, &self.key_tree),
-            (schema::META_TREE, &self.meta_tree),
-            (schema::LEASE_TREE, &self.lease_tree),
+            (schema::KEY_TREE, &trees.key),
+            (schema::META_TREE, &trees.meta),
+            (schema::LEASE_TREE, &trees.lease),
         ] {
             for item in tree.iter() {
                 let (k, v) = item?;
@@ -567,17 +580,20 @@ impl KvStore {
     {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
-        self.key_tree.clear()?;
-        self.meta_tree.clear()?;
-        self.lease_tree.clear()?;
-        for rec in records {
-            let (name, k, v) = rec?;
-            match name.as_str() {
-                schema::KEY_TREE => self.key_tree.insert(k, v)?,
-                schema::META_TREE => self.meta_tree.insert(k, v)?,
-                schema::LEASE_TREE => self.lease_tree.insert(k, v)?,
-                other => return Err(StorageError::Corrupt(format!("unknown tree {other}"))),
-            };
+        {
+            let trees = self.trees();
+            trees.key.clear()?;
+            trees.meta.clear()?;
+            trees.lease.clear()?;
+            for rec in records {
+                let (name, k, v) = rec?;
+                match name.as_str() {
+                    schema::KEY_TREE => trees.key.insert(k, v)?,
+                    schema::META_TREE => trees.meta.insert(k, v)?,
+                    schema::LEASE_TREE => trees.lease.insert(k, v)?,
+                    other => return Err(StorageError::Corrupt(format!("unknown tree {other}"))),
+                };
+            }
         }
         self.restore()
     }
@@ -769,7 +785,7 @@ impl KvStore {
         // has: sled's range, then the queued tail past it.
         let queued = self.persister.range(&start, &end);
         let mut last: Option<IVec> = None;
-        for item in self.key_tree.range(start..end) {
+        for item in self.trees().key.range(start..end) {
             let (k, v) = item?;
             push_history_event(&mut out, range, &k, &v)?;
             last = Some(k);
@@ -783,7 +799,7 @@ impl KvStore {
     }
 
     fn read_meta_i64(&self, key: &str) -> Result<Option<i64>> {
-        match self.meta_tree.get(key)? {
+        match self.trees().meta.get(key)? {
             None => Ok(None),
             Some(v) => {
                 let b: [u8; 8] = v.as_ref().try_into().map_err(|_| {
@@ -868,7 +884,7 @@ fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
     let key = rev.to_bytes(false);
     let v = match store.persister.get(&key) {
         Some(v) => v,
-        None => store.key_tree.get(&key)?.ok_or_else(|| {
+        None => store.trees().key.get(&key)?.ok_or_else(|| {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };

@@ -8,12 +8,14 @@
 //! - [`lease`]: leases and their attached keys (replicated state; expiry timing is the server's).
 //! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
 //! - [`alarm`]: cluster alarms as replicated state; [`hash`]: etcd's HashKV over the history.
+//! - [`defrag`]: rewriting the sled database to give freed space back, crash-safely.
 //!
 //! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
 //! request/response types from `fetcd-proto` and an opaque "consistent index" blob from whoever
 //! drives it, and knows nothing of how the writes were agreed on.
 
 pub mod alarm;
+pub mod defrag;
 mod error;
 pub mod hash;
 mod interval_tree;

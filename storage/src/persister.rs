@@ -88,6 +88,30 @@ pub(crate) struct Trees {
     pub lease: sled::Tree,
 }
 
+impl Trees {
+    /// The store's trees in `db` (created if missing).
+    pub(crate) fn open(db: &sled::Db) -> Result<Self> {
+        Ok(Trees {
+            key: db.open_tree(schema::KEY_TREE)?,
+            meta: db.open_tree(schema::META_TREE)?,
+            lease: db.open_tree(schema::LEASE_TREE)?,
+        })
+    }
+
+    /// Each tree with its name, `meta` last (it holds the consistent index).
+    pub(crate) fn named(&self) -> [(&'static str, &sled::Tree); 3] {
+        [
+            (schema::KEY_TREE, &self.key),
+            (schema::LEASE_TREE, &self.lease),
+            (schema::META_TREE, &self.meta),
+        ]
+    }
+}
+
+/// The trees, shared with the store, which swaps them when it defragments (only while the
+/// queue is empty and no apply can add to it).
+pub(crate) type SharedTrees = Arc<RwLock<Trees>>;
+
 /// The queue, the `key` overlay and the thread writing them to sled.
 pub(crate) struct Persister {
     queue: Mutex<Queue>,
@@ -104,7 +128,7 @@ pub(crate) struct Persister {
 
 impl Persister {
     /// Starts the persister thread over `trees`.
-    pub(crate) fn start(trees: Trees) -> Result<Arc<Self>> {
+    pub(crate) fn start(trees: SharedTrees) -> Result<Arc<Self>> {
         let p = Arc::new(Persister {
             queue: Mutex::new(Queue::default()),
             work: Condvar::new(),
@@ -206,11 +230,11 @@ impl Persister {
         }
     }
 
-    fn run(&self, trees: Trees) {
+    fn run(&self, trees: SharedTrees) {
         let mut last: Option<Instant> = None;
         while let Some((sets, upto)) = self.next_group(last) {
             last = Some(Instant::now());
-            let res = write_group(&trees, &sets);
+            let res = write_group(&trees.read().unwrap_or_else(|p| p.into_inner()), &sets);
             if res.is_ok() {
                 // Only now may readers stop finding these records in the overlay.
                 let mut ov = self.overlay.write().unwrap_or_else(|p| p.into_inner());
@@ -312,11 +336,7 @@ mod tests {
             .temporary(true)
             .open()
             .expect("open sled");
-        let t = Trees {
-            key: db.open_tree(schema::KEY_TREE).expect("key tree"),
-            meta: db.open_tree(schema::META_TREE).expect("meta tree"),
-            lease: db.open_tree(schema::LEASE_TREE).expect("lease tree"),
-        };
+        let t = Trees::open(&db).expect("trees");
         (db, t)
     }
 
@@ -334,7 +354,7 @@ mod tests {
     #[test]
     fn queued_records_are_readable_until_sled_has_them() {
         let (_db, t) = trees();
-        let p = Persister::start(t.clone()).expect("start");
+        let p = Persister::start(Arc::new(RwLock::new(t.clone()))).expect("start");
         for i in 1..=50u8 {
             p.enqueue(set(i, i)).expect("enqueue");
             // Readable at once, from the overlay or (already written) from sled.
@@ -367,7 +387,7 @@ mod tests {
     #[test]
     fn stop_writes_what_is_queued() {
         let (_db, t) = trees();
-        let p = Persister::start(t.clone()).expect("start");
+        let p = Persister::start(Arc::new(RwLock::new(t.clone()))).expect("start");
         for i in 1..=5u8 {
             p.enqueue(set(i, i)).expect("enqueue");
         }

@@ -699,3 +699,96 @@ fn history_spans_sled_and_writes_still_queued_for_it() {
         assert_eq!(got, revs, "round {round}");
     }
 }
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
+
+fn with_suffix(path: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+#[test]
+fn defragment_gives_compacted_space_back_and_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv");
+    let s = KvStore::open_path(&path).unwrap();
+    let big = "x".repeat(16 * 1024);
+    for i in 0..400 {
+        put(&s, &format!("k{}", i % 4), &format!("{i}{big}"));
+    }
+    let rev = s.current_revision();
+    assert!(compact(&s, rev).is_ok());
+    let before_history = history(&s);
+    let before_hash = s.hash_kv(0).unwrap().unwrap().hash;
+    s.flush().unwrap();
+    let full = dir_bytes(&path);
+    s.defragment().unwrap();
+    let defragged = dir_bytes(&path);
+    assert!(defragged < full / 2, "{full} -> {defragged}");
+    assert!(!with_suffix(&path, ".old").exists() && !with_suffix(&path, ".defrag").exists());
+    // Same data, same hash, and writes go on into the new database.
+    assert_eq!(history(&s), before_history);
+    assert_eq!(s.hash_kv(0).unwrap().unwrap().hash, before_hash);
+    assert_eq!(put(&s, "after", "1"), rev + 1);
+    s.flush().unwrap();
+    drop(s);
+    let s = KvStore::open_path(&path).unwrap();
+    assert_eq!(s.current_revision(), rev + 1);
+    assert_eq!(get(&s, "after", 0).unwrap().len(), 1);
+    assert_eq!(
+        get(&s, "k3", 0).unwrap()[0].value,
+        format!("399{big}").into_bytes()
+    );
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_defragmentation_leaves_one_whole_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv");
+    let s = KvStore::open_path(&path).unwrap();
+    put(&s, "a", "1");
+    put(&s, "b", "2");
+    s.flush().unwrap();
+    drop(s);
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            if e.metadata().unwrap().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    let check = |label: &str| {
+        let s = KvStore::open_path(&path).unwrap();
+        assert_eq!(s.current_revision(), 3, "{label}");
+        assert_eq!(get(&s, "b", 0).unwrap().len(), 1, "{label}");
+        drop(s);
+        assert!(!with_suffix(&path, ".old").exists(), "{label}");
+        assert!(!with_suffix(&path, ".defrag").exists(), "{label}");
+    };
+    // An unfinished copy beside the original.
+    std::fs::create_dir_all(with_suffix(&path, ".defrag")).unwrap();
+    std::fs::write(with_suffix(&path, ".defrag").join("db"), b"torn").unwrap();
+    check("unfinished copy");
+    // Between the two renames: only the original, under its `.old` name (plus the copy).
+    copy(&path, &with_suffix(&path, ".defrag"));
+    std::fs::rename(&path, with_suffix(&path, ".old")).unwrap();
+    check("between the renames");
+    // After the swap, before the original was removed.
+    copy(&path, &with_suffix(&path, ".old"));
+    check("original left behind");
+}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The three-member cluster of docker-compose.yml, end to end, in containers: the offline image
 # build (scripts/docker-image.sh), `up` until all three members are healthy, a write through one
-# member read linearizably through another, the leader killed (SIGKILL) while writes go on
-# through the other two, the old leader started again and caught up (its serializable reads,
-# answered from its own state, return the latest value), then `down -v`.
+# member read linearizably through another, `etcdctl move-leader` to a follower, the leader
+# killed (SIGKILL) while writes go on through the other two, the old leader started again and
+# caught up (its serializable reads, answered from its own state, return the latest value), then
+# `down -v`.
 #
 # Everything it creates belongs to a compose project of its own (unique name, its own network
 # and volumes), removed on exit whatever happens. Client ports are free loopback ports it picks,
@@ -186,6 +187,25 @@ snap=$(mktemp -d)/snap.db
 ctl "$FETCD2_PORT" snapshot save "$snap" >/dev/null 2>&1 || fail "snapshot save"
 [ -s "$snap" ] || fail "snapshot file is empty"
 curl -fsS "http://127.0.0.1:$FETCD3_PORT/health" | grep -q '"health":"true"' || fail "/health of fetcd3"
+step_done
+
+step "etcdctl move-leader: hand leadership to a follower"
+# `endpoint status` lines: endpoint, id (hex), version, size, is-leader, is-learner, ...
+leader_hex() { mctl endpoint status | awk -F', ' '$5 == "true" { print $2 }'; }
+status=$(mctl endpoint status) || fail "endpoint status failed"
+from_hex=$(awk -F', ' '$5 == "true" { print $2; exit }' <<<"$status")
+to_hex=$(awk -F', ' '$5 == "false" { print $2; exit }' <<<"$status")
+[ -n "$from_hex" ] && [ -n "$to_hex" ] || fail "no leader and follower in: $status"
+move_out=$(mctl move-leader "$to_hex" 2>&1) || fail "move-leader: $move_out"
+[ "$move_out" = "Leadership transferred from $from_hex to $to_hex" ] || fail "move-leader: $move_out"
+deadline=$((SECONDS + 10))
+until [ "$(leader_hex)" = "$to_hex" ]; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "leader is $(leader_hex), not $to_hex, after move-leader"
+  sleep 0.5
+done
+ctl "$FETCD1_PORT" put /compose/moved yes >/dev/null || fail "write after move-leader"
+[ "$(value_on 2 /compose/moved)" = yes ] || fail "fetcd2 misses the write after move-leader"
+echo "    leadership moved from $from_hex to $to_hex"
 step_done
 
 step "find the leader"

@@ -181,6 +181,31 @@ impl Cluster {
         self.slots[i].server.as_ref()
     }
 
+    /// Member `i`'s id, if it runs.
+    pub fn member_id(&self, i: usize) -> Option<u64> {
+        self.server(i).map(|s| s.node().raft().id())
+    }
+
+    /// Waits (bounded) until every running member's Status names the member with id `leader` as
+    /// the leader.
+    pub async fn wait_leader_everywhere(&self, leader: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut seen = Vec::new();
+            for i in (0..self.len()).filter(|i| self.slots[*i].server.is_some()) {
+                let st = self.client(i).await?.status().await;
+                seen.push(st.map(|s| s.leader()).unwrap_or(0));
+            }
+            if seen.iter().all(|l| *l == leader) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("members report leaders {seen:?}, not {leader}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A client talking only to member `i`.
     pub async fn client(&self, i: usize) -> anyhow::Result<Client> {
         crate::etcd::connect(&self.client_url(i)).await

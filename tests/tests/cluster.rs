@@ -116,6 +116,47 @@ async fn watch_on_a_follower_sees_writes_through_the_leader() -> Result<()> {
 
 type Acked = Arc<Mutex<BTreeMap<String, (String, i64)>>>;
 
+/// Keys under `prefix` and their (value, mod revision), read linearizably through member `i`.
+async fn stored(c: &Cluster, i: usize, prefix: &str) -> Result<BTreeMap<String, (String, i64)>> {
+    let mut cl = c.client(i).await?;
+    let r = cl
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    r.kvs()
+        .iter()
+        .map(|kv| {
+            Ok((
+                kv.key_str()?.to_string(),
+                (kv.value_str()?.to_string(), kv.mod_revision()),
+            ))
+        })
+        .collect()
+}
+
+/// Checks that member `i` stores every acknowledged write under `prefix` at its revision, and
+/// that no two writes share a revision.
+async fn check_acked(
+    c: &Cluster,
+    i: usize,
+    prefix: &str,
+    acked: &BTreeMap<String, (String, i64)>,
+) -> Result<()> {
+    let all = stored(c, i, prefix).await?;
+    for (k, v) in acked {
+        ensure!(
+            all.get(k) == Some(v),
+            "member {i}: acknowledged {k}={v:?} is {:?}",
+            all.get(k)
+        );
+    }
+    let mut revs: Vec<i64> = all.values().map(|v| v.1).collect();
+    let n = revs.len();
+    revs.sort();
+    revs.dedup();
+    ensure!(revs.len() == n, "member {i}: two writes share a revision");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_failover_under_load_loses_no_acknowledged_write() -> Result<()> {
     let mut c = Cluster::start(3).await?;
@@ -175,30 +216,7 @@ async fn leader_failover_under_load_loses_no_acknowledged_write() -> Result<()> 
     // Every acknowledged write is there, at its revision, on both survivors.
     let acked = acked.lock().unwrap().clone();
     for i in (0..3).filter(|i| *i != leader) {
-        let mut cl = c.client(i).await?;
-        let r = cl.get("f/", Some(GetOptions::new().with_prefix())).await?;
-        let stored: BTreeMap<String, (String, i64)> = r
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    kv.key_str().unwrap().to_string(),
-                    (kv.value_str().unwrap().to_string(), kv.mod_revision()),
-                )
-            })
-            .collect();
-        for (k, v) in &acked {
-            ensure!(
-                stored.get(k) == Some(v),
-                "member {i}: acknowledged {k}={v:?} is {:?}",
-                stored.get(k)
-            );
-        }
-        let mut revs: Vec<i64> = stored.values().map(|v| v.1).collect();
-        let n = revs.len();
-        revs.sort();
-        revs.dedup();
-        ensure!(revs.len() == n, "two writes share a revision");
+        check_acked(&c, i, "f/", &acked).await?;
     }
 
     // The old leader comes back and catches up.
@@ -552,5 +570,189 @@ async fn watch_requiring_a_leader_is_canceled_when_the_member_loses_it() -> Resu
         "hasleader stream canceled {:?} after losing quorum",
         started.elapsed()
     );
+    Ok(())
+}
+
+const NOT_LEADER: &str = "etcdserver: not leader";
+const BAD_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_leader_to_each_member_in_turn() -> Result<()> {
+    use etcd_client::MemberAddOptions;
+    use fetcd_tests::expect_grpc_error;
+    let mut c = Cluster::start(3).await?;
+    let ids: Vec<u64> = (0..3)
+        .map(|i| c.member_id(i).context("member id"))
+        .collect::<Result<_>>()?;
+    let mut cl = c.client(0).await?;
+    for i in 0..20 {
+        cl.put(format!("ml/before/{i}"), format!("{i}"), None)
+            .await?;
+    }
+
+    // etcd's errors. A follower answers `not leader` whatever the target (v3rpc checks that
+    // first); the leader refuses a stranger and a learner.
+    let leader = c.leader().context("leader")?;
+    let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+    let mut fc = c.client(f1).await?;
+    for target in [ids[f2], ids[leader], 0x1234] {
+        let r = fc.move_leader(target).await;
+        expect_grpc_error(&r, "FailedPrecondition", NOT_LEADER)?;
+    }
+    let mut lc = c.client(leader).await?;
+    let r = lc.move_leader(0x1234).await;
+    expect_grpc_error(&r, "FailedPrecondition", BAD_TRANSFEREE)?;
+    // A learner that never starts (its ports are only reserved): still a member, not a voter.
+    let (_, url) = c.reserve_member().await?;
+    let added = lc
+        .member_add([url], Some(MemberAddOptions::new().with_is_learner()))
+        .await?;
+    let learner = added.member().context("added member")?.id();
+    let r = lc.move_leader(learner).await;
+    expect_grpc_error(&r, "FailedPrecondition", BAD_TRANSFEREE)?;
+    lc.member_remove(learner).await?;
+    ensure!(
+        c.leader() == Some(leader),
+        "a refused move changed the leader"
+    );
+
+    // Three moves, each to the next member: every member leads once, and every member's Status
+    // says so. Writes go through the member that just stopped leading.
+    for round in 0..3 {
+        let from = c.leader().context("leader")?;
+        let to = (from + 1) % 3;
+        c.client(from).await?.move_leader(ids[to]).await?;
+        c.wait_leader_everywhere(ids[to]).await?;
+        ensure!(
+            c.leader() == Some(to),
+            "round {round}: leader {:?}",
+            c.leader()
+        );
+        c.client(from)
+            .await?
+            .put(format!("ml/after/{round}"), "x", None)
+            .await?;
+    }
+
+    // etcdctl finds the leader among the endpoints and moves it (host:port endpoints: see the
+    // README's note on etcdctl 3.4's per-endpoint commands).
+    let from = c.leader().context("leader")?;
+    let to = (from + 2) % 3;
+    let endpoints = (0..3)
+        .map(|i| c.client_url(i).trim_start_matches("http://").to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let hex = format!("{:x}", ids[to]);
+    let out = fetcd_tests::run_etcdctl(&endpoints, &["move-leader", &hex], None).await?;
+    ensure!(
+        out.stdout == format!("Leadership transferred from {:x} to {hex}\n", ids[from]),
+        "{out:?}"
+    );
+    c.wait_leader_everywhere(ids[to]).await?;
+
+    // Everything written before, between and after is on every member.
+    for i in 0..3 {
+        let all = stored(&c, i, "ml/").await?;
+        ensure!(all.len() == 23, "member {i} has {} keys", all.len());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn move_leader_under_write_load_loses_no_acknowledged_write() -> Result<()> {
+    let c = Cluster::start(3).await?;
+    let ids: Vec<u64> = (0..3)
+        .map(|i| c.member_id(i).context("member id"))
+        .collect::<Result<_>>()?;
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..6 {
+        let mut cl = c.client(w % 3).await?;
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let (mut n, mut errors) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("mw/{w}/{n}");
+                let val = format!("{w}-{n}");
+                match cl.put(key.as_str(), val.as_str(), None).await {
+                    Ok(r) => {
+                        acked.lock().unwrap().insert(key, (val, rev(r.header())));
+                    }
+                    // Unknown outcome: not counted as acknowledged.
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                n += 1;
+            }
+            errors
+        }));
+    }
+    let mut counts = Vec::new();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..2 {
+        counts.push(acked.lock().unwrap().len());
+        let from = c.leader().context("leader")?;
+        let to = (from + 1) % 3;
+        c.client(from).await?.move_leader(ids[to]).await?;
+        c.wait_leader_everywhere(ids[to]).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    counts.push(acked.lock().unwrap().len());
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for w in writers {
+        errors.extend(w.await?);
+    }
+    eprintln!(
+        "acknowledged writes at each move and at the end: {counts:?}; failed writes: {}: {:?}",
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>()
+    );
+    ensure!(
+        counts.windows(2).all(|w| w[1] > w[0]),
+        "writes did not go on between moves: {counts:?}"
+    );
+
+    let acked = acked.lock().unwrap().clone();
+    for i in 0..3 {
+        check_acked(&c, i, "mw/", &acked).await?;
+    }
+    Ok(())
+}
+
+/// A leader that dies in the middle of a transfer, after pausing the other members' elections:
+/// the pauses lift themselves and the survivors elect a new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfer_pauses_lift_themselves_when_the_leader_dies() -> Result<()> {
+    let mut c = Cluster::start(3).await?;
+    let leader = c.leader().context("leader")?;
+    let pause = Duration::from_secs(4);
+    for i in 0..3 {
+        let pauses = c
+            .server(i)
+            .context("server")?
+            .node()
+            .raft()
+            .transfer_pauses()
+            .clone();
+        if i == leader {
+            pauses.quiet_leader(pause);
+        } else {
+            pauses.pause_elections(pause);
+        }
+    }
+    c.stop(leader).await?;
+    let started = std::time::Instant::now();
+    let new_leader = c.wait_ready().await?;
+    ensure!(new_leader != leader);
+    eprintln!(
+        "new leader {:?} after the paused leader stopped",
+        started.elapsed()
+    );
+    c.client(new_leader).await?.put("after", "1", None).await?;
     Ok(())
 }

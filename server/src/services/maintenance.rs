@@ -138,20 +138,28 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(resp))
     }
 
-    /// sled has no defragmentation (it reuses freed space itself and cannot be asked to give
-    /// file space back), so this flushes the store's buffers and reports success, which is what
-    /// the call guarantees in etcd too: afterwards the member serves the same data.
+    /// Rewrites the store into a fresh sled database and swaps it in (see
+    /// `fetcd_storage::defrag`), so space freed by compaction goes back to the file system and
+    /// `dbSize` shrinks, as etcd's defragmentation of its bolt file. Writes on this member wait
+    /// meanwhile, as in etcd.
     async fn defragment(
         &self,
         _: GrpcRequest<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        tracing::info!("starting defragment (sled: flush only)");
+        let before = self.node.quota().db_size(self.node.raft());
+        tracing::info!(db_size = before, "starting defragment");
         let store = self.node.store().clone();
-        tokio::task::spawn_blocking(move || store.flush())
+        let res = tokio::task::spawn_blocking(move || store.defragment())
             .await
-            .map_err(join_error)?
-            .map_err(|e| status::storage_error(&e))?;
-        tracing::info!("finished defragment");
+            .map_err(join_error)?;
+        self.node.quota().forget_size();
+        res.map_err(|e| status::storage_error(&e))?;
+        let after = self.node.quota().db_size(self.node.raft());
+        tracing::info!(
+            db_size_before = before,
+            db_size_after = after,
+            "finished defragment"
+        );
         Ok(Response::new(pb::DefragmentResponse { header: None }))
     }
 
@@ -223,6 +231,8 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
+    /// etcd's v3rpc answers `not leader` unless this member leads (etcdctl sends MoveLeader to
+    /// the leader it finds through Status), then `bad leader transferee` for a non-voter.
     async fn move_leader(
         &self,
         req: GrpcRequest<pb::MoveLeaderRequest>,
@@ -236,8 +246,8 @@ impl Maintenance for MaintenanceService {
             Err(TransferError::BadTransferee) => {
                 Err(Status::failed_precondition(msg::ERR_BAD_LEADER_TRANSFEREE))
             }
-            Err(e @ TransferError::Unsupported) => {
-                Err(Status::unimplemented(format!("fetcd: {e}")))
+            Err(TransferError::Timeout) => {
+                Err(Status::unavailable(msg::ERR_TIMEOUT_LEADER_TRANSFER))
             }
         }
     }
