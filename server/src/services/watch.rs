@@ -249,11 +249,6 @@ struct StreamCtx {
 }
 
 impl StreamCtx {
-    /// The store's handle on this stream's queue.
-    fn sink(&self) -> Arc<StreamQueue> {
-        self.queue.clone()
-    }
-
     fn key(&self, id: i64) -> WatchKey {
         WatchKey {
             stream: self.id,
@@ -409,7 +404,7 @@ async fn recv_loop(
                 }
             }
             Some(RequestUnion::ProgressRequest(_)) => {
-                let sink = ctx.sink();
+                let sink = ctx.queue.clone();
                 match node.store().request_progress(stream, sink) {
                     Some(rev) => queue.send(WatchMessage::Response(progress_response(rev))),
                     // Answered by the catch-up once this stream's watchers are synced.
@@ -499,7 +494,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         no_put,
         no_delete,
     };
-    let sink = ctx.sink();
+    let sink = ctx.queue.clone();
     let rev = node.store().watch(key, spec, sink);
     let created = WatchResponse {
         header: header(rev),
@@ -599,14 +594,10 @@ async fn deliver(ctx: &StreamCtx, msg: WatchMessage, out: &Out, max_request_byte
             events,
         } => (watch_id, revision, events),
     };
-    let opts = {
-        let mut watches = lock(&ctx.watches);
-        let o = watches.get_mut(&watch_id);
-        o.map(|o| {
-            o.active = true;
-            *o
-        })
-    };
+    let opts = lock(&ctx.watches).get_mut(&watch_id).map(|o| {
+        o.active = true;
+        *o
+    });
     let Some(opts) = opts else {
         // Canceled while these were queued: etcd drops them too.
         return true;
