@@ -41,8 +41,8 @@ const STANDARD: &[(&str, &str, &str, u64)] = &[
     ("watch-latency-10k", "watch-latency, 10,000 watchers on a key, 100 streams, 10 puts/s", "watch-latency --watchers 10000 --streams 100 --conns 8 --put-rate 10 --val-size 256", 100),
     ("watch-latency-prefix", "watch-latency, 100 watchers on a prefix, 100 puts/s", "watch-latency --prefix --watchers 100 --val-size 256", 1_000),
     ("watch-latency-prefix-10k", "watch-latency, 10,000 watchers on a prefix, 100 streams, 10 puts/s", "watch-latency --prefix --watchers 10000 --streams 100 --conns 8 --put-rate 10 --val-size 256", 100),
-    ("lease-keepalive", "lease keepalive, 64 streams", "lease-keepalive --clients 64 --conns 8", 30_000),
-    ("lease-grant-revoke", "lease grant+revoke, 64 clients", "lease-grant-revoke --clients 64 --conns 8", 10_000),
+    ("lease-keepalive", "lease keepalive, 64 streams", "lease-keepalive --clients 64 --conns 8", 200_000),
+    ("lease-grant-revoke", "lease grant+revoke, 64 clients", "lease-grant-revoke --clients 64 --conns 8", 30_000),
     ("lease-expiry", "10,000 leases expiring (writer latency)", "lease-expiry --clients 32 --conns 8 --lease-ttl 5", 10_000),
     ("kube", "kube-apiserver mix, 32 clients", "kube --clients 32 --conns 8 --kube-objects 1000", 20_000),
 ];
