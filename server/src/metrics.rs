@@ -47,39 +47,138 @@ const CODE_NAMES: [&str; 17] = [
     "Unauthenticated",
 ];
 
-/// One gRPC method: `(service, method)`.
-type MethodKey = (String, String);
+/// etcd's gRPC methods as `(service, method)`: counted in atomics, with no lock or allocation per
+/// call. Anything else (a method etcd does not have) is counted in [`Metrics::other`].
+const METHODS: &[(&str, &str)] = &[
+    ("etcdserverpb.KV", "Range"),
+    ("etcdserverpb.KV", "Put"),
+    ("etcdserverpb.KV", "DeleteRange"),
+    ("etcdserverpb.KV", "Txn"),
+    ("etcdserverpb.KV", "Compact"),
+    ("etcdserverpb.Watch", "Watch"),
+    ("etcdserverpb.Lease", "LeaseGrant"),
+    ("etcdserverpb.Lease", "LeaseRevoke"),
+    ("etcdserverpb.Lease", "LeaseKeepAlive"),
+    ("etcdserverpb.Lease", "LeaseTimeToLive"),
+    ("etcdserverpb.Lease", "LeaseLeases"),
+    ("etcdserverpb.Cluster", "MemberAdd"),
+    ("etcdserverpb.Cluster", "MemberRemove"),
+    ("etcdserverpb.Cluster", "MemberUpdate"),
+    ("etcdserverpb.Cluster", "MemberList"),
+    ("etcdserverpb.Cluster", "MemberPromote"),
+    ("etcdserverpb.Maintenance", "Alarm"),
+    ("etcdserverpb.Maintenance", "Status"),
+    ("etcdserverpb.Maintenance", "Defragment"),
+    ("etcdserverpb.Maintenance", "Hash"),
+    ("etcdserverpb.Maintenance", "HashKV"),
+    ("etcdserverpb.Maintenance", "Snapshot"),
+    ("etcdserverpb.Maintenance", "MoveLeader"),
+    ("etcdserverpb.Maintenance", "Downgrade"),
+    ("etcdserverpb.Auth", "AuthEnable"),
+    ("etcdserverpb.Auth", "AuthDisable"),
+    ("etcdserverpb.Auth", "AuthStatus"),
+    ("etcdserverpb.Auth", "Authenticate"),
+    ("etcdserverpb.Auth", "UserAdd"),
+    ("etcdserverpb.Auth", "UserGet"),
+    ("etcdserverpb.Auth", "UserList"),
+    ("etcdserverpb.Auth", "UserDelete"),
+    ("etcdserverpb.Auth", "UserChangePassword"),
+    ("etcdserverpb.Auth", "UserGrantRole"),
+    ("etcdserverpb.Auth", "UserRevokeRole"),
+    ("etcdserverpb.Auth", "RoleAdd"),
+    ("etcdserverpb.Auth", "RoleGet"),
+    ("etcdserverpb.Auth", "RoleList"),
+    ("etcdserverpb.Auth", "RoleDelete"),
+    ("etcdserverpb.Auth", "RoleGrantPermission"),
+    ("etcdserverpb.Auth", "RoleRevokePermission"),
+];
 
+/// `(service, method)` of a method etcd does not have.
+type OtherKey = (String, String);
+/// Counters of such methods.
+type OtherCounts = BTreeMap<Arc<OtherKey>, Arc<MethodCounts>>;
+
+/// The method of one call.
+#[derive(Clone, Debug)]
+enum Method {
+    /// An index into [`METHODS`].
+    Known(usize),
+    /// Any other `(service, method)`.
+    Other(Arc<OtherKey>),
+}
+
+/// A method's counters: calls started, and calls handled by gRPC code (see [`CODE_NAMES`]).
 #[derive(Debug, Default)]
 struct MethodCounts {
-    started: u64,
-    handled: BTreeMap<&'static str, u64>,
+    started: AtomicU64,
+    handled: [AtomicU64; CODE_NAMES.len()],
 }
 
 /// The member's counters (gauges are read from Raft and the store when scraped).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     leader_changes: AtomicU64,
-    grpc: Mutex<BTreeMap<MethodKey, MethodCounts>>,
+    known: Vec<Arc<MethodCounts>>,
+    other: Mutex<OtherCounts>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            leader_changes: AtomicU64::new(0),
+            known: METHODS.iter().map(|_| Arc::default()).collect(),
+            other: Mutex::default(),
+        }
+    }
 }
 
 impl Metrics {
-    fn grpc(&self) -> std::sync::MutexGuard<'_, BTreeMap<MethodKey, MethodCounts>> {
-        self.grpc.lock().unwrap_or_else(|p| p.into_inner())
+    fn other(&self) -> std::sync::MutexGuard<'_, OtherCounts> {
+        self.other.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn started(&self, key: &MethodKey) {
-        self.grpc().entry(key.clone()).or_default().started += 1;
+    /// Runs `f` on the counters of `m` (creating them for an unknown method).
+    fn with_counts(&self, m: &Method, f: impl FnOnce(&MethodCounts)) {
+        match m {
+            Method::Known(i) => {
+                if let Some(c) = self.known.get(*i) {
+                    f(c)
+                }
+            }
+            Method::Other(key) => {
+                let c = self.other().entry(key.clone()).or_default().clone();
+                f(&c)
+            }
+        }
     }
 
-    fn handled(&self, key: &MethodKey, code: &'static str) {
-        *self
-            .grpc()
-            .entry(key.clone())
-            .or_default()
-            .handled
-            .entry(code)
-            .or_default() += 1;
+    fn started(&self, m: &Method) {
+        self.with_counts(m, |c| {
+            c.started.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+
+    fn handled(&self, m: &Method, code: usize) {
+        self.with_counts(m, |c| {
+            if let Some(n) = c.handled.get(code) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Every method called at least once, with its counters, for rendering.
+    fn called(&self) -> Vec<(String, String, Arc<MethodCounts>)> {
+        let mut out = Vec::new();
+        for ((service, method), c) in METHODS.iter().zip(&self.known) {
+            if c.started.load(Ordering::Relaxed) > 0 {
+                out.push((service.to_string(), method.to_string(), c.clone()));
+            }
+        }
+        for (key, c) in self.other().iter() {
+            out.push((key.0.clone(), key.1.clone(), c.clone()));
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
     }
 
     /// Records that the leader changed (or one was elected).
@@ -88,9 +187,10 @@ impl Metrics {
     }
 }
 
-/// Counts leader changes as etcd does (every time a new leader is known) until `stop`.
+/// Counts leader changes as etcd does (every time a new leader is known) until `stop`. Follows
+/// openraft's server metrics, which change with votes and roles only, not with every append.
 pub async fn watch_leader(node: Arc<EtcdNode>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut rx = node.raft().raft().metrics();
+    let mut rx = node.raft().raft().server_metrics();
     let mut last = None;
     loop {
         let leader = rx.borrow_and_update().current_leader;
@@ -171,17 +271,21 @@ pub fn render(node: &EtcdNode) -> String {
     let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
     let _ = writeln!(out, "{name}_count {}", h.count);
 
-    let grpc = node.metrics().grpc();
+    let called = node.metrics().called();
     let _ = writeln!(out, "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter");
-    for ((service, method), c) in grpc.iter() {
+    for (service, method, c) in &called {
         let t = grpc_type(service, method);
-        let _ = writeln!(out, "grpc_server_started_total{{grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{t}\"}} {}", c.started);
+        let n = c.started.load(Ordering::Relaxed);
+        let _ = writeln!(out, "grpc_server_started_total{{grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{t}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter");
-    for ((service, method), c) in grpc.iter() {
+    for (service, method, c) in &called {
         let t = grpc_type(service, method);
-        for (code, n) in &c.handled {
-            let _ = writeln!(out, "grpc_server_handled_total{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{t}\"}} {n}");
+        for (code, n) in CODE_NAMES.iter().zip(&c.handled) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "grpc_server_handled_total{{grpc_code=\"{code}\",grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{t}\"}} {n}");
+            }
         }
     }
     out
@@ -220,26 +324,38 @@ pub struct GrpcMetrics<S> {
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
-/// `(service, method)` of a gRPC request path `/pkg.Service/Method`.
-fn method_of(req: &http::Request<Body>) -> Option<MethodKey> {
+/// The method of a gRPC request (path `/pkg.Service/Method`); `None` for anything else.
+fn method_of(req: &http::Request<Body>) -> Option<Method> {
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if !is_grpc {
         return None;
     }
     let (service, method) = req.uri().path().strip_prefix('/')?.split_once('/')?;
-    Some((service.to_string(), method.to_string()))
+    Some(
+        match METHODS
+            .iter()
+            .position(|&(s, m)| m == method && s == service)
+        {
+            Some(i) => Method::Known(i),
+            None => Method::Other(Arc::new((service.to_string(), method.to_string()))),
+        },
+    )
 }
 
-fn code_name(v: &http::HeaderValue) -> &'static str {
+/// `Canceled` and `Unknown` in [`CODE_NAMES`].
+const CANCELED: usize = 1;
+const UNKNOWN: usize = 2;
+
+/// The gRPC code a `grpc-status` value carries (`Unknown` if it is not one).
+fn code_of(v: &http::HeaderValue) -> usize {
     v.to_str()
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
-        .and_then(|n| CODE_NAMES.get(n).copied())
-        .unwrap_or("Unknown")
+        .filter(|n| *n < CODE_NAMES.len())
+        .unwrap_or(UNKNOWN)
 }
 
 impl<S> tower::Service<http::Request<Body>> for GrpcMetrics<S>
@@ -270,7 +386,7 @@ where
             let resp = inner.call(req).await?;
             // A trailers-only answer (an error before any message) carries the status here.
             if let Some(v) = resp.headers().get("grpc-status") {
-                node.metrics().handled(&key, code_name(v));
+                node.metrics().handled(&key, code_of(v));
                 return Ok(resp);
             }
             Ok(resp.map(|body| {
@@ -287,11 +403,11 @@ where
 /// the client went away before them).
 struct CountingBody {
     inner: Body,
-    pending: Option<(Arc<EtcdNode>, MethodKey)>,
+    pending: Option<(Arc<EtcdNode>, Method)>,
 }
 
 impl CountingBody {
-    fn finish(&mut self, code: &'static str) {
+    fn finish(&mut self, code: usize) {
         if let Some((node, key)) = self.pending.take() {
             node.metrics().handled(&key, code);
         }
@@ -300,7 +416,7 @@ impl CountingBody {
 
 impl Drop for CountingBody {
     fn drop(&mut self) {
-        self.finish("Canceled");
+        self.finish(CANCELED);
     }
 }
 
@@ -316,12 +432,12 @@ impl http_body::Body for CountingBody {
         match &r {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(t) = f.trailers_ref() {
-                    let code = t.get("grpc-status").map_or("Unknown", code_name);
+                    let code = t.get("grpc-status").map_or(UNKNOWN, code_of);
                     self.finish(code);
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.finish("Unknown"),
-            Poll::Ready(None) => self.finish("Unknown"),
+            Poll::Ready(Some(Err(_))) => self.finish(UNKNOWN),
+            Poll::Ready(None) => self.finish(UNKNOWN),
             Poll::Pending => {}
         }
         r
@@ -333,5 +449,51 @@ impl http_body::Body for CountingBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(path: &str) -> http::Request<Body> {
+        http::Request::builder()
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    #[test]
+    fn counts_known_and_other_methods_by_code() {
+        let m = Metrics::default();
+        let put = method_of(&request("/etcdserverpb.KV/Put")).expect("grpc");
+        assert!(matches!(put, Method::Known(_)));
+        let odd = method_of(&request("/some.Service/Odd")).expect("grpc");
+        assert!(matches!(odd, Method::Other(_)));
+        let plain = http::Request::builder()
+            .uri("/metrics")
+            .body(Body::empty())
+            .expect("request");
+        assert!(method_of(&plain).is_none());
+
+        for _ in 0..3 {
+            m.started(&put);
+        }
+        m.handled(&put, 0);
+        m.handled(&put, 0);
+        m.handled(&put, code_of(&http::HeaderValue::from_static("11")));
+        m.started(&odd);
+        m.handled(&odd, code_of(&http::HeaderValue::from_static("99")));
+
+        let called = m.called();
+        let names: Vec<_> = called.iter().map(|(s, m, _)| format!("{s}/{m}")).collect();
+        assert_eq!(names, ["etcdserverpb.KV/Put", "some.Service/Odd"]);
+        let (_, _, put_counts) = &called[0];
+        assert_eq!(put_counts.started.load(Ordering::Relaxed), 3);
+        assert_eq!(put_counts.handled[0].load(Ordering::Relaxed), 2);
+        assert_eq!(put_counts.handled[11].load(Ordering::Relaxed), 1);
+        let (_, _, odd_counts) = &called[1];
+        assert_eq!(odd_counts.handled[UNKNOWN].load(Ordering::Relaxed), 1);
     }
 }
