@@ -99,8 +99,24 @@ fn snapshot_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The runtime, without tokio's LIFO slot. With it, a task woken by another runs right after it:
+/// when a Raft batch answers its requests, each request task queues its response and wakes its
+/// connection, which then runs at once and writes that one response. Without it the connection
+/// runs after the other answered requests and writes them together: one `writev` per connection
+/// per batch instead of one per response (4x fewer under 64 writers; server CPU per put about
+/// 15 % lower). Needs `--cfg tokio_unstable` (set in `.cargo/config.toml`); a build without it
+/// keeps the LIFO slot and behaves the same otherwise.
+fn main() -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    #[cfg(tokio_unstable)]
+    rt.disable_lifo_slot();
+    rt.build()
+        .context("starting the tokio runtime")?
+        .block_on(async_main())
+}
+
+async fn async_main() -> anyhow::Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "snapshot") {
         return snapshot_main(args.into_iter().skip(1).collect());
