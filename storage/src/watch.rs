@@ -28,8 +28,8 @@
 //! `watchableStoreTxnWrite.End`): events of revision R are queued before any reader can observe
 //! R. Lock order is index → hub, never the reverse.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::OnceLock;
@@ -155,6 +155,21 @@ pub trait WatchSink: Send + Sync {
 
     /// True if nothing could be queued now; catch-up skips the history read then.
     fn is_full(&self) -> bool;
+
+    /// Queues the messages of `msgs` in order until one is refused, and empties `msgs`. Returns
+    /// how many were queued and, if not all, why the next was refused (the rest are dropped).
+    /// Fan-out hands a stream all its watchers' messages of a revision at once, so a sink can
+    /// take them in one lock.
+    fn try_send_many(&self, msgs: &mut Vec<WatchMessage>) -> (usize, SendOutcome) {
+        let mut sent = 0;
+        for msg in msgs.drain(..) {
+            match self.try_send(msg) {
+                SendOutcome::Sent => sent += 1,
+                refused => return (sent, refused),
+            }
+        }
+        (sent, SendOutcome::Sent)
+    }
 }
 
 /// What a watcher wants, decoded from a `WatchCreateRequest`.
@@ -173,9 +188,14 @@ pub struct WatchSpec {
 impl WatchSpec {
     /// False for events the filters drop.
     pub fn wants_event(&self, ev: &SharedEvent) -> bool {
-        let put = ev.is_put();
-        !(put && self.no_put || !put && self.no_delete)
+        passes_filters(self.no_put, self.no_delete, ev)
     }
+}
+
+/// etcd's NOPUT / NODELETE filters.
+fn passes_filters(no_put: bool, no_delete: bool, ev: &SharedEvent) -> bool {
+    let put = ev.is_put();
+    !(put && no_put || !put && no_delete)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,12 +215,48 @@ struct Watcher {
     sink: Arc<dyn WatchSink>,
 }
 
+/// What fan-out needs of a synced watcher. Kept in the matcher's ordered sets, next to each
+/// other, so a revision with ten thousand watchers reads them from a few dense nodes instead of
+/// making one hash lookup (a cache miss) per watcher.
+#[derive(Clone)]
+struct Synced {
+    min_rev: i64,
+    no_put: bool,
+    no_delete: bool,
+    sink: Arc<dyn WatchSink>,
+}
+
+impl Synced {
+    fn of(w: &Watcher) -> Self {
+        Synced {
+            min_rev: w.min_rev,
+            no_put: w.spec.no_put,
+            no_delete: w.spec.no_delete,
+            sink: w.sink.clone(),
+        }
+    }
+
+    fn wants(&self, ev: &SharedEvent) -> bool {
+        passes_filters(self.no_put, self.no_delete, ev)
+    }
+}
+
+/// A watcher an event of the revision being notified goes to.
+struct Hit {
+    key: WatchKey,
+    /// The event's index in the revision.
+    event: usize,
+    watcher: Synced,
+}
+
 /// Finds synced watchers for a key without scanning all of them: exact keys and prefixes
 /// (kube-apiserver's shapes) by hash lookups, other intervals by an interval tree.
 #[derive(Default)]
 struct Matcher {
-    exact: HashMap<Vec<u8>, HashSet<WatchKey>>,
-    prefix: HashMap<Vec<u8>, HashSet<WatchKey>>,
+    // Ordered: a key's watchers come out grouped by stream, so fan-out hands each stream its
+    // messages in one batch.
+    exact: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
+    prefix: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
     other: IntervalTree<WatchKey>,
 }
 
@@ -237,20 +293,22 @@ fn shape(range: &KeyRange) -> Shape<'_> {
 }
 
 impl Matcher {
-    fn add(&mut self, key: WatchKey, range: &KeyRange) {
-        match shape(range) {
+    fn add(&mut self, key: WatchKey, w: &Watcher) {
+        match shape(&w.spec.range) {
             Shape::Exact(k) => {
-                self.exact.entry(k.to_vec()).or_default().insert(key);
+                let set = self.exact.entry(k.to_vec()).or_default();
+                set.insert(key, Synced::of(w));
             }
             Shape::Prefix(p) => {
-                self.prefix.entry(p.to_vec()).or_default().insert(key);
+                let set = self.prefix.entry(p.to_vec()).or_default();
+                set.insert(key, Synced::of(w));
             }
             Shape::Other(start, end) => self.other.insert(start, end, key),
         }
     }
 
     fn remove(&mut self, key: WatchKey, range: &KeyRange) {
-        let remove_from = |m: &mut HashMap<Vec<u8>, HashSet<WatchKey>>, k: &[u8]| {
+        let remove_from = |m: &mut HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>, k: &[u8]| {
             if let Some(set) = m.get_mut(k) {
                 set.remove(&key);
                 if set.is_empty() {
@@ -267,19 +325,43 @@ impl Matcher {
         }
     }
 
-    fn matches(&self, k: &[u8], out: &mut Vec<WatchKey>) {
-        if let Some(s) = self.exact.get(k) {
-            out.extend(s.iter().copied());
+    /// Adds a hit for `event` (whose key is `k`) per synced watcher it matches; `scratch` is
+    /// a buffer, `watchers` holds what the interval tree does not keep.
+    fn matches(
+        &self,
+        k: &[u8],
+        event: usize,
+        watchers: &HashMap<WatchKey, Watcher>,
+        scratch: &mut Vec<WatchKey>,
+        out: &mut Vec<Hit>,
+    ) {
+        fn hits(set: &BTreeMap<WatchKey, Synced>, event: usize) -> impl Iterator<Item = Hit> + '_ {
+            set.iter().map(move |(key, w)| Hit {
+                key: *key,
+                event,
+                watcher: w.clone(),
+            })
+        }
+        if let Some(set) = self.exact.get(k) {
+            out.extend(hits(set, event));
         }
         if !self.prefix.is_empty() {
             for i in 1..=k.len() {
-                if let Some(s) = self.prefix.get(&k[..i]) {
-                    out.extend(s.iter().copied());
+                if let Some(set) = self.prefix.get(&k[..i]) {
+                    out.extend(hits(set, event));
                 }
             }
         }
         if self.other.len() > 0 {
-            self.other.stab(k, out);
+            scratch.clear();
+            self.other.stab(k, scratch);
+            out.extend(scratch.iter().filter_map(|key| {
+                watchers.get(key).map(|w| Hit {
+                    key: *key,
+                    event,
+                    watcher: Synced::of(w),
+                })
+            }));
         }
     }
 }
@@ -293,6 +375,92 @@ struct HubState {
     synced: Matcher,
     /// Streams that asked for progress while some of their watchers were behind.
     pending_progress: HashMap<u64, Arc<dyn WatchSink>>,
+    /// Notify's buffers, kept between revisions: with thousands of watchers they are large, and
+    /// growing them anew for every revision cost more than filling them.
+    hits: Vec<Hit>,
+    scratch: Vec<WatchKey>,
+    batch: Vec<WatchMessage>,
+    batch_keys: Vec<WatchKey>,
+}
+
+impl HubState {
+    /// Queues `events` (revision `rev`) for the watchers in `hits` (grouped by watcher, each
+    /// watcher's event indexes in order). Consecutive watchers of one stream go to its sink in
+    /// one batch; a watcher whose stream is full turns unsynced at `rev`.
+    fn fan_out(&mut self, rev: i64, events: Vec<Event>, hits: &[Hit]) {
+        let shared: Arc<[Arc<SharedEvent>]> = events.into_iter().map(SharedEvent::new).collect();
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch_keys = std::mem::take(&mut self.batch_keys);
+        let mut sink: Option<Arc<dyn WatchSink>> = None;
+        let mut demote = Vec::new();
+        let mut closed = Vec::new();
+        let mut flush =
+            |sink: &dyn WatchSink, batch: &mut Vec<WatchMessage>, keys: &mut Vec<WatchKey>| {
+                let (sent, outcome) = sink.try_send_many(batch);
+                match outcome {
+                    SendOutcome::Sent => {}
+                    SendOutcome::Full => demote.extend_from_slice(&keys[sent..]),
+                    SendOutcome::Closed => closed.extend_from_slice(&keys[sent..]),
+                }
+                batch.clear();
+                keys.clear();
+            };
+        for group in hits.chunk_by(|a, b| a.key == b.key) {
+            let key = group[0].key;
+            let w = &group[0].watcher;
+            // A watcher that starts in the future is synced but waits for its start revision.
+            if rev < w.min_rev {
+                continue;
+            }
+            let evs: Arc<[Arc<SharedEvent>]> =
+                if group.len() == shared.len() && shared.iter().all(|e| w.wants(e)) {
+                    // The usual case (one event, or a watcher that gets every event): no copy.
+                    shared.clone()
+                } else {
+                    group
+                        .iter()
+                        .map(|h| &shared[h.event])
+                        .filter(|e| w.wants(e))
+                        .cloned()
+                        .collect()
+                };
+            if evs.is_empty() {
+                continue;
+            }
+            match &sink {
+                Some(s) if std::ptr::addr_eq(Arc::as_ptr(s), Arc::as_ptr(&w.sink)) => {}
+                _ => {
+                    if let Some(s) = sink.replace(w.sink.clone()) {
+                        flush(&*s, &mut batch, &mut batch_keys);
+                    }
+                }
+            }
+            batch.push(WatchMessage::Events {
+                watch_id: key.id,
+                revision: rev,
+                events: evs,
+            });
+            batch_keys.push(key);
+        }
+        if let Some(s) = sink {
+            flush(&*s, &mut batch, &mut batch_keys);
+        }
+        self.batch = batch;
+        self.batch_keys = batch_keys;
+        for key in demote {
+            if let Some(w) = self.watchers.get_mut(&key) {
+                w.state = State::Unsynced;
+                w.min_rev = rev;
+                let range = w.spec.range.clone();
+                self.synced.remove(key, &range);
+            }
+        }
+        for key in closed {
+            if let Some(w) = self.watchers.remove(&key) {
+                self.synced.remove(key, &w.spec.range);
+            }
+        }
+    }
 }
 
 /// Registry of watchers of one store.
@@ -414,78 +582,31 @@ impl WatchHub {
     /// Pushes one revision's events to the synced watchers they match. Called with the store's
     /// index write lock held, in revision order.
     pub(crate) fn notify(&self, rev: i64, events: Vec<Event>) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.current = rev;
         if st.watchers.is_empty() {
             return;
         }
-        // (watcher, event index) for every match, in event order per watcher.
-        let mut hits: Vec<(WatchKey, usize)> = Vec::new();
-        let mut scratch = Vec::new();
+        // (watcher, event index) for every match.
+        let mut hits = std::mem::take(&mut st.hits);
+        let mut scratch = std::mem::take(&mut st.scratch);
         for (i, ev) in events.iter().enumerate() {
             let Some(kv) = &ev.kv else { continue };
-            scratch.clear();
-            st.synced.matches(&kv.key, &mut scratch);
-            hits.extend(scratch.iter().map(|w| (*w, i)));
+            st.synced
+                .matches(&kv.key, i, &st.watchers, &mut scratch, &mut hits);
         }
-        if hits.is_empty() {
-            return;
-        }
-        if events.len() > 1 {
-            // Stable: each watcher's events stay in revision order.
-            hits.sort_by_key(|(w, _)| *w);
-        }
-        let shared: Arc<[Arc<SharedEvent>]> = events.into_iter().map(SharedEvent::new).collect();
-        let mut demote = Vec::new();
-        let mut closed = Vec::new();
-        for group in hits.chunk_by(|a, b| a.0 == b.0) {
-            let key = group[0].0;
-            let Some(w) = st.watchers.get(&key) else {
-                continue;
-            };
-            // A watcher that starts in the future is synced but waits for its start revision.
-            if rev < w.min_rev {
-                continue;
+        if !hits.is_empty() {
+            if events.len() > 1 {
+                // By watcher, then event: each watcher's events together and in revision order.
+                hits.sort_unstable_by_key(|h| (h.key, h.event));
             }
-            let evs: Arc<[Arc<SharedEvent>]> =
-                if group.len() == shared.len() && shared.iter().all(|e| w.spec.wants_event(e)) {
-                    // The usual case (one event, or a watcher that gets every event): no copy.
-                    shared.clone()
-                } else {
-                    group
-                        .iter()
-                        .map(|(_, i)| &shared[*i])
-                        .filter(|e| w.spec.wants_event(e))
-                        .cloned()
-                        .collect()
-                };
-            if evs.is_empty() {
-                continue;
-            }
-            let msg = WatchMessage::Events {
-                watch_id: key.id,
-                revision: rev,
-                events: evs,
-            };
-            match w.sink.try_send(msg) {
-                SendOutcome::Sent => {}
-                SendOutcome::Full => demote.push(key),
-                SendOutcome::Closed => closed.push(key),
-            }
+            st.fan_out(rev, events, &hits);
         }
-        for key in demote {
-            if let Some(w) = st.watchers.get_mut(&key) {
-                w.state = State::Unsynced;
-                w.min_rev = rev;
-                let range = w.spec.range.clone();
-                st.synced.remove(key, &range);
-            }
-        }
-        for key in closed {
-            if let Some(w) = st.watchers.remove(&key) {
-                st.synced.remove(key, &w.spec.range);
-            }
-        }
+        hits.clear();
+        scratch.clear();
+        st.hits = hits;
+        st.scratch = scratch;
     }
 
     /// The watchers that need history, for a catch-up round.
@@ -522,8 +643,12 @@ impl WatchHub {
         w.min_rev = w.min_rev.max(next_rev);
         if w.min_rev > current {
             w.state = State::Synced;
-            let range = w.spec.range.clone();
-            st.synced.add(key, &range);
+            let HubState {
+                watchers, synced, ..
+            } = &mut *st;
+            if let Some(w) = watchers.get(&key) {
+                synced.add(key, w);
+            }
             self.flush_progress(&mut st, key.stream);
         }
         true
@@ -614,31 +739,118 @@ mod tests {
     #[test]
     fn matcher_finds_exact_prefix_and_interval_watchers() {
         let mut m = Matcher::default();
+        let mut watchers = HashMap::new();
         let w = |id| WatchKey { stream: 1, id };
-        m.add(w(1), &KeyRange::Single(b"/a/b".to_vec()));
-        m.add(w(2), &KeyRange::new(b"/a/", b"/a0"));
-        m.add(w(3), &KeyRange::new(b"/a/b", b"\0"));
-        m.add(w(4), &KeyRange::new(b"/z", b"/zz"));
-        m.add(w(5), &KeyRange::new(b"/a/a", b"/a/c"));
-        let mut out = Vec::new();
-        m.matches(b"/a/b", &mut out);
-        out.sort();
-        assert_eq!(out, vec![w(1), w(2), w(3), w(5)]);
-        out.clear();
-        m.matches(b"/a/c", &mut out);
-        out.sort();
-        assert_eq!(out, vec![w(2), w(3)]);
-        m.remove(w(2), &KeyRange::new(b"/a/", b"/a0"));
-        m.remove(w(5), &KeyRange::new(b"/a/a", b"/a/c"));
-        out.clear();
-        m.matches(b"/a/b", &mut out);
-        out.sort();
-        assert_eq!(out, vec![w(1), w(3)]);
-        out.clear();
-        m.matches(b"/a/", &mut out);
-        assert!(out.is_empty());
+        let ranges = [
+            (1, KeyRange::Single(b"/a/b".to_vec())),
+            (2, KeyRange::new(b"/a/", b"/a0")),
+            (3, KeyRange::new(b"/a/b", b"\0")),
+            (4, KeyRange::new(b"/z", b"/zz")),
+            (5, KeyRange::new(b"/a/a", b"/a/c")),
+        ];
+        for (id, range) in ranges.iter().cloned() {
+            let watcher = Watcher {
+                gen: 0,
+                spec: WatchSpec {
+                    range,
+                    start_revision: 0,
+                    no_put: false,
+                    no_delete: false,
+                },
+                min_rev: 1,
+                state: State::Synced,
+                sink: Arc::new(Capture::default()),
+            };
+            m.add(w(id), &watcher);
+            watchers.insert(w(id), watcher);
+        }
+        let matches = |m: &Matcher, k: &[u8]| {
+            let mut out = Vec::new();
+            m.matches(k, 0, &watchers, &mut Vec::new(), &mut out);
+            let mut keys: Vec<WatchKey> = out.iter().map(|h| h.key).collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(matches(&m, b"/a/b"), vec![w(1), w(2), w(3), w(5)]);
+        assert_eq!(matches(&m, b"/a/c"), vec![w(2), w(3)]);
+        m.remove(w(2), &ranges[1].1);
+        m.remove(w(5), &ranges[4].1);
+        assert_eq!(matches(&m, b"/a/b"), vec![w(1), w(3)]);
+        assert!(matches(&m, b"/a/").is_empty());
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff"), None);
+    }
+
+    /// Takes `room` messages, then refuses.
+    struct Bounded {
+        room: Mutex<usize>,
+        got: Mutex<Vec<i64>>,
+    }
+
+    impl WatchSink for Bounded {
+        fn try_send(&self, msg: WatchMessage) -> SendOutcome {
+            let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+            if *room == 0 {
+                return SendOutcome::Full;
+            }
+            *room -= 1;
+            if let WatchMessage::Events { watch_id, .. } = msg {
+                self.got
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(watch_id);
+            }
+            SendOutcome::Sent
+        }
+
+        fn is_full(&self) -> bool {
+            *self.room.lock().unwrap_or_else(|p| p.into_inner()) == 0
+        }
+    }
+
+    #[test]
+    fn a_full_stream_demotes_exactly_the_watchers_it_refused() {
+        let hub = WatchHub::default();
+        hub.set_current(1);
+        let full = Arc::new(Bounded {
+            room: Mutex::new(3),
+            got: Mutex::default(),
+        });
+        let other = Arc::new(Capture::default());
+        let key = |stream, id| WatchKey { stream, id };
+        for id in 0..5 {
+            synced(
+                &hub,
+                key(1, id),
+                KeyRange::Single(b"k".to_vec()),
+                full.clone(),
+            );
+            synced(
+                &hub,
+                key(2, id),
+                KeyRange::Single(b"k".to_vec()),
+                other.clone(),
+            );
+        }
+        hub.notify(2, vec![put_event(b"k", 2, 2)]);
+        // The stream with room for three took the first three, in order; its other two fell
+        // behind at revision 2 and catch up from there. The other stream got all five.
+        assert_eq!(
+            *full.got.lock().unwrap_or_else(|p| p.into_inner()),
+            vec![0, 1, 2]
+        );
+        assert_eq!(other.0.lock().unwrap_or_else(|p| p.into_inner()).len(), 5);
+        let mut behind: Vec<(WatchKey, i64)> =
+            hub.unsynced().iter().map(|c| (c.key, c.min_rev)).collect();
+        behind.sort();
+        assert_eq!(behind, vec![(key(1, 3), 2), (key(1, 4), 2)]);
+        // The next revision reaches only the watchers still synced.
+        *full.room.lock().unwrap_or_else(|p| p.into_inner()) = 10;
+        hub.notify(3, vec![put_event(b"k", 3, 2)]);
+        assert_eq!(
+            *full.got.lock().unwrap_or_else(|p| p.into_inner()),
+            vec![0, 1, 2, 0, 1, 2]
+        );
     }
 
     /// Keeps every message, undecoded.
@@ -671,7 +883,7 @@ mod tests {
         }
     }
 
-    fn synced(hub: &WatchHub, key: WatchKey, range: KeyRange, sink: Arc<Capture>) {
+    fn synced(hub: &WatchHub, key: WatchKey, range: KeyRange, sink: Arc<dyn WatchSink>) {
         hub.register(
             key,
             WatchSpec {

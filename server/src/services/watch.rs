@@ -32,6 +32,7 @@ use fetcd_proto::wire::EncodedWatchResponse;
 use fetcd_storage::watch::progress_response;
 use fetcd_storage::KeyRange;
 use fetcd_storage::SendOutcome;
+use fetcd_storage::SharedEvent;
 use fetcd_storage::WatchKey;
 use fetcd_storage::WatchMessage;
 use fetcd_storage::WatchSink;
@@ -56,6 +57,9 @@ const STREAM_QUEUE: usize = 4096;
 const OUT_QUEUE: usize = 128;
 /// Revisions one catch-up round hands one watcher (etcd's `watchBatchMaxRevs`).
 const CATCH_UP_REVISIONS: i64 = 1000;
+/// Event bytes (before `prev_kv`) up to which a watch's queued revisions join into one response.
+/// Well under the 4 MiB a gRPC client accepts by default, even with `prev_kv` doubling them.
+const JOIN_BYTES: usize = 256 * 1024;
 /// How often lagging watchers are retried even without a wake-up (etcd: 100 ms).
 const CATCH_UP_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -223,6 +227,32 @@ impl WatchSink for StreamQueue {
 
     fn is_full(&self) -> bool {
         lock(&self.state).items.len() >= STREAM_QUEUE
+    }
+
+    fn try_send_many(&self, msgs: &mut Vec<WatchMessage>) -> (usize, SendOutcome) {
+        let (sent, outcome, was_empty) = {
+            let mut st = lock(&self.state);
+            if st.closed {
+                msgs.clear();
+                return (0, SendOutcome::Closed);
+            }
+            let was_empty = st.items.is_empty();
+            let room = STREAM_QUEUE.saturating_sub(st.items.len());
+            let sent = room.min(msgs.len());
+            let outcome = if sent < msgs.len() {
+                st.overflowed = true;
+                SendOutcome::Full
+            } else {
+                SendOutcome::Sent
+            };
+            st.items.extend(msgs.drain(..sent));
+            msgs.clear();
+            (sent, outcome, was_empty)
+        };
+        if was_empty && sent > 0 {
+            self.ready.notify_one();
+        }
+        (sent, outcome)
     }
 }
 
@@ -557,10 +587,8 @@ async fn send_loop(
             if batch.is_empty() {
                 break;
             }
-            while let Some(msg) = batch.pop_front() {
-                if !deliver(&ctx, msg, &out, max_request_bytes).await {
-                    break 'stream;
-                }
+            if !send_batch(&ctx, &mut batch, &out, max_request_bytes).await {
+                break 'stream;
             }
         }
     }
@@ -580,21 +608,98 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-async fn deliver(ctx: &StreamCtx, msg: WatchMessage, out: &Out, max_request_bytes: usize) -> bool {
-    let node = &ctx.node;
-    let (watch_id, revision, events) = match msg {
-        WatchMessage::Response(r) => {
-            let mut resp = EncodedWatchResponse::from(r);
-            node.fill_ids(&mut resp.header);
-            return out.send(Ok(resp)).await.is_ok();
+/// One watch's events waiting in a batch: whole revisions, in order, possibly several.
+struct Joined {
+    watch_id: i64,
+    /// The header revision: the latest of the joined messages'.
+    revision: i64,
+    parts: Vec<Arc<[Arc<SharedEvent>]>>,
+    /// Encoded size of the events (without `prev_kv`), to bound the response.
+    bytes: usize,
+}
+
+/// What the send loop sends, in order: a watch's joined events or any other response.
+enum Outgoing {
+    Events(Joined),
+    Response(WatchResponse),
+}
+
+/// Turns what one take from the queue holds into what to send, in order. Event messages of one
+/// watch that waited together become one response (as etcd's catch-up sends up to 1000
+/// revisions in one), so a stream whose client or connection falls behind sends fewer, larger
+/// responses instead of one per watcher per revision. Revisions are never split; a joined
+/// response stays under [`JOIN_BYTES`] unless one revision alone is larger; and nothing joins
+/// across another kind of message (created, canceled, progress): every event queued before one
+/// goes out before it, as queued.
+fn join_batch(batch: &mut VecDeque<WatchMessage>, out: &mut Vec<Outgoing>) {
+    // Where in `out` each watch's latest joined response is, since the last other response.
+    let mut latest: HashMap<i64, usize> = HashMap::new();
+    for msg in batch.drain(..) {
+        match msg {
+            WatchMessage::Response(r) => {
+                latest.clear();
+                out.push(Outgoing::Response(r));
+            }
+            WatchMessage::Events {
+                watch_id,
+                revision,
+                events,
+            } => {
+                let bytes: usize = events.iter().map(|e| e.encoded().len()).sum();
+                let joinable = latest.get(&watch_id).and_then(|&i| match &mut out[i] {
+                    Outgoing::Events(j) if j.bytes + bytes <= JOIN_BYTES => Some(j),
+                    _ => None,
+                });
+                match joinable {
+                    Some(j) => {
+                        j.revision = j.revision.max(revision);
+                        j.parts.push(events);
+                        j.bytes += bytes;
+                    }
+                    None => {
+                        latest.insert(watch_id, out.len());
+                        out.push(Outgoing::Events(Joined {
+                            watch_id,
+                            revision,
+                            parts: vec![events],
+                            bytes,
+                        }));
+                    }
+                }
+            }
         }
-        WatchMessage::Events {
-            watch_id,
-            revision,
-            events,
-        } => (watch_id, revision, events),
-    };
-    let opts = lock(&ctx.watches).get_mut(&watch_id).map(|o| {
+    }
+}
+
+/// Sends what one take from the queue holds (see [`join_batch`]); false once the client is gone.
+async fn send_batch(
+    ctx: &StreamCtx,
+    batch: &mut VecDeque<WatchMessage>,
+    out: &Out,
+    max_request_bytes: usize,
+) -> bool {
+    let mut outgoing = Vec::new();
+    join_batch(batch, &mut outgoing);
+    for o in outgoing {
+        let sent = match o {
+            Outgoing::Events(j) => deliver(ctx, j, out, max_request_bytes).await,
+            Outgoing::Response(r) => {
+                let mut resp = EncodedWatchResponse::from(r);
+                ctx.node.fill_ids(&mut resp.header);
+                out.send(Ok(resp)).await.is_ok()
+            }
+        };
+        if !sent {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sends one watch's joined events: `prev_kv` filled if asked, fragmented if asked and too large.
+async fn deliver(ctx: &StreamCtx, j: Joined, out: &Out, max_request_bytes: usize) -> bool {
+    let node = &ctx.node;
+    let opts = lock(&ctx.watches).get_mut(&j.watch_id).map(|o| {
         o.active = true;
         *o
     });
@@ -603,8 +708,10 @@ async fn deliver(ctx: &StreamCtx, msg: WatchMessage, out: &Out, max_request_byte
         return true;
     };
     let store = node.store();
-    let events: Vec<Bytes> = events
+    let events: Vec<Bytes> = j
+        .parts
         .iter()
+        .flat_map(|p| p.iter())
         .map(|e| {
             if opts.prev_kv {
                 e.encoded_with_prev(|ev| store.watch_prev_kv(ev)).clone()
@@ -614,8 +721,8 @@ async fn deliver(ctx: &StreamCtx, msg: WatchMessage, out: &Out, max_request_byte
         })
         .collect();
     let mut resp = EncodedWatchResponse {
-        header: header(revision),
-        watch_id,
+        header: header(j.revision),
+        watch_id: j.watch_id,
         events,
         ..Default::default()
     };
@@ -669,6 +776,139 @@ mod tests {
 
     fn encoded(resp: WatchResponse) -> EncodedWatchResponse {
         EncodedWatchResponse::from(resp)
+    }
+
+    fn events(watch_id: i64, rev: i64, keys: &[&[u8]], value_len: usize) -> WatchMessage {
+        let events: Arc<[Arc<SharedEvent>]> = keys
+            .iter()
+            .map(|k| {
+                SharedEvent::new(Event {
+                    kv: Some(KeyValue {
+                        key: k.to_vec(),
+                        value: vec![b'v'; value_len],
+                        create_revision: 1,
+                        mod_revision: rev,
+                        version: 1,
+                        lease: 0,
+                    }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        WatchMessage::Events {
+            watch_id,
+            revision: rev,
+            events,
+        }
+    }
+
+    /// (watch id, header revision, each event's (key, revision)) of a response to send; other
+    /// responses as (watch id, -1, []).
+    type Shape = (i64, i64, Vec<(Vec<u8>, i64)>);
+
+    fn shape(out: &[Outgoing]) -> Vec<Shape> {
+        out.iter()
+            .map(|o| match o {
+                Outgoing::Events(j) => (
+                    j.watch_id,
+                    j.revision,
+                    j.parts
+                        .iter()
+                        .flat_map(|p| p.iter())
+                        .map(|e| {
+                            let kv = e.event().kv.as_ref().expect("kv");
+                            (kv.key.clone(), kv.mod_revision)
+                        })
+                        .collect(),
+                ),
+                Outgoing::Response(r) => (r.watch_id, -1, Vec::new()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queued_revisions_of_a_watch_join_but_never_across_other_responses() {
+        let k = |k: &[u8], r: i64| (k.to_vec(), r);
+        let mut batch: VecDeque<WatchMessage> = VecDeque::new();
+        batch.push_back(events(1, 5, &[b"a", b"b"], 10));
+        batch.push_back(events(2, 5, &[b"a"], 10));
+        batch.push_back(events(1, 6, &[b"a"], 10));
+        batch.push_back(events(2, 7, &[b"a"], 10));
+        // A progress response: everything before it goes out before it.
+        batch.push_back(WatchMessage::Response(progress_response(7)));
+        batch.push_back(events(1, 8, &[b"c"], 10));
+        batch.push_back(events(1, 9, &[b"d"], 10));
+        let mut out = Vec::new();
+        join_batch(&mut batch, &mut out);
+        assert!(batch.is_empty());
+        assert_eq!(
+            shape(&out),
+            vec![
+                (1, 6, vec![k(b"a", 5), k(b"b", 5), k(b"a", 6)]),
+                (2, 7, vec![k(b"a", 5), k(b"a", 7)]),
+                (-1, -1, vec![]),
+                (1, 9, vec![k(b"c", 8), k(b"d", 9)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn joined_responses_stay_under_the_bound_without_splitting_a_revision() {
+        let third = JOIN_BYTES / 3;
+        let mut batch: VecDeque<WatchMessage> =
+            (1..=7).map(|rev| events(1, rev, &[b"k"], third)).collect();
+        // One revision larger than the bound on its own still goes whole.
+        batch.push_back(events(1, 8, &[b"x", b"y"], JOIN_BYTES));
+        let mut out = Vec::new();
+        join_batch(&mut batch, &mut out);
+        let revs: Vec<Vec<i64>> = shape(&out)
+            .into_iter()
+            .map(|(_, _, evs)| evs.into_iter().map(|(_, r)| r).collect())
+            .collect();
+        assert_eq!(
+            revs,
+            vec![vec![1, 2], vec![3, 4], vec![5, 6], vec![7], vec![8, 8]]
+        );
+        for o in &out[..4] {
+            let Outgoing::Events(j) = o else {
+                panic!("events expected")
+            };
+            assert!(j.bytes <= JOIN_BYTES);
+        }
+    }
+
+    #[test]
+    fn a_stream_queue_takes_a_fan_out_batch_up_to_its_bound() {
+        let q = StreamQueue::new();
+        for rev in 0..(STREAM_QUEUE - 2) as i64 {
+            assert_eq!(q.try_send(events(1, rev, &[b"k"], 1)), SendOutcome::Sent);
+        }
+        let mut msgs: Vec<WatchMessage> = (0..5).map(|id| events(id, 99, &[b"k"], 1)).collect();
+        assert_eq!(q.try_send_many(&mut msgs), (2, SendOutcome::Full));
+        assert!(msgs.is_empty());
+        let mut taken = VecDeque::new();
+        assert!(
+            q.take(&mut taken),
+            "the overflow is reported to the send loop"
+        );
+        assert_eq!(taken.len(), STREAM_QUEUE);
+        let last: Vec<i64> = taken
+            .iter()
+            .rev()
+            .take(2)
+            .map(|m| match m {
+                WatchMessage::Events { watch_id, .. } => *watch_id,
+                WatchMessage::Response(_) => -1,
+            })
+            .collect();
+        assert_eq!(
+            last,
+            vec![1, 0],
+            "the first of the batch were queued, in order"
+        );
+        q.close();
+        let mut msgs = vec![events(1, 100, &[b"k"], 1)];
+        assert_eq!(q.try_send_many(&mut msgs), (0, SendOutcome::Closed));
     }
 
     #[test]
