@@ -79,38 +79,137 @@ pub mod raftpb {
 /// with those events: clients decode it as a `WatchResponse`. The server encodes each event
 /// once (a [`bytes::Bytes`] shared by every watcher it goes to) instead of once per watcher.
 pub mod wire {
+    use std::sync::Arc;
+
+    use bytes::Buf;
+    use bytes::BufMut;
     use bytes::Bytes;
+    use prost::encoding;
 
     use crate::etcdserverpb::ResponseHeader;
     use crate::etcdserverpb::WatchResponse;
 
+    /// Encoded `mvccpb.Event`s a response carries in whatever form the server shares them, so
+    /// a response to one of ten thousand watchers holds a reference to the revision's events
+    /// instead of a copy of each event's handle (a contended reference count per event).
+    pub trait EncodedEvents: Send + Sync + std::fmt::Debug {
+        /// Calls `f` with each encoded event, in order.
+        fn for_each(&self, f: &mut dyn FnMut(&[u8]));
+    }
+
     /// `etcdserverpb.WatchResponse` with pre-encoded events (same field numbers).
-    #[derive(Clone, PartialEq, prost::Message)]
+    #[derive(Clone, Debug, Default)]
     pub struct EncodedWatchResponse {
         /// `WatchResponse.header` (1).
-        #[prost(message, optional, tag = "1")]
         pub header: Option<ResponseHeader>,
         /// `WatchResponse.watch_id` (2).
-        #[prost(int64, tag = "2")]
         pub watch_id: i64,
         /// `WatchResponse.created` (3).
-        #[prost(bool, tag = "3")]
         pub created: bool,
         /// `WatchResponse.canceled` (4).
-        #[prost(bool, tag = "4")]
         pub canceled: bool,
         /// `WatchResponse.compact_revision` (5).
-        #[prost(int64, tag = "5")]
         pub compact_revision: i64,
         /// `WatchResponse.cancel_reason` (6).
-        #[prost(string, tag = "6")]
         pub cancel_reason: String,
         /// `WatchResponse.fragment` (7).
-        #[prost(bool, tag = "7")]
         pub fragment: bool,
         /// `WatchResponse.events` (11), each an encoded `mvccpb.Event`.
-        #[prost(bytes = "bytes", repeated, tag = "11")]
         pub events: Vec<Bytes>,
+        /// More of `WatchResponse.events` (11), after `events`. Decoding fills only `events`.
+        pub shared_events: Option<Arc<dyn EncodedEvents>>,
+    }
+
+    /// Field 11 holding `ev`: tag, length, bytes.
+    fn event_len(ev: &[u8]) -> usize {
+        encoding::key_len(11) + encoding::encoded_len_varint(ev.len() as u64) + ev.len()
+    }
+
+    impl prost::Message for EncodedWatchResponse {
+        fn encode_raw(&self, buf: &mut impl BufMut) {
+            if let Some(h) = &self.header {
+                encoding::message::encode(1, h, buf);
+            }
+            if self.watch_id != 0 {
+                encoding::int64::encode(2, &self.watch_id, buf);
+            }
+            if self.created {
+                encoding::bool::encode(3, &self.created, buf);
+            }
+            if self.canceled {
+                encoding::bool::encode(4, &self.canceled, buf);
+            }
+            if self.compact_revision != 0 {
+                encoding::int64::encode(5, &self.compact_revision, buf);
+            }
+            if !self.cancel_reason.is_empty() {
+                encoding::string::encode(6, &self.cancel_reason, buf);
+            }
+            if self.fragment {
+                encoding::bool::encode(7, &self.fragment, buf);
+            }
+            encoding::bytes::encode_repeated(11, &self.events, buf);
+            if let Some(shared) = &self.shared_events {
+                shared.for_each(&mut |ev| {
+                    encoding::encode_key(11, encoding::WireType::LengthDelimited, buf);
+                    encoding::encode_varint(ev.len() as u64, buf);
+                    buf.put_slice(ev);
+                });
+            }
+        }
+
+        fn merge_field(
+            &mut self,
+            tag: u32,
+            wire_type: encoding::WireType,
+            buf: &mut impl Buf,
+            ctx: encoding::DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            match tag {
+                1 => encoding::message::merge(
+                    wire_type,
+                    self.header.get_or_insert_with(Default::default),
+                    buf,
+                    ctx,
+                ),
+                2 => encoding::int64::merge(wire_type, &mut self.watch_id, buf, ctx),
+                3 => encoding::bool::merge(wire_type, &mut self.created, buf, ctx),
+                4 => encoding::bool::merge(wire_type, &mut self.canceled, buf, ctx),
+                5 => encoding::int64::merge(wire_type, &mut self.compact_revision, buf, ctx),
+                6 => encoding::string::merge(wire_type, &mut self.cancel_reason, buf, ctx),
+                7 => encoding::bool::merge(wire_type, &mut self.fragment, buf, ctx),
+                11 => encoding::bytes::merge_repeated(wire_type, &mut self.events, buf, ctx),
+                _ => encoding::skip_field(wire_type, tag, buf, ctx),
+            }
+        }
+
+        fn encoded_len(&self) -> usize {
+            let mut len = self
+                .header
+                .as_ref()
+                .map_or(0, |h| encoding::message::encoded_len(1, h));
+            if self.watch_id != 0 {
+                len += encoding::int64::encoded_len(2, &self.watch_id);
+            }
+            len += usize::from(self.created) * encoding::bool::encoded_len(3, &true);
+            len += usize::from(self.canceled) * encoding::bool::encoded_len(4, &true);
+            if self.compact_revision != 0 {
+                len += encoding::int64::encoded_len(5, &self.compact_revision);
+            }
+            if !self.cancel_reason.is_empty() {
+                len += encoding::string::encoded_len(6, &self.cancel_reason);
+            }
+            len += usize::from(self.fragment) * encoding::bool::encoded_len(7, &true);
+            len += encoding::bytes::encoded_len_repeated(11, &self.events);
+            if let Some(shared) = &self.shared_events {
+                shared.for_each(&mut |ev| len += event_len(ev));
+            }
+            len
+        }
+
+        fn clear(&mut self) {
+            *self = EncodedWatchResponse::default();
+        }
     }
 
     impl From<WatchResponse> for EncodedWatchResponse {
@@ -130,6 +229,7 @@ pub mod wire {
                     .iter()
                     .map(|e| Bytes::from(e.encode_to_vec()))
                     .collect(),
+                shared_events: None,
             }
         }
     }
@@ -444,5 +544,26 @@ mod tests {
         assert_eq!(encoded.encoded_len(), plain.encoded_len());
         let back = WatchResponse::decode(encoded.encode_to_vec().as_slice()).expect("decodes");
         assert_eq!(back, plain);
+
+        // The same events, the last one held as shared events: the same bytes again.
+        #[derive(Debug)]
+        struct Held(Vec<Vec<u8>>);
+        impl super::wire::EncodedEvents for Held {
+            fn for_each(&self, f: &mut dyn FnMut(&[u8])) {
+                self.0.iter().for_each(|e| f(e));
+            }
+        }
+        let mut split = encoded.clone();
+        let last = split.events.pop().expect("two events");
+        split.shared_events = Some(std::sync::Arc::new(Held(vec![last.to_vec()])));
+        assert_eq!(split.encode_to_vec(), plain.encode_to_vec());
+        assert_eq!(split.encoded_len(), plain.encoded_len());
+        let mut all_shared = EncodedWatchResponse::from(WatchResponse::default());
+        all_shared.shared_events = Some(std::sync::Arc::new(Held(
+            plain.events.iter().map(|e| e.encode_to_vec()).collect(),
+        )));
+        let back = WatchResponse::decode(all_shared.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(back.events, plain.events);
+        assert_eq!(all_shared.encoded_len(), all_shared.encode_to_vec().len());
     }
 }

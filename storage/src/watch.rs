@@ -112,6 +112,16 @@ impl SharedEvent {
             .get_or_init(|| Bytes::from(self.event.encode_to_vec()))
     }
 
+    /// The encoding a watcher gets: with `prev_kv` if it asked for it, once
+    /// [`SharedEvent::encoded_with_prev`] has looked it up (until then, and for watchers that
+    /// did not ask, the plain encoding).
+    pub fn encoded_as_sent(&self, prev_kv: bool) -> &Bytes {
+        match self.with_prev.get() {
+            Some(b) if prev_kv => b,
+            _ => self.encoded(),
+        }
+    }
+
     /// The encoded event with `prev_kv` set to what `prev` finds (called at most once per
     /// event; a create has no previous value, and `None` leaves `prev_kv` empty as in etcd).
     pub fn encoded_with_prev(&self, prev: impl FnOnce(&Event) -> Option<KeyValue>) -> &Bytes {

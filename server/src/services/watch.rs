@@ -28,6 +28,7 @@ use fetcd_proto::etcdserverpb::WatchRequest;
 use fetcd_proto::etcdserverpb::WatchResponse;
 use fetcd_proto::status as msg;
 use fetcd_proto::wire::watch_server::Watch;
+use fetcd_proto::wire::EncodedEvents;
 use fetcd_proto::wire::EncodedWatchResponse;
 use fetcd_storage::watch::progress_response;
 use fetcd_storage::KeyRange;
@@ -696,6 +697,23 @@ async fn send_batch(
     true
 }
 
+/// A joined response's events, as the encoder reads them: references to the revisions' shared
+/// events, not a handle per event.
+#[derive(Debug)]
+struct JoinedEvents {
+    parts: Vec<Arc<[Arc<SharedEvent>]>>,
+    /// Send the encodings with `prev_kv` (looked up before this is built).
+    prev_kv: bool,
+}
+
+impl EncodedEvents for JoinedEvents {
+    fn for_each(&self, f: &mut dyn FnMut(&[u8])) {
+        for e in self.parts.iter().flat_map(|p| p.iter()) {
+            f(e.encoded_as_sent(self.prev_kv));
+        }
+    }
+}
+
 /// Sends one watch's joined events: `prev_kv` filled if asked, fragmented if asked and too large.
 async fn deliver(ctx: &StreamCtx, j: Joined, out: &Out, max_request_bytes: usize) -> bool {
     let node = &ctx.node;
@@ -708,33 +726,40 @@ async fn deliver(ctx: &StreamCtx, j: Joined, out: &Out, max_request_bytes: usize
         return true;
     };
     let store = node.store();
-    let events: Vec<Bytes> = j
-        .parts
-        .iter()
-        .flat_map(|p| p.iter())
-        .map(|e| {
-            if opts.prev_kv {
-                e.encoded_with_prev(|ev| store.watch_prev_kv(ev)).clone()
-            } else {
-                e.encoded().clone()
-            }
-        })
-        .collect();
+    if opts.prev_kv {
+        for e in j.parts.iter().flat_map(|p| p.iter()) {
+            e.encoded_with_prev(|ev| store.watch_prev_kv(ev));
+        }
+    }
     let mut resp = EncodedWatchResponse {
         header: header(j.revision),
         watch_id: j.watch_id,
-        events,
         ..Default::default()
     };
     node.fill_ids(&mut resp.header);
-    if opts.fragment && resp.events.len() > 1 && resp.encoded_len() >= max_request_bytes {
-        for part in fragments(resp, max_request_bytes) {
-            if out.send(Ok(part)).await.is_err() {
-                return false;
+    if opts.fragment {
+        // Rare (a watch that asked for fragments): one handle per event, so a large response
+        // can be split between them.
+        resp.events = j
+            .parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .map(|e| e.encoded_as_sent(opts.prev_kv).clone())
+            .collect();
+        if resp.events.len() > 1 && resp.encoded_len() >= max_request_bytes {
+            for part in fragments(resp, max_request_bytes) {
+                if out.send(Ok(part)).await.is_err() {
+                    return false;
+                }
             }
+            return true;
         }
-        return true;
+        return out.send(Ok(resp)).await.is_ok();
     }
+    resp.shared_events = Some(Arc::new(JoinedEvents {
+        parts: j.parts,
+        prev_kv: opts.prev_kv,
+    }));
     out.send(Ok(resp)).await.is_ok()
 }
 
