@@ -15,6 +15,7 @@
 //! Data path: client → [`services`] (validation, error table, headers) → `fetcd-raft` (proposal,
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
+pub mod authority;
 pub mod config;
 pub mod http;
 pub mod lessor;
@@ -444,8 +445,11 @@ async fn serve(
         .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
         .layer(metrics::GrpcMetricsLayer::new(node))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(accept_stream(listener), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .serve_with_incoming_shutdown(
+            accept_stream(listener).map(|c| c.map(authority::AuthorityFix::new)),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
         .await
 }

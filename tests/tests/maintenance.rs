@@ -270,33 +270,32 @@ fn scrub_endpoint_status(out: &str) -> String {
         .collect()
 }
 
-/// Runs etcdctl with a `host:port` endpoint and records the normalized output. etcdctl 3.4's
-/// per-endpoint commands (`endpoint status`, `endpoint hashkv`, `defrag`, `move-leader`) dial the endpoint
-/// string as given and send it as the HTTP/2 `:authority`; `http://host:port` is not a valid
-/// authority and the h2 crate under tonic resets such streams (PROTOCOL_ERROR), while grpc-go
-/// accepts it. A known fetcd limitation; clients that send `host:port` (clientv3 3.5, kube-apiserver)
-/// are not affected.
-async fn etcdctl_host_port(
+/// Runs etcdctl against the session's endpoint written as operators write it
+/// (`http://host:port`) and records the normalized output. etcdctl 3.4's per-endpoint commands
+/// (`endpoint status`, `endpoint hashkv`, `defrag`, `move-leader`) send that string as the
+/// HTTP/2 `:authority`, which is not a valid authority: etcd accepts it, and so must fetcd (see
+/// `fetcd_server::authority`). The `-w json` status below uses `host:port`, the other form.
+async fn etcdctl_at_url(
     s: &mut Session,
     step: &str,
     args: &[&str],
     scrub: impl Fn(&str) -> String,
 ) -> Result<fetcd_tests::EtcdctlOutput> {
-    let host_port = s.url().trim_start_matches("http://").to_string();
-    let out = fetcd_tests::run_etcdctl(&host_port, args, None).await?;
+    let url = s.url().to_string();
+    let out = fetcd_tests::run_etcdctl(&url, args, None).await?;
     let scrubbed = fetcd_tests::EtcdctlOutput {
         status: out.status,
         stdout: scrub(&out.stdout),
         stderr: scrub(&out.stderr),
     };
-    s.record(step, fetcd_tests::etcdctl::normalize(&scrubbed, &host_port));
+    s.record(step, fetcd_tests::etcdctl::normalize(&scrubbed, &url));
     Ok(out)
 }
 
 async fn etcdctl_scenario(s: &mut Session) -> Result<()> {
     let me = member_id(s).await?;
     s.put("put a", "a", "1", None).await?;
-    let out = etcdctl_host_port(
+    let out = etcdctl_at_url(
         s,
         "endpoint status",
         &["endpoint", "status"],
@@ -326,12 +325,12 @@ async fn etcdctl_scenario(s: &mut Session) -> Result<()> {
             .contains("is healthy: successfully committed proposal"),
         "{out:?}"
     );
-    let out = etcdctl_host_port(s, "endpoint hashkv", &["endpoint", "hashkv"], |o| {
+    let out = etcdctl_at_url(s, "endpoint hashkv", &["endpoint", "hashkv"], |o| {
         o.to_string()
     })
     .await?;
     ensure!(out.success(), "{out:?}");
-    let out = etcdctl_host_port(s, "defrag", &["defrag"], |o| o.to_string()).await?;
+    let out = etcdctl_at_url(s, "defrag", &["defrag"], |o| o.to_string()).await?;
     ensure!(
         out.stdout
             .starts_with("Finished defragmenting etcd member["),
@@ -339,12 +338,12 @@ async fn etcdctl_scenario(s: &mut Session) -> Result<()> {
     );
     let scrub = move |o: &str| scrub_member(o, me);
     let hex = format!("{me:x}");
-    let out = etcdctl_host_port(s, "move-leader to self", &["move-leader", &hex], scrub).await?;
+    let out = etcdctl_at_url(s, "move-leader to self", &["move-leader", &hex], scrub).await?;
     ensure!(
         scrub(&out.stdout) == "Leadership transferred from <self> to <self>\n",
         "{out:?}"
     );
-    let out = etcdctl_host_port(
+    let out = etcdctl_at_url(
         s,
         "move-leader to a stranger",
         &["move-leader", "1234"],
