@@ -34,6 +34,8 @@ async fn scenario(s: &mut Session) -> Result<()> {
             "peer_urls": me.peer_urls().len(),
             "client_urls": me.client_urls().len(),
             "named": !me.name().is_empty(),
+            // etcd's Cluster responses carry ids and term, no revision.
+            "header_revision": list.header().map(|h| h.revision()),
         }),
     );
 
@@ -68,7 +70,8 @@ async fn scenario(s: &mut Session) -> Result<()> {
     s.record(
         "add a learner",
         json!({ "learner": m.is_learner(), "peer_urls": m.peer_urls(), "name": m.name(),
-                "members": r.member_list().len() }),
+                "members": r.member_list().len(),
+                "header_revision": r.header().map(|h| h.revision()) }),
     );
     ensure!(m.is_learner() && r.member_list().len() == 2);
     let id = m.id();

@@ -160,7 +160,7 @@ impl Cluster for ClusterService {
             member: Some(member),
             members: self.members()?,
         };
-        self.node.fill_header(&mut resp.header);
+        self.node.fill_ids(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -180,7 +180,7 @@ impl Cluster for ClusterService {
             header: None,
             members: self.members()?,
         };
-        self.node.fill_header(&mut resp.header);
+        self.node.fill_ids(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -212,7 +212,7 @@ impl Cluster for ClusterService {
             header: None,
             members: self.members()?,
         };
-        self.node.fill_header(&mut resp.header);
+        self.node.fill_ids(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -228,7 +228,7 @@ impl Cluster for ClusterService {
             header: None,
             members: self.members()?,
         };
-        self.node.fill_header(&mut resp.header);
+        self.node.fill_ids(&mut resp.header);
         Ok(Response::new(resp))
     }
 
@@ -243,7 +243,7 @@ impl Cluster for ClusterService {
             header: None,
             members: self.members()?,
         };
-        self.node.fill_header(&mut resp.header);
+        self.node.fill_ids(&mut resp.header);
         Ok(Response::new(resp))
     }
 }
