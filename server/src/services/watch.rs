@@ -178,26 +178,52 @@ impl StreamQueue {
         }
     }
 
-    /// Queues `msg`; with `bounded`, refuses it when [`STREAM_QUEUE`] messages are waiting.
-    /// Responses to the client's own requests (created, canceled, progress) are not bounded:
-    /// there is one per request.
-    fn push(&self, msg: WatchMessage, bounded: bool) -> SendOutcome {
-        let was_empty = {
+    /// Queues up to `n` messages through `put` (handed the queue and how many fit); with
+    /// `bounded`, no more than [`STREAM_QUEUE`] may wait. Responses to the client's own requests
+    /// (created, canceled, progress) are not bounded: there is one per request. Returns how many
+    /// were queued and, if not all, why not.
+    fn enqueue(
+        &self,
+        n: usize,
+        bounded: bool,
+        put: impl FnOnce(&mut VecDeque<WatchMessage>, usize),
+    ) -> (usize, SendOutcome) {
+        let (queued, was_empty) = {
             let mut st = lock(&self.state);
             if st.closed {
-                return SendOutcome::Closed;
+                return (0, SendOutcome::Closed);
             }
-            if bounded && st.items.len() >= STREAM_QUEUE {
+            let was_empty = st.items.is_empty();
+            let fits = if bounded {
+                STREAM_QUEUE.saturating_sub(st.items.len()).min(n)
+            } else {
+                n
+            };
+            if fits < n {
                 st.overflowed = true;
-                return SendOutcome::Full;
             }
-            st.items.push_back(msg);
-            st.items.len() == 1
+            put(&mut st.items, fits);
+            (fits, was_empty)
         };
-        if was_empty {
+        if was_empty && queued > 0 {
             self.ready.notify_one();
         }
-        SendOutcome::Sent
+        let outcome = if queued < n {
+            SendOutcome::Full
+        } else {
+            SendOutcome::Sent
+        };
+        (queued, outcome)
+    }
+
+    /// Queues `msg` (see [`StreamQueue::enqueue`]).
+    fn push(&self, msg: WatchMessage, bounded: bool) -> SendOutcome {
+        self.enqueue(1, bounded, |q, fits| {
+            if fits == 1 {
+                q.push_back(msg);
+            }
+        })
+        .1
     }
 
     /// Queues a response to a client request; false once the stream is closed.
@@ -231,29 +257,10 @@ impl WatchSink for StreamQueue {
     }
 
     fn try_send_many(&self, msgs: &mut Vec<WatchMessage>) -> (usize, SendOutcome) {
-        let (sent, outcome, was_empty) = {
-            let mut st = lock(&self.state);
-            if st.closed {
-                msgs.clear();
-                return (0, SendOutcome::Closed);
-            }
-            let was_empty = st.items.is_empty();
-            let room = STREAM_QUEUE.saturating_sub(st.items.len());
-            let sent = room.min(msgs.len());
-            let outcome = if sent < msgs.len() {
-                st.overflowed = true;
-                SendOutcome::Full
-            } else {
-                SendOutcome::Sent
-            };
-            st.items.extend(msgs.drain(..sent));
-            msgs.clear();
-            (sent, outcome, was_empty)
-        };
-        if was_empty && sent > 0 {
-            self.ready.notify_one();
-        }
-        (sent, outcome)
+        let n = msgs.len();
+        let r = self.enqueue(n, true, |q, fits| q.extend(msgs.drain(..fits)));
+        msgs.clear();
+        r
     }
 }
 
