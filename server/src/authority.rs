@@ -39,9 +39,9 @@ const PRIORITY: u8 = 0x20;
 /// Re-encoded blocks are split into frames of at most this size (the smallest maximum a peer
 /// may set, so always allowed).
 const MAX_FRAME: usize = 16_384;
-/// Frames larger than this are not parsed (h2 refuses them anyway): the connection is passed
-/// through as is.
-const MAX_PARSED_FRAME: usize = 1 << 24;
+/// Frames larger than this are not buffered: h2 refuses them (it advertises the default 16 KiB
+/// maximum), so the connection is passed through as is for h2 to answer.
+const MAX_PARSED_FRAME: usize = MAX_FRAME;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -91,11 +91,6 @@ impl<S> AuthorityFix<S> {
             block: None,
             eof: false,
         }
-    }
-
-    /// The wrapped connection.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 
     /// Moves everything unprocessed to the output and stops looking.
@@ -360,7 +355,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 this.output.unsplit(rest);
                 continue;
             }
-            this.input.reserve(8192);
             let mut tmp = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
@@ -516,6 +510,11 @@ mod tests {
             (b"127.0.0.1:2379", b"/etcdserverpb.KV/Put"),
         ]);
         assert_eq!(through(input.clone()).await, input);
+        // A frame over the 16 KiB limit before any headers: not buffered, handed on as sent.
+        let mut oversized = PREFACE.to_vec();
+        oversized.extend(frame(0x0, 0, 1, &vec![7u8; MAX_FRAME + 1]));
+        oversized.extend(client_bytes(&[(b"http://x:1", b"/p")])[PREFACE.len()..].to_vec());
+        assert_eq!(through(oversized.clone()).await, oversized);
         // Not HTTP/2 at all (the HTTP endpoints share the port): untouched too.
         let http1 = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         assert_eq!(through(http1.clone()).await, http1);
