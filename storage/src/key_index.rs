@@ -20,6 +20,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::revision::Revision;
 
 /// Revisions the mutable tail of a [`Revs`] holds before it is frozen.
@@ -39,8 +41,9 @@ const CHUNK: usize = 32;
 pub struct Revs {
     /// The oldest revisions, shared between clones; never changed in place.
     frozen: Option<Arc<Frozen>>,
-    /// The newest revisions, fewer than `CHUNK`.
-    tail: Vec<Revision>,
+    /// The newest revisions, fewer than `CHUNK`. Most keys hold one revision: it sits inline,
+    /// without an allocation of its own (the index holds every key in memory).
+    tail: SmallVec<[Revision; 1]>,
 }
 
 #[derive(Debug)]
@@ -106,7 +109,7 @@ impl Revs {
             Some(f) => (f.runs.clone(), f.len),
             None => (Vec::new(), 0),
         };
-        let mut run: Arc<[Revision]> = Arc::from(std::mem::take(&mut self.tail));
+        let mut run: Arc<[Revision]> = Arc::from(std::mem::take(&mut self.tail).into_vec());
         // Carry, as in a binary counter: merge with the previous run while it is no longer.
         while let Some(prev) = runs.last() {
             if prev.len() > run.len() {
@@ -219,7 +222,8 @@ pub struct KeyIndex {
     /// The newest revision of this key, put or tombstone.
     pub modified: Revision,
     /// Lives of the key, oldest first; the last one is open (possibly empty).
-    pub generations: Vec<Generation>,
+    /// Most keys have lived once: that generation sits inline, without an allocation.
+    pub generations: SmallVec<[Generation; 1]>,
 }
 
 impl KeyIndex {
@@ -243,7 +247,7 @@ impl KeyIndex {
     pub fn restore(created: Revision, modified: Revision, ver: i64) -> Self {
         KeyIndex {
             modified,
-            generations: vec![Generation {
+            generations: smallvec::smallvec![Generation {
                 ver,
                 created,
                 revs: std::iter::once(modified).collect(),
