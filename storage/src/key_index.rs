@@ -218,11 +218,13 @@ pub struct VisibleRevision {
 
 /// The history of one key (etcd's `keyIndex`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// The index holds every key in memory, so an entry is kept small: most keys have lived once and
+/// hold one revision after compaction, and then the whole entry is inline in the index's B-tree
+/// node, without an allocation of its own (etcd's `modified` field is not kept: nothing reads it,
+/// the newest revision is the last one of the generations).
 pub struct KeyIndex {
-    /// The newest revision of this key, put or tombstone.
-    pub modified: Revision,
     /// Lives of the key, oldest first; the last one is open (possibly empty).
-    /// Most keys have lived once: that generation sits inline, without an allocation.
     pub generations: SmallVec<[Generation; 1]>,
 }
 
@@ -239,14 +241,12 @@ impl KeyIndex {
         }
         g.revs.push(rev);
         g.ver += 1;
-        self.modified = rev;
     }
 
     /// Rebuilds the index entry from the first stored revision of a key, whose earlier history may
     /// have been compacted away; `created` and `ver` come from the stored key-value.
     pub fn restore(created: Revision, modified: Revision, ver: i64) -> Self {
         KeyIndex {
-            modified,
             generations: smallvec::smallvec![Generation {
                 ver,
                 created,
