@@ -3,6 +3,7 @@
 //! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
 //! - [`log_store`]: the durable Raft log (raft-log: fdatasync + group commit).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
+//! - `snapshot_file`: the snapshot file, written and read as a stream.
 //! - [`network`]: peer RPCs over tonic (replication, votes, snapshots, forwarded writes, read
 //!   index, membership changes).
 //! - [`membership`]: etcd's member operations as openraft membership changes.
@@ -21,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod network;
 pub mod node;
+mod snapshot_file;
 pub mod state_machine;
 pub mod transfer;
 
@@ -41,7 +43,7 @@ openraft::declare_raft_types!(
         R = CommandResponse,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// openraft's long generic types, fixed once.

@@ -9,11 +9,10 @@
 //! of the (fdatasynced) Raft log.
 //!
 //! Snapshots are files written with fsync; log purge only follows a snapshot, so the state is
-//! always rebuildable from the newest snapshot plus the log. On open, a store whose marker is
+//! always rebuildable from the newest snapshot plus the log. They are streamed to and from disk
+//! (see `snapshot_file`), never held in memory whole. On open, a store whose marker is
 //! behind the snapshot (sled lost more than the kept log tail, or was wiped) is reloaded from it.
 
-use std::io::Cursor;
-use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -28,7 +27,6 @@ use openraft::storage::Snapshot;
 use openraft::EntryPayload;
 use openraft::LogId;
 use openraft::RaftSnapshotBuilder;
-use openraft::SnapshotMeta;
 use openraft::StorageError;
 use openraft::StorageIOError;
 use openraft::StoredMembership;
@@ -38,11 +36,13 @@ use serde::Serialize;
 use crate::command::into_write_op;
 use crate::command::ApplyResult;
 use crate::command::CommandResponse;
+use crate::snapshot_file;
+use crate::snapshot_file::Meta;
+use crate::snapshot_file::SnapshotWriter;
 use crate::NodeId;
 use crate::TypeConfig;
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
-type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
 /// What the consistent index blob holds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -62,17 +62,11 @@ impl Applied {
     }
 }
 
-/// One exported store record: (tree, key, value).
-type Record = (String, Vec<u8>, Vec<u8>);
-
-/// A snapshot file: its meta and the store's records.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: Meta,
-    records: Vec<Record>,
-}
-
 const SNAPSHOT_FILE: &str = "current.snap";
+/// A snapshot being built (a member may build its own while receiving one from the leader).
+const BUILDING_FILE: &str = "building.snap";
+/// A snapshot being received from the leader.
+const RECEIVING_FILE: &str = "receiving.snap";
 
 /// The state machine over a [`KvStore`].
 #[derive(Debug)]
@@ -112,15 +106,22 @@ impl StateMachine {
             applied: Mutex::new(applied),
             snapshot_seq: AtomicU64::new(0),
         };
-        if let Some(file) = sm.read_snapshot_file()? {
+        // Snapshots cut short by a crash while they were built or received.
+        for partial in [BUILDING_FILE, RECEIVING_FILE] {
+            match std::fs::remove_file(sm.snapshot_dir.join(partial)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        if let Some((meta, file)) = sm.open_snapshot_file()? {
             let ours = sm.applied().last_applied;
-            if file.meta.last_log_id > ours {
+            if meta.last_log_id > ours {
                 tracing::warn!(
                     store = ?ours,
-                    snapshot = ?file.meta.last_log_id,
+                    snapshot = ?meta.last_log_id,
                     "store is behind the snapshot; reloading it from the snapshot"
                 );
-                sm.load_records(file.records)?;
+                sm.load_records(file)?;
             }
         }
         Ok(Arc::new(sm))
@@ -138,8 +139,11 @@ impl StateMachine {
             .clone()
     }
 
-    fn load_records(&self, records: Vec<Record>) -> Result<(), OpenError> {
-        self.store.import(records.into_iter().map(Ok))?;
+    /// Replaces the store's contents with the snapshot in `file`, read as a stream.
+    fn load_records(&self, file: std::fs::File) -> Result<(), OpenError> {
+        let records = snapshot_file::read_records(file)?;
+        self.store
+            .import(records.map(|r| r.map_err(fetcd_storage::StorageError::from)))?;
         let applied = match self.store.consistent_index()? {
             Some(b) => Applied::decode(&b).map_err(|e| OpenError::Snapshot(e.to_string()))?,
             None => Applied::default(),
@@ -152,51 +156,67 @@ impl StateMachine {
         self.snapshot_dir.join(SNAPSHOT_FILE)
     }
 
-    fn read_snapshot_file(&self) -> Result<Option<SnapshotFile>, OpenError> {
+    /// The current snapshot's meta and its file, if there is one.
+    fn open_snapshot_file(&self) -> Result<Option<(Meta, std::fs::File)>, OpenError> {
         let path = self.snapshot_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        bincode::deserialize(&bytes)
-            .map(Some)
-            .map_err(|e| OpenError::Snapshot(format!("{}: {e}", path.display())))
+        let meta = snapshot_file::read_meta(&mut file)
+            .map_err(|e| OpenError::Snapshot(format!("{}: {e}", path.display())))?;
+        Ok(Some((meta, file)))
     }
 
-    /// Writes the snapshot file durably: temp file, fsync, rename, fsync the directory.
-    fn write_snapshot_file(&self, file: &SnapshotFile) -> std::io::Result<()> {
-        let bytes = bincode::serialize(file).map_err(std::io::Error::other)?;
-        let tmp = self.snapshot_dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
+    /// Makes a complete (synced) partial file the current snapshot: rename, fsync the directory.
+    fn publish(&self, partial: &str) -> std::io::Result<()> {
+        std::fs::rename(self.snapshot_dir.join(partial), self.snapshot_path())?;
+        std::fs::File::open(&self.snapshot_dir)?.sync_all()
+    }
+
+    /// The snapshot data openraft hands to `install_snapshot` as the received file. It is the
+    /// file `begin_receiving_snapshot` created, unless the caller put another one in its place
+    /// (openraft's own test suite hands over the leader's file): then its bytes are copied in,
+    /// a stream like every other snapshot read.
+    fn as_received_file(&self, mut data: std::fs::File) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.snapshot_dir.join(RECEIVING_FILE);
+        let got = data.metadata()?;
+        if let Ok(ours) = std::fs::metadata(&path) {
+            if (got.dev(), got.ino()) == (ours.dev(), ours.ino()) {
+                return Ok(data);
+            }
         }
-        std::fs::rename(&tmp, self.snapshot_path())?;
-        std::fs::File::open(&self.snapshot_dir)?.sync_all()?;
-        Ok(())
+        std::io::Seek::seek(&mut data, std::io::SeekFrom::Start(0))?;
+        let mut out = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        std::io::copy(&mut data, &mut out)?;
+        out.sync_all()?;
+        Ok(out)
     }
-}
 
-impl RaftSnapshotBuilder<TypeConfig> for Arc<StateMachine> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let mut records: Vec<Record> = Vec::new();
-        self.store
-            .export(&mut |tree, k, v| {
-                records.push((tree.to_string(), k.to_vec(), v.to_vec()));
-                Ok(())
-            })
-            .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        // The marker exported with the data says exactly what this copy contains.
-        let applied = records
-            .iter()
-            .find(|(t, k, _)| {
-                t == schema::META_TREE && k.as_slice() == schema::CONSISTENT_INDEX.as_bytes()
-            })
-            .map(|(_, _, v)| Applied::decode(v))
+    /// Writes a snapshot of the store to the partial file (holding the store's writer while
+    /// exporting, so it is one consistent revision) and publishes it.
+    fn write_snapshot(&self) -> Result<Meta, SnapshotBuildError> {
+        let file = std::fs::File::create(self.snapshot_dir.join(BUILDING_FILE))?;
+        let mut out = SnapshotWriter::new(file)?;
+        let mut marker = None;
+        self.store.export(&mut |tree, k, v| {
+            // The marker exported with the data says exactly what this copy contains.
+            if tree == schema::META_TREE && k == schema::CONSISTENT_INDEX.as_bytes() {
+                marker = Some(v.to_vec());
+            }
+            Ok(out.record(tree, k, v)?)
+        })?;
+        let applied = marker
+            .map(|v| Applied::decode(&v))
             .transpose()
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .map_err(|e| SnapshotBuildError::Marker(e.to_string()))?
             .unwrap_or_default();
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match applied.last_applied {
@@ -211,15 +231,49 @@ impl RaftSnapshotBuilder<TypeConfig> for Arc<StateMachine> {
             last_membership: applied.membership,
             snapshot_id,
         };
-        let file = SnapshotFile { meta, records };
-        self.write_snapshot_file(&file)
-            .map_err(|e| StorageIOError::write_snapshot(Some(file.meta.signature()), &e))?;
-        let data = bincode::serialize(&file.records)
-            .map_err(|e| StorageIOError::write_snapshot(Some(file.meta.signature()), &e))?;
-        tracing::info!(meta = %file.meta, bytes = data.len(), "snapshot built");
+        out.finish(&meta)?;
+        self.publish(BUILDING_FILE)?;
+        Ok(meta)
+    }
+}
+
+/// Why a snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotBuildError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] fetcd_storage::StorageError),
+    #[error("applied marker: {0}")]
+    Marker(String),
+}
+
+/// The current snapshot file, opened for openraft (which reads it from the start to send it).
+async fn snapshot_for_openraft(file: std::fs::File) -> std::io::Result<tokio::fs::File> {
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(0)).await?;
+    Ok(file)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Arc<StateMachine> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let sm = self.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let meta = sm.write_snapshot()?;
+            let file = std::fs::File::open(sm.snapshot_path())?;
+            let bytes = file.metadata()?.len();
+            Ok::<_, SnapshotBuildError>((meta, file, bytes))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let (meta, file, bytes) = built.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        tracing::info!(%meta, bytes, "snapshot built");
+        let snapshot = snapshot_for_openraft(file)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta,
+            snapshot: Box::new(snapshot),
         })
     }
 }
@@ -297,25 +351,50 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        // openraft receives one snapshot at a time; a new one replaces a transfer left unfinished.
+        // Read back by `install_snapshot`.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.snapshot_dir.join(RECEIVING_FILE))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let records: Vec<Record> = bincode::deserialize(snapshot.get_ref())
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            records,
-        };
-        self.write_snapshot_file(&file)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        self.load_records(file.records)
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let err = |e: std::io::Error| StorageIOError::write_snapshot(Some(meta.signature()), &e);
+        // Completes the chunk writes still in flight, then makes them durable.
+        snapshot.sync_all().await.map_err(err)?;
+        let file = snapshot.into_std().await;
+        let sm = self.clone();
+        let mut file = tokio::task::spawn_blocking(move || sm.as_received_file(file))
+            .await
+            .map_err(|e| err(std::io::Error::other(e)))?
+            .map_err(err)?;
+        let sent = snapshot_file::read_meta(&mut file).map_err(err)?;
+        if sent.last_log_id != meta.last_log_id {
+            let e = std::io::Error::other(format!(
+                "received snapshot holds {:?}, announced as {:?}",
+                sent.last_log_id, meta.last_log_id
+            ));
+            return Err(err(e).into());
+        }
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || {
+            sm.publish(RECEIVING_FILE)?;
+            sm.load_records(file)
+        })
+        .await
+        .map_err(|e| err(std::io::Error::other(e)))?
+        .map_err(|e| StorageIOError::write_state_machine(&e))?;
         // The sender's marker may predate the meta it sent with; the meta is authoritative.
         let applied = Applied {
             last_applied: meta.last_log_id,
@@ -329,17 +408,18 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let file = self
-            .read_snapshot_file()
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        let Some(file) = file else {
+        let Some((meta, file)) = self
+            .open_snapshot_file()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        else {
             return Ok(None);
         };
-        let data = bincode::serialize(&file.records)
-            .map_err(|e| StorageIOError::read_snapshot(Some(file.meta.signature()), &e))?;
+        let snapshot = snapshot_for_openraft(file)
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         Ok(Some(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta,
+            snapshot: Box::new(snapshot),
         }))
     }
 }

@@ -54,6 +54,7 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with every member's configuration adjusted by `tweak`.
     pub async fn start_with(n: usize, tweak: Option<Tweak>) -> anyhow::Result<Cluster> {
+        crate::init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("fetcd-cluster-")
             .tempdir()?;
