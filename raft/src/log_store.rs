@@ -79,11 +79,12 @@
 //!
 //! raft-log keeps payloads in memory: every entry of the open chunk, plus entries of closed chunks
 //! until the cache limits are reached. [`LogStoreConfig`] therefore uses much smaller chunks
-//! (8 MiB / 256 Ki records) and cache (8 MiB) than raft-log's defaults (1 GiB / 1 Mi records,
+//! (4 MiB / 256 Ki records) and cache (4 MiB) than raft-log's defaults (1 GiB / 1 Mi records,
 //! 1 GiB), which bounds the pinned memory (a heap profile after loading 300k keys showed 34 MiB
 //! of log payloads with a 32 MiB cache, an eighth of the member's RSS) and the granularity at
 //! which purged space is returned to the file system. Entries older than the cache are read back
-//! with `pread`, which only a follower more than a few seconds of writes behind needs.
+//! with `pread`, which a follower needs only when it is more than the cache behind (under a
+//! 64-client put load here, about half a second of writes).
 //!
 //! # Caveats
 //!
@@ -151,7 +152,7 @@ pub struct LogStoreConfig {
     /// Every payload of the open chunk stays in memory, so this bounds that memory. Purged
     /// entries are released to the file system one whole chunk at a time.
     ///
-    /// Default: 8 MiB (raft-log: 1 GiB).
+    /// Default: 4 MiB (raft-log: 1 GiB).
     pub chunk_max_size: usize,
 
     /// Cached payloads beyond this count are evicted, oldest first. Payloads not yet in a closed
@@ -163,7 +164,7 @@ pub struct LogStoreConfig {
     /// Cached payloads beyond this many bytes are evicted, oldest first; same exception as
     /// [`log_cache_max_items`](Self::log_cache_max_items).
     ///
-    /// Default: 8 MiB (raft-log: 1 GiB).
+    /// Default: 4 MiB (raft-log: 1 GiB).
     pub log_cache_capacity: usize,
 
     /// How long the flush worker waits for more writes to share one fdatasync.
@@ -177,9 +178,9 @@ impl Default for LogStoreConfig {
     fn default() -> Self {
         Self {
             chunk_max_records: 256 * 1024,
-            chunk_max_size: 8 * 1024 * 1024,
+            chunk_max_size: 4 * 1024 * 1024,
             log_cache_max_items: 100_000,
-            log_cache_capacity: 8 * 1024 * 1024,
+            log_cache_capacity: 4 * 1024 * 1024,
             flush_batch_wait: Duration::ZERO,
         }
     }

@@ -88,9 +88,10 @@ use crate::StorageError;
 /// sled's page cache. Its default (1 GiB) is what made fetcd's memory grow with the data: the
 /// key index is in memory anyway and a Range reads few values, so a modest cache plus the OS page
 /// cache serve reads as well. sled's accounting undercounts its decoded nodes (a heap profile
-/// showed ~100 MiB of them under a 64 MiB cap); 16 MiB cut the RSS after 300k keys by ~60 MiB
-/// with random serializable Gets over those keys within run-to-run noise (37–39k vs 33–38k/s).
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// showed ~100 MiB of them under a 64 MiB cap). Measured on the kube mix (`fetcd-bench`, same-run
+/// ratio to etcd): 64 MiB 1.40, 32 MiB 1.36, 16 MiB 1.20 (its list pages then decode sled nodes
+/// from disk again and again); RSS after 1M keys: 32 MiB 0.50x etcd, 16 MiB 0.47x.
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// How many `key` tree deletions physical compaction puts in one sled batch.
 const COMPACTION_BATCH: usize = 10_000;
