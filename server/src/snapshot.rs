@@ -62,8 +62,27 @@ pub enum SnapshotError {
 }
 
 /// One consistent copy of `store` in the snapshot format (the writer is held while exporting).
-pub fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
-    let mut out = MAGIC.to_vec();
+#[cfg(test)]
+fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = Vec::new();
+    write(store, &mut out)?;
+    Ok(out)
+}
+
+/// Writes one consistent copy of `store` in the snapshot format to `out` (the store's writer is
+/// held while exporting) as it is exported, so a large store is never held in memory; returns
+/// the bytes written.
+pub fn write(store: &KvStore, out: &mut impl std::io::Write) -> Result<u64, SnapshotError> {
+    let mut out = Summed {
+        out,
+        crc: Crc32c::new(),
+        len: 0,
+    };
+    let io = |source| SnapshotError::Io {
+        path: PathBuf::from("<snapshot stream>"),
+        source,
+    };
+    out.put(MAGIC).map_err(io)?;
     let mut encode_err = None;
     store.export(&mut |tree, k, v| {
         if tree == schema::META_TREE && k == schema::CONSISTENT_INDEX.as_bytes() {
@@ -75,12 +94,12 @@ pub fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
             u32::try_from(v.len()),
         ) {
             (Ok(t), Ok(kl), Ok(vl)) => {
-                out.push(t);
-                out.extend_from_slice(tree.as_bytes());
-                out.extend_from_slice(&kl.to_be_bytes());
-                out.extend_from_slice(k);
-                out.extend_from_slice(&vl.to_be_bytes());
-                out.extend_from_slice(v);
+                out.put(&[t])?;
+                out.put(tree.as_bytes())?;
+                out.put(&kl.to_be_bytes())?;
+                out.put(k)?;
+                out.put(&vl.to_be_bytes())?;
+                out.put(v)?;
             }
             _ => encode_err = Some(format!("record too large in tree {tree}")),
         }
@@ -89,13 +108,29 @@ pub fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
     if let Some(e) = encode_err {
         return Err(SnapshotError::Invalid(e));
     }
-    out.push(0);
-    out.resize(out.len().div_ceil(PAGE) * PAGE, 0);
-    let mut h = Crc32c::new();
-    h.update(&out);
-    out.extend_from_slice(&h.sum().to_be_bytes());
-    out.extend_from_slice(TRAILER_TAG);
-    Ok(out)
+    out.put(&[0]).map_err(io)?;
+    let pad = (out.len as usize).div_ceil(PAGE) * PAGE - out.len as usize;
+    out.put(&vec![0; pad]).map_err(io)?;
+    let sum = out.crc.sum();
+    out.out.write_all(&sum.to_be_bytes()).map_err(io)?;
+    out.out.write_all(TRAILER_TAG).map_err(io)?;
+    Ok(out.len + TRAILER_LEN as u64)
+}
+
+/// A writer that keeps the running checksum and length of what went through it.
+struct Summed<'a, W> {
+    out: &'a mut W,
+    crc: Crc32c,
+    len: u64,
+}
+
+impl<W: std::io::Write> Summed<'_, W> {
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(b)?;
+        self.crc.update(b);
+        self.len += b.len() as u64;
+        Ok(())
+    }
 }
 
 /// A record of a snapshot: (tree, key, value).

@@ -209,26 +209,52 @@ impl Maintenance for MaintenanceService {
         _: GrpcRequest<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let store = self.node.store().clone();
-        let bytes = tokio::task::spawn_blocking(move || snapshot::build(&store))
-            .await
-            .map_err(join_error)?
-            .map_err(|e| Status::internal(format!("etcdserver: snapshot: {e}")))?;
+        let dir = self.node.raft().data_dir().to_path_buf();
+        // The copy goes to an unnamed file in the data directory (gone when closed, even after a
+        // crash), then to the client chunk by chunk: never the whole store in memory.
+        let (file, total) = tokio::task::spawn_blocking(move || {
+            let io = |source| snapshot::SnapshotError::Io {
+                path: dir.clone(),
+                source,
+            };
+            let mut file = tempfile::tempfile_in(&dir).map_err(io)?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+            let total = snapshot::write(&store, &mut out)?;
+            std::io::Write::flush(&mut out).map_err(io)?;
+            drop(out);
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(io)?;
+            Ok::<_, snapshot::SnapshotError>((file, total))
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(|e| Status::internal(format!("etcdserver: snapshot: {e}")))?;
         let header = self.header();
-        let total = bytes.len();
         tracing::info!(bytes = total, "sending snapshot");
-        let chunks: Vec<Result<pb::SnapshotResponse, Status>> = bytes
-            .chunks(SNAPSHOT_CHUNK)
-            .scan(total, |remaining, chunk| {
-                *remaining -= chunk.len();
-                Some(Ok(pb::SnapshotResponse {
-                    header,
-                    remaining_bytes: *remaining as u64,
-                    blob: chunk.to_vec(),
-                    version: version::ETCD_SERVER_VERSION.into(),
-                }))
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let file = tokio::fs::File::from_std(file);
+        let chunks =
+            futures::stream::unfold((file, total), move |(mut file, remaining)| async move {
+                if remaining == 0 {
+                    return None;
+                }
+                let n = remaining.min(SNAPSHOT_CHUNK as u64);
+                let mut blob = vec![0; n as usize];
+                match tokio::io::AsyncReadExt::read_exact(&mut file, &mut blob).await {
+                    Ok(_) => {
+                        let resp = pb::SnapshotResponse {
+                            header,
+                            remaining_bytes: remaining - n,
+                            blob,
+                            version: version::ETCD_SERVER_VERSION.into(),
+                        };
+                        Some((Ok(resp), (file, remaining - n)))
+                    }
+                    Err(e) => {
+                        let status = Status::internal(format!("etcdserver: snapshot: {e}"));
+                        Some((Err(status), (file, 0)))
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     /// etcd's v3rpc answers `not leader` unless this member leads (etcdctl sends MoveLeader to
