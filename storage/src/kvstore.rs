@@ -90,7 +90,8 @@ use crate::StorageError;
 /// cache serve reads as well. sled's accounting undercounts its decoded nodes (a heap profile
 /// showed ~100 MiB of them under a 64 MiB cap). Measured on the kube mix (`fetcd-bench`, same-run
 /// ratio to etcd): 64 MiB 1.40, 32 MiB 1.36, 16 MiB 1.20 (its list pages then decode sled nodes
-/// from disk again and again); RSS after 1M keys: 32 MiB 0.50x etcd, 16 MiB 0.47x.
+/// from disk again and again); RSS after 1M keys: 32 MiB 0.48x etcd (raft-log cache 4 MiB),
+/// 16 MiB 0.47x (raft-log cache 8 MiB).
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// How many `key` tree deletions physical compaction puts in one sled batch.
