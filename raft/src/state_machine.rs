@@ -200,8 +200,8 @@ impl StateMachine {
         Ok(out)
     }
 
-    /// Writes a snapshot of the store to the partial file (holding the store's writer while
-    /// exporting, so it is one consistent revision) and publishes it.
+    /// Writes a snapshot of the store (one consistent revision, exported while writes go on) to
+    /// the partial file and publishes it.
     fn write_snapshot(&self) -> Result<Meta, SnapshotBuildError> {
         let file = std::fs::File::create(self.snapshot_dir.join(BUILDING_FILE))?;
         let mut out = SnapshotWriter::new(file)?;

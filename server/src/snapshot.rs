@@ -61,7 +61,7 @@ pub enum SnapshotError {
     DataDirExists(PathBuf),
 }
 
-/// One consistent copy of `store` in the snapshot format (the writer is held while exporting).
+/// One consistent copy of `store` in the snapshot format.
 #[cfg(test)]
 fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
     let mut out = Vec::new();
@@ -69,9 +69,8 @@ fn build(store: &KvStore) -> Result<Vec<u8>, SnapshotError> {
     Ok(out)
 }
 
-/// Writes one consistent copy of `store` in the snapshot format to `out` (the store's writer is
-/// held while exporting) as it is exported, so a large store is never held in memory; returns
-/// the bytes written.
+/// Writes one consistent copy of `store` in the snapshot format to `out` as it is exported (see
+/// `KvStore::export`), so a large store is never held in memory; returns the bytes written.
 pub fn write(store: &KvStore, out: &mut impl std::io::Write) -> Result<u64, SnapshotError> {
     let mut out = Summed {
         out,

@@ -87,10 +87,12 @@ pub struct HashKv {
 impl KvStore {
     /// etcd's `HashByRev`: the hash of every key revision up to `rev` (0 = current). A revision
     /// at or below the compaction revision is refused as compacted, one above the current
-    /// revision as future, with etcd's errors. Holds the writer, so the hash covers exactly one
-    /// revision of a store that neither applies nor compacts meanwhile.
+    /// revision as future, with etcd's errors. Holds the writer only while it fixes the revision
+    /// and what compaction keeps, and keeps deletions out while it reads the history, so the
+    /// hash covers exactly one revision while writes go on.
     pub fn hash_kv(&self, rev: i64) -> Result<std::result::Result<HashKv, KvError>> {
-        let _writer = self.lock_writer();
+        let writer = self.lock_writer();
+        let _history = self.read_history();
         let (current, compact, keep) = {
             let st = self.read_index();
             if rev > 0 && rev <= st.compact {
@@ -114,6 +116,7 @@ impl KvStore {
         let end = Revision::main_start_bytes(at.saturating_add(1));
         // Revisions up to `at` may still be queued for sled.
         self.persister.barrier()?;
+        drop(writer);
         for item in self.trees().key.range(..end) {
             let (k, v) = item?;
             let (r, _) = Revision::from_bytes(&k)
@@ -133,8 +136,8 @@ impl KvStore {
     }
 
     /// A hash of everything the store holds (etcd's `Hash`, a testing aid): every tree's name
-    /// and records, except the member-specific applied marker. Holds the writer for one
-    /// consistent copy.
+    /// and records, except the member-specific applied marker, from one consistent copy (see
+    /// [`KvStore::export`]).
     pub fn hash_all(&self) -> Result<u32> {
         let mut h = Crc32c::new();
         self.export(&mut |tree, k, v| {

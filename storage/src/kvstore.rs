@@ -180,6 +180,10 @@ pub struct KvStore {
     index: RwLock<IndexState>,
     /// One writer at a time; writes are applied in Raft log order anyway.
     writer: Mutex<()>,
+    /// Shared by readers that walk the `key` tree's history without the writer ([`KvStore::export`],
+    /// HashKV): revisions up to the current one never change in sled except when deleted, so
+    /// such a reader only has to keep deletions (compaction, snapshot install) out.
+    pub(crate) history: RwLock<()>,
     /// Watchers, notified at commit.
     hub: WatchHub,
     /// Active alarms, changed only after the sled write that stored them.
@@ -217,6 +221,7 @@ impl KvStore {
             path,
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
+            history: RwLock::new(()),
             hub: WatchHub::default(),
             alarms: RwLock::new(AlarmSet::new()),
             persister,
@@ -528,6 +533,7 @@ impl KvStore {
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
         let mut deleted = 0usize;
+        let _history = self.write_history();
         let trees = self.trees();
         for item in trees.key.range(..end) {
             let (k, _) = item?;
@@ -561,23 +567,48 @@ impl KvStore {
         Ok(())
     }
 
-    /// Writes every tree this store owns as `(tree, key, value)` records, for Raft snapshots.
-    /// Holds the writer so the copy is one consistent revision.
+    /// Writes every tree this store owns as `(tree, key, value)` records, for Raft snapshots,
+    /// as one consistent revision. Writers wait only while the current revision is fixed and the
+    /// small `meta` and `lease` trees are copied, not while the history is read: a snapshot of
+    /// a large store used to stall every write for as long as the export took (0.5 s at 200k
+    /// keys). Later writes only add revisions above the fixed one, which the walk leaves out,
+    /// and deletions wait for it (see `history`).
     pub fn export(&self, out: &mut ExportSink<'_>) -> Result<()> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        self.persister.barrier()?;
-        let trees = self.trees();
-        for (name, tree) in [
-            (schema::KEY_TREE, &trees.key),
-            (schema::META_TREE, &trees.meta),
-            (schema::LEASE_TREE, &trees.lease),
-        ] {
-            for item in tree.iter() {
-                let (k, v) = item?;
-                out(name, &k, &v)?;
+        let (end, small, _history, trees) = {
+            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.persister.barrier()?;
+            let history = self.read_history();
+            let end = Revision::main_start_bytes(self.read_index().current.saturating_add(1));
+            let trees = self.trees();
+            let mut small = Vec::new();
+            for (name, tree) in [
+                (schema::META_TREE, &trees.meta),
+                (schema::LEASE_TREE, &trees.lease),
+            ] {
+                for item in tree.iter() {
+                    let (k, v) = item?;
+                    small.push((name, k, v));
+                }
             }
+            (end, small, history, trees)
+        };
+        for item in trees.key.range(..end) {
+            let (k, v) = item?;
+            out(schema::KEY_TREE, &k, &v)?;
+        }
+        for (name, k, v) in small {
+            out(name, &k, &v)?;
         }
         Ok(())
+    }
+
+    /// Keeps deletions out of the `key` tree's history while the guard lives.
+    pub(crate) fn read_history(&self) -> RwLockReadGuard<'_, ()> {
+        self.history.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_history(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.history.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces the whole store with exported records (a Raft snapshot install) and rebuilds the
@@ -589,6 +620,7 @@ impl KvStore {
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
         {
+            let _history = self.write_history();
             let trees = self.trees();
             trees.key.clear()?;
             trees.meta.clear()?;

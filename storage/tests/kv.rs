@@ -473,6 +473,103 @@ fn export_import_round_trip() {
     assert_eq!(get(&t, "a", 0).unwrap(), vec![kv("a", "3", 2, 8, 3)]);
 }
 
+/// Records of an export, as `import` takes them.
+type Records = Vec<Result<(String, Vec<u8>, Vec<u8>), fetcd_storage::StorageError>>;
+
+fn export_all(s: &KvStore) -> Records {
+    let mut records = Vec::new();
+    s.export(&mut |tree, k, v| {
+        records.push(Ok((tree.to_string(), k.to_vec(), v.to_vec())));
+        Ok(())
+    })
+    .unwrap();
+    records
+}
+
+#[test]
+fn export_lets_writes_through_and_copies_the_revision_it_started_at() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let (_dir, s) = temp_store();
+    for i in 0..50 {
+        put(&s, &format!("k{i:02}"), "old"); // 2..=51
+    }
+    apply_ci(&s, WriteOp::Noop, b"at-51").unwrap();
+    let expected = history(&s);
+    let s = std::sync::Arc::new(s);
+
+    // The export stops after its first record until told to go on.
+    let (started_tx, started) = mpsc::channel();
+    let (resume, resume_rx) = mpsc::channel::<()>();
+    let exporter = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let mut records: Records = Vec::new();
+            let mut first = true;
+            s.export(&mut |tree, k, v| {
+                if first {
+                    first = false;
+                    started_tx.send(()).unwrap();
+                    resume_rx.recv().unwrap();
+                }
+                records.push(Ok((tree.to_string(), k.to_vec(), v.to_vec())));
+                Ok(())
+            })
+            .unwrap();
+            records
+        })
+    };
+    started.recv().unwrap();
+
+    // Writes go on while the export is paused (before, they waited for the whole export).
+    let (wrote_tx, wrote) = mpsc::channel();
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let revs: Vec<i64> = (0..50)
+                .map(|i| put(&s, &format!("k{i:02}"), "new"))
+                .collect();
+            delete(&s, "k00", "k10");
+            wrote_tx.send(revs).unwrap();
+        })
+    };
+    let revs = wrote
+        .recv_timeout(Duration::from_secs(30))
+        .expect("writes blocked behind a paused export");
+    assert_eq!(revs, (52..=101).collect::<Vec<_>>());
+    writer.join().unwrap();
+
+    // A compaction has to wait for the walk: the records it would delete are still being read.
+    let (compacted_tx, compacted) = mpsc::channel();
+    let compactor = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            compacted_tx.send(compact(&s, 100).is_ok()).unwrap();
+        })
+    };
+    assert!(compacted.recv_timeout(Duration::from_millis(300)).is_err());
+    resume.send(()).unwrap();
+    let records = exporter.join().unwrap();
+    assert!(compacted.recv_timeout(Duration::from_secs(30)).unwrap());
+    compactor.join().unwrap();
+
+    // The copy is the store as of revision 51, with that revision's applied marker.
+    let (_dir2, t) = temp_store();
+    t.import(records).unwrap();
+    assert_eq!(t.current_revision(), 51);
+    assert_eq!(t.consistent_index().unwrap(), Some(b"at-51".to_vec()));
+    assert_eq!(history(&t), expected);
+    assert_eq!(get(&t, "k00", 0).unwrap(), vec![kv("k00", "old", 2, 2, 1)]);
+
+    // And a later export sees everything, compaction included.
+    let (_dir3, u) = temp_store();
+    u.import(export_all(&s)).unwrap();
+    assert_eq!(u.current_revision(), s.current_revision());
+    assert_eq!(u.compact_revision(), 100);
+    assert_eq!(history(&u), history(&s));
+}
+
 // --- Range -----------------------------------------------------------------------------------
 
 #[test]

@@ -203,7 +203,8 @@ impl Maintenance for MaintenanceService {
     }
 
     /// Streams one consistent copy of the store (see [`crate::snapshot`]) in 32 KiB chunks. The
-    /// copy is built in memory first, holding the store's writer only while exporting.
+    /// copy goes to an unnamed file in the data dir first (writes go on meanwhile; see
+    /// `KvStore::export`), so a slow client holds no store lock and no memory.
     async fn snapshot(
         &self,
         _: GrpcRequest<pb::SnapshotRequest>,
