@@ -91,8 +91,10 @@ impl KvStore {
     /// and what compaction keeps, and keeps deletions out while it reads the history, so the
     /// hash covers exactly one revision while writes go on.
     pub fn hash_kv(&self, rev: i64) -> Result<std::result::Result<HashKv, KvError>> {
-        let writer = self.lock_writer();
+        // Every member hashes the same stored history: what decided compactions free is gone.
+        self.wait_compaction(self.compact_revision());
         let _history = self.read_history();
+        let writer = self.lock_writer();
         let (current, compact, keep) = {
             let st = self.read_index();
             if rev > 0 && rev <= st.compact {

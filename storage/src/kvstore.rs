@@ -25,6 +25,8 @@
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
@@ -60,6 +62,8 @@ use sled::IVec;
 
 use crate::alarm;
 use crate::alarm::AlarmSet;
+use crate::compactor;
+use crate::compactor::Compactor;
 use crate::defrag;
 use crate::key_index::KeyIndex;
 use crate::kv::KeyRange;
@@ -93,9 +97,6 @@ use crate::StorageError;
 /// from disk again and again); RSS after 1M keys: 32 MiB 0.48x etcd (raft-log cache 4 MiB),
 /// 16 MiB 0.47x (raft-log cache 8 MiB).
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
-
-/// How many `key` tree deletions physical compaction puts in one sled batch.
-const COMPACTION_BATCH: usize = 10_000;
 
 /// A key in the index: a boxed slice, 8 bytes smaller than a `Vec` in every B-tree slot (the
 /// index holds every key in memory).
@@ -182,8 +183,14 @@ pub struct KvStore {
     writer: Mutex<()>,
     /// Shared by readers that walk the `key` tree's history without the writer ([`KvStore::export`],
     /// HashKV): revisions up to the current one never change in sled except when deleted, so
-    /// such a reader only has to keep deletions (compaction, snapshot install) out.
-    pub(crate) history: RwLock<()>,
+    /// such a reader only has to keep deletions (compaction, snapshot install, defragmentation)
+    /// out. Taken before the writer by whoever takes both.
+    history: Arc<RwLock<()>>,
+    /// Bumped by a snapshot install (under `history` and the writer): compactions decided
+    /// before it are not run on what replaced the store.
+    epoch: Arc<AtomicU64>,
+    /// Deletes compacted revisions off the write path.
+    compactor: Compactor,
     /// Watchers, notified at commit.
     hub: WatchHub,
     /// Active alarms, changed only after the sled write that stored them.
@@ -195,6 +202,7 @@ pub struct KvStore {
 impl Drop for KvStore {
     fn drop(&mut self) {
         // Writes what is still queued and lets go of the trees (and so of sled's file lock).
+        self.compactor.stop();
         self.persister.stop();
     }
 }
@@ -215,13 +223,18 @@ impl KvStore {
     fn open_in(db: sled::Db, path: Option<std::path::PathBuf>) -> Result<Self> {
         let trees = Arc::new(RwLock::new(Trees::open(&db)?));
         let persister = Persister::start(trees.clone())?;
+        let history: Arc<RwLock<()>> = Arc::default();
+        let epoch: Arc<AtomicU64> = Arc::default();
+        let compactor = Compactor::start(trees.clone(), history.clone(), epoch.clone())?;
         let store = KvStore {
             db: RwLock::new(db),
             trees,
             path,
             index: RwLock::new(IndexState::default()),
             writer: Mutex::new(()),
-            history: RwLock::new(()),
+            history,
+            epoch,
+            compactor,
             hub: WatchHub::default(),
             alarms: RwLock::new(AlarmSet::new()),
             persister,
@@ -255,6 +268,10 @@ impl KvStore {
         let Some(path) = &self.path else {
             return self.flush();
         };
+        // What compactions freed is deleted first (else it would be copied), and nothing is
+        // deleted while the copy is made.
+        self.compactor.wait(self.compact_revision());
+        let _history = self.write_history();
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
         let db = defrag::rewrite(&self.trees(), path, CACHE_BYTES)?;
@@ -326,8 +343,10 @@ impl KvStore {
         *self.write_index() = st;
         self.hub.set_current(current);
         if scheduled > finished {
+            // At open nothing else runs; on a snapshot install the caller holds the history.
             tracing::info!(scheduled, finished, "finishing interrupted compaction");
-            self.compact_locked(scheduled)?;
+            let keep = self.compact_index(scheduled);
+            compactor::delete_compacted(&self.trees(), scheduled, &keep)?;
         }
         tracing::info!(
             keys,
@@ -511,52 +530,31 @@ impl KvStore {
         batch.insert(schema::SCHEDULED_COMPACT_REV, &rev.to_be_bytes());
         batch.insert(schema::CONSISTENT_INDEX, consistent_index);
         self.trees().meta.apply_batch(batch)?;
-        self.compact_locked(rev)?;
+        let keep = self.compact_index(rev);
+        self.compactor
+            .submit(rev, keep, self.epoch.load(Ordering::SeqCst));
         Ok(Ok(CompactionResponse {
             header: Some(ops::header(current)),
         }))
     }
 
-    /// Compacts the index, then deletes unreachable revisions from the `key` tree in batches, then
-    /// records the compaction as finished.
-    fn compact_locked(&self, rev: i64) -> Result<()> {
+    /// Compacts the index at `rev` and returns the revisions at or below it that stay visible;
+    /// readers of older revisions are refused as compacted from now on.
+    fn compact_index(&self, rev: i64) -> HashSet<Revision> {
         let mut keep = HashSet::new();
-        {
-            let mut st = self.write_index();
-            st.keys.retain(|_, ki| {
-                ki.compact(rev, &mut keep);
-                !ki.is_empty()
-            });
-            st.compact = rev;
-        }
-        let end = Revision::main_start_bytes(rev + 1);
-        let mut batch = sled::Batch::default();
-        let mut n = 0usize;
-        let mut deleted = 0usize;
-        let _history = self.write_history();
-        let trees = self.trees();
-        for item in trees.key.range(..end) {
-            let (k, _) = item?;
-            let (r, _) = Revision::from_bytes(&k)
-                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            if keep.contains(&r) {
-                continue;
-            }
-            batch.remove(k);
-            n += 1;
-            if n == COMPACTION_BATCH {
-                trees.key.apply_batch(std::mem::take(&mut batch))?;
-                deleted += n;
-                n = 0;
-            }
-        }
-        trees.key.apply_batch(batch)?;
-        deleted += n;
-        trees
-            .meta
-            .insert(schema::FINISHED_COMPACT_REV, &rev.to_be_bytes())?;
-        tracing::info!(revision = rev, deleted, "compaction finished");
-        Ok(())
+        let mut st = self.write_index();
+        st.keys.retain(|_, ki| {
+            ki.compact(rev, &mut keep);
+            !ki.is_empty()
+        });
+        st.compact = rev;
+        keep
+    }
+
+    /// Returns once the compactions decided up to `rev` are physically done (etcd's
+    /// `physical` compaction request waits for this).
+    pub fn wait_compaction(&self, rev: i64) {
+        self.compactor.wait(rev)
     }
 
     /// Asks sled to write its buffers out. Not an fsync on Linux (sled 0.34); durability comes from
@@ -574,10 +572,10 @@ impl KvStore {
     /// keys). Later writes only add revisions above the fixed one, which the walk leaves out,
     /// and deletions wait for it (see `history`).
     pub fn export(&self, out: &mut ExportSink<'_>) -> Result<()> {
-        let (end, small, _history, trees) = {
+        let history = self.read_history();
+        let (end, small, trees) = {
             let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             self.persister.barrier()?;
-            let history = self.read_history();
             let end = Revision::main_start_bytes(self.read_index().current.saturating_add(1));
             let trees = self.trees();
             let mut small = Vec::new();
@@ -590,7 +588,7 @@ impl KvStore {
                     small.push((name, k, v));
                 }
             }
-            (end, small, history, trees)
+            (end, small, trees)
         };
         for item in trees.key.range(..end) {
             let (k, v) = item?;
@@ -599,6 +597,7 @@ impl KvStore {
         for (name, k, v) in small {
             out(name, &k, &v)?;
         }
+        drop(history);
         Ok(())
     }
 
@@ -617,10 +616,12 @@ impl KvStore {
     where
         I: IntoIterator<Item = Result<(String, Vec<u8>, Vec<u8>)>>,
     {
+        let _history = self.write_history();
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
+        // Compactions still queued were decided about what is being replaced.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         {
-            let _history = self.write_history();
             let trees = self.trees();
             trees.key.clear()?;
             trees.meta.clear()?;

@@ -4,6 +4,7 @@
 //! - [`revision`]: `(main, sub)` revisions and their byte layout in sled.
 //! - [`key_index`]: per-key history in generations (etcd's `keyIndex`).
 //! - [`kvstore`]: the store — sled trees, the in-memory index, write transactions, compaction.
+//! - `compactor`: deletes compacted revisions from sled off the write path.
 //! - `ops`: etcd's request semantics (Range, Put, DeleteRange, Txn) over a read view.
 //! - [`lease`]: leases and their attached keys (replicated state; expiry timing is the server's).
 //! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
@@ -15,6 +16,7 @@
 //! drives it, and knows nothing of how the writes were agreed on.
 
 pub mod alarm;
+mod compactor;
 pub mod defrag;
 mod error;
 pub mod hash;

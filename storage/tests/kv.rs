@@ -486,6 +486,37 @@ fn export_all(s: &KvStore) -> Records {
     records
 }
 
+/// Starts an export of `s` on another thread and returns once it has read its first record; it
+/// goes on (and its thread returns the records) when the returned sender is used.
+fn paused_export(
+    s: &std::sync::Arc<KvStore>,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Records>,
+) {
+    use std::sync::mpsc;
+    let (started_tx, started) = mpsc::channel();
+    let (resume, resume_rx) = mpsc::channel::<()>();
+    let s = s.clone();
+    let exporter = std::thread::spawn(move || {
+        let mut records: Records = Vec::new();
+        let mut first = true;
+        s.export(&mut |tree, k, v| {
+            if first {
+                first = false;
+                started_tx.send(()).unwrap();
+                resume_rx.recv().unwrap();
+            }
+            records.push(Ok((tree.to_string(), k.to_vec(), v.to_vec())));
+            Ok(())
+        })
+        .unwrap();
+        records
+    });
+    started.recv().unwrap();
+    (resume, exporter)
+}
+
 #[test]
 fn export_lets_writes_through_and_copies_the_revision_it_started_at() {
     use std::sync::mpsc;
@@ -500,27 +531,7 @@ fn export_lets_writes_through_and_copies_the_revision_it_started_at() {
     let s = std::sync::Arc::new(s);
 
     // The export stops after its first record until told to go on.
-    let (started_tx, started) = mpsc::channel();
-    let (resume, resume_rx) = mpsc::channel::<()>();
-    let exporter = {
-        let s = s.clone();
-        std::thread::spawn(move || {
-            let mut records: Records = Vec::new();
-            let mut first = true;
-            s.export(&mut |tree, k, v| {
-                if first {
-                    first = false;
-                    started_tx.send(()).unwrap();
-                    resume_rx.recv().unwrap();
-                }
-                records.push(Ok((tree.to_string(), k.to_vec(), v.to_vec())));
-                Ok(())
-            })
-            .unwrap();
-            records
-        })
-    };
-    started.recv().unwrap();
+    let (resume, exporter) = paused_export(&s);
 
     // Writes go on while the export is paused (before, they waited for the whole export).
     let (wrote_tx, wrote) = mpsc::channel();
@@ -540,19 +551,24 @@ fn export_lets_writes_through_and_copies_the_revision_it_started_at() {
     assert_eq!(revs, (52..=101).collect::<Vec<_>>());
     writer.join().unwrap();
 
-    // A compaction has to wait for the walk: the records it would delete are still being read.
-    let (compacted_tx, compacted) = mpsc::channel();
-    let compactor = {
+    // A compaction is decided at once, and writes go on after it, but its deletions wait for
+    // the walk: the records they remove are still being read.
+    assert!(compact(&s, 100).is_ok());
+    assert_eq!(get(&s, "k20", 99), Err(KvError::Compacted));
+    assert_eq!(put(&s, "after", "compaction"), 103);
+    let (deleted_tx, deleted) = mpsc::channel();
+    let waiter = {
         let s = s.clone();
         std::thread::spawn(move || {
-            compacted_tx.send(compact(&s, 100).is_ok()).unwrap();
+            s.wait_compaction(100);
+            deleted_tx.send(()).unwrap();
         })
     };
-    assert!(compacted.recv_timeout(Duration::from_millis(300)).is_err());
+    assert!(deleted.recv_timeout(Duration::from_millis(300)).is_err());
     resume.send(()).unwrap();
     let records = exporter.join().unwrap();
-    assert!(compacted.recv_timeout(Duration::from_secs(30)).unwrap());
-    compactor.join().unwrap();
+    deleted.recv_timeout(Duration::from_secs(30)).unwrap();
+    waiter.join().unwrap();
 
     // The copy is the store as of revision 51, with that revision's applied marker.
     let (_dir2, t) = temp_store();
@@ -568,6 +584,79 @@ fn export_lets_writes_through_and_copies_the_revision_it_started_at() {
     assert_eq!(u.current_revision(), s.current_revision());
     assert_eq!(u.compact_revision(), 100);
     assert_eq!(history(&u), history(&s));
+}
+
+#[test]
+fn a_snapshot_install_drops_compactions_decided_about_what_it_replaced() {
+    // What will be installed: its own history, with revisions that overlap the old store's.
+    let (_dir, t) = temp_store();
+    for i in 0..30 {
+        put(&t, &format!("t{}", i % 3), &format!("{i}")); // 2..=31
+    }
+    let records = export_all(&t);
+    // Which of the compaction and the install gets the history first is up to the lock; the
+    // install must win some of these rounds, and whichever wins, the installed history is
+    // whole.
+    for _ in 0..20 {
+        install_while_a_compaction_waits(&t, &records);
+    }
+}
+
+fn install_while_a_compaction_waits(t: &KvStore, records: &Records) {
+    let (_dir, s) = temp_store();
+    for i in 0..30 {
+        put(&s, &format!("s{}", i % 3), &format!("{i}")); // 2..=31
+    }
+    let s = std::sync::Arc::new(s);
+    // A paused export holds the history, so the compaction decided next cannot run yet.
+    let (resume, exporter) = paused_export(&s);
+    assert!(compact(&s, 31).is_ok());
+    let installer = {
+        let s = s.clone();
+        let records: Records = records
+            .iter()
+            .map(|r| Ok(r.as_ref().unwrap().clone()))
+            .collect();
+        std::thread::spawn(move || s.import(records).unwrap())
+    };
+    // Let the installer queue up behind the export too, then let both go.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    resume.send(()).unwrap();
+    exporter.join().unwrap();
+    installer.join().unwrap();
+    s.wait_compaction(31);
+
+    assert_eq!(s.compact_revision(), -1);
+    assert_eq!(history(&s), history(t));
+    assert_eq!(get(&s, "t0", 2).unwrap(), vec![kv("t0", "0", 2, 2, 1)]);
+}
+
+#[test]
+fn after_a_restart_compactions_of_the_last_run_need_no_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv");
+    let s = KvStore::open_path(&path).unwrap();
+    for i in 0..20 {
+        put(&s, &format!("k{}", i % 2), &format!("{i}")); // 2..=21
+    }
+    assert!(compact(&s, 20).is_ok());
+    drop(s);
+    let s = std::sync::Arc::new(KvStore::open_path(&path).unwrap());
+    assert_eq!(s.compact_revision(), 20);
+    // Neither waits for a compaction this run never submitted.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let t = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.wait_compaction(20);
+            s.defragment().unwrap();
+            done_tx.send(()).unwrap();
+        })
+    };
+    done.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("waited for a compaction of the last run");
+    t.join().unwrap();
+    assert_eq!(get(&s, "k1", 0).unwrap(), vec![kv("k1", "19", 3, 21, 10)]);
 }
 
 // --- Range -----------------------------------------------------------------------------------
@@ -797,12 +886,18 @@ fn history_spans_sled_and_writes_still_queued_for_it() {
     }
 }
 
+/// Bytes under `dir`. sled renames and removes files of a live database in the background, so
+/// one that vanishes between listing and reading counts as nothing.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| {
-            let m = e.metadata().unwrap();
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return 0,
+                Err(err) => panic!("{}: {err}", e.path().display()),
+            };
             if m.is_dir() {
                 dir_bytes(&e.path())
             } else {

@@ -134,8 +134,17 @@ impl Kv for KvService {
         req: GrpcRequest<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
+        let (rev, physical) = (r.revision, r.physical);
         match self.node.write(Request::Compaction(r)).await? {
             WriteResponse::Compaction(mut resp) => {
+                if physical {
+                    // etcd's `physical`: answer once this member has deleted what the
+                    // compaction freed, not only decided it.
+                    let store = self.node.store().clone();
+                    tokio::task::spawn_blocking(move || store.wait_compaction(rev))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                }
                 self.node.fill_header(&mut resp.header);
                 Ok(Response::new(resp))
             }
