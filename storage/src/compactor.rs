@@ -106,15 +106,14 @@ impl Compactor {
 
     /// Queues the deletion of the revisions up to `rev` that `keep` does not hold.
     pub(crate) fn submit(&self, rev: i64, keep: HashSet<Revision>, epoch: u64) {
-        {
-            let mut d = self.done.0.lock().unwrap_or_else(|p| p.into_inner());
-            d.submitted = d.submitted.max(rev);
-        }
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let sent = jobs
             .as_ref()
             .is_some_and(|tx| tx.send(Job { rev, keep, epoch }).is_ok());
-        if !sent {
+        if sent {
+            let mut d = self.done.0.lock().unwrap_or_else(|p| p.into_inner());
+            d.submitted = d.submitted.max(rev);
+        } else {
             // Stopping: the decision is in sled, and the next open finishes it.
             tracing::warn!(revision = rev, "compaction left for the next start");
         }
@@ -125,19 +124,9 @@ impl Compactor {
     pub(crate) fn wait(&self, rev: i64) {
         let (lock, cv) = &*self.done;
         let mut d = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while d.done < rev.min(d.submitted) && self.is_running() {
-            d = cv
-                .wait_timeout(d, std::time::Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        while d.done < rev.min(d.submitted) {
+            d = cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
-    }
-
-    fn is_running(&self) -> bool {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
     }
 
     /// Finishes the queued compactions and stops the thread. Idempotent.
