@@ -217,12 +217,12 @@ pub struct VisibleRevision {
 }
 
 /// The history of one key (etcd's `keyIndex`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
 ///
 /// The index holds every key in memory, so an entry is kept small: most keys have lived once and
 /// hold one revision after compaction, and then the whole entry is inline in the index's B-tree
 /// node, without an allocation of its own (etcd's `modified` field is not kept: nothing reads it,
 /// the newest revision is the last one of the generations).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyIndex {
     /// Lives of the key, oldest first; the last one is open (possibly empty).
     pub generations: SmallVec<[Generation; 1]>,

@@ -45,7 +45,7 @@ const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// load each transaction should carry many applies; an idle store still writes at once (the
 /// first group after a pause goes without waiting). sled writes every transaction's buffers with
 /// `sync_file_range` (wait for writeback), so each group also costs the disk: at 10 ms the
-/// groups' writebacks (~200/s per member) slowed the Raft log's fdatasyncs they share the disk
+/// groups' writebacks (~175/s per member) slowed the Raft log's fdatasyncs they share the disk
 /// with. Nothing depends on sled being current (the log replays what it lacks), so the interval
 /// only bounds the overlay, which [`MAX_QUEUED_BYTES`] bounds too.
 const GROUP_INTERVAL: Duration = Duration::from_millis(100);
