@@ -299,6 +299,16 @@ impl KeyIndex {
         None
     }
 
+    /// True if [`KeyIndex::compact`] at `at_rev` would drop anything: that is when the first
+    /// generation's second revision is at or below it (its first one is superseded, or the
+    /// generation ended there). O(1), so a writer can check every entry it publishes.
+    pub fn needs_compaction(&self, at_rev: i64) -> bool {
+        self.generations
+            .first()
+            .and_then(|g| g.revs.get(1))
+            .is_some_and(|second| second.main <= at_rev)
+    }
+
     /// Compacts this key's history at `at_rev`, adding the revisions that must survive to `keep`.
     /// Afterwards [`KeyIndex::is_empty`] tells whether the key can leave the index.
     pub fn compact(&mut self, at_rev: i64, keep: &mut HashSet<Revision>) {
@@ -389,6 +399,42 @@ mod tests {
         assert_eq!(ki.generations.len(), 1);
         assert_eq!(ki.generations[0].revs, vec![r(4), r(5)]);
         assert!(keep.is_empty());
+    }
+
+    #[test]
+    fn needs_compaction_says_exactly_when_compaction_changes_the_entry() {
+        // Histories of puts and deletes from a small generator, each checked at every revision.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..300 {
+            let mut ki = KeyIndex::default();
+            let mut rev = 0;
+            for _ in 0..(seed % 12) {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                rev += 1 + (seed >> 60) as i64 % 3;
+                if (seed >> 33).is_multiple_of(4) && ki.is_live() {
+                    ki.tombstone(r(rev));
+                } else {
+                    ki.put(r(rev));
+                }
+            }
+            // Also from an already compacted entry, as the compaction thread may find it.
+            let mut compacted = ki.clone();
+            compacted.compact(rev / 2, &mut HashSet::new());
+            for entry in [ki, compacted] {
+                for at in 0..=rev + 1 {
+                    let mut after = entry.clone();
+                    after.compact(at, &mut HashSet::new());
+                    assert_eq!(
+                        entry.needs_compaction(at),
+                        after != entry,
+                        "{entry:?} at {at}"
+                    );
+                }
+            }
+            seed = seed.rotate_left(7) ^ 0x5851_f42d;
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
+use std::time::Duration;
 
 use fetcd_proto::etcdserverpb::AlarmRequest;
 use fetcd_proto::etcdserverpb::AlarmResponse;
@@ -178,7 +179,8 @@ pub struct KvStore {
     trees: Arc<RwLock<Trees>>,
     /// Where the database lives, if it was opened from a path (needed to defragment).
     path: Option<std::path::PathBuf>,
-    index: RwLock<IndexState>,
+    /// Shared with the compaction thread, which compacts it a chunk of keys at a time.
+    index: Arc<RwLock<IndexState>>,
     /// One writer at a time; writes are applied in Raft log order anyway.
     writer: Mutex<()>,
     /// Shared by readers that walk the `key` tree's history without the writer ([`KvStore::export`],
@@ -225,12 +227,14 @@ impl KvStore {
         let persister = Persister::start(trees.clone())?;
         let history: Arc<RwLock<()>> = Arc::default();
         let epoch: Arc<AtomicU64> = Arc::default();
-        let compactor = Compactor::start(trees.clone(), history.clone(), epoch.clone())?;
+        let index: Arc<RwLock<IndexState>> = Arc::default();
+        let compactor =
+            Compactor::start(trees.clone(), index.clone(), history.clone(), epoch.clone())?;
         let store = KvStore {
             db: RwLock::new(db),
             trees,
             path,
-            index: RwLock::new(IndexState::default()),
+            index,
             writer: Mutex::new(()),
             history,
             epoch,
@@ -345,8 +349,10 @@ impl KvStore {
         if scheduled > finished {
             // At open nothing else runs; on a snapshot install the caller holds the history.
             tracing::info!(scheduled, finished, "finishing interrupted compaction");
-            let keep = self.compact_index(scheduled);
-            compactor::delete_compacted(&self.trees(), scheduled, &keep)?;
+            self.write_index().compact = scheduled;
+            let keep = compactor::compact_index(&self.index, scheduled);
+            // Nothing to share the disk with yet: no pause between batches.
+            compactor::delete_compacted(&self.trees(), scheduled, &keep, Duration::ZERO)?;
         }
         tracing::info!(
             keys,
@@ -530,25 +536,14 @@ impl KvStore {
         batch.insert(schema::SCHEDULED_COMPACT_REV, &rev.to_be_bytes());
         batch.insert(schema::CONSISTENT_INDEX, consistent_index);
         self.trees().meta.apply_batch(batch)?;
-        let keep = self.compact_index(rev);
+        // Readers of older revisions are refused from now on; the index and the history are
+        // compacted on the compaction thread.
+        self.write_index().compact = rev;
         self.compactor
-            .submit(rev, keep, self.epoch.load(Ordering::SeqCst));
+            .submit(rev, self.epoch.load(Ordering::SeqCst));
         Ok(Ok(CompactionResponse {
             header: Some(ops::header(current)),
         }))
-    }
-
-    /// Compacts the index at `rev` and returns the revisions at or below it that stay visible;
-    /// readers of older revisions are refused as compacted from now on.
-    fn compact_index(&self, rev: i64) -> HashSet<Revision> {
-        let mut keep = HashSet::new();
-        let mut st = self.write_index();
-        st.keys.retain(|_, ki| {
-            ki.compact(rev, &mut keep);
-            !ki.is_empty()
-        });
-        st.compact = rev;
-        keep
     }
 
     /// Returns once the compactions decided up to `rev` are physically done (etcd's
@@ -1243,7 +1238,16 @@ impl<'a> WriteTxn<'a> {
         }
         if !self.overlay.is_empty() || self.begin_rev != store.current_revision() || lease_changed {
             let mut st = store.write_index();
-            for (k, ki) in std::mem::take(&mut self.overlay) {
+            for (k, mut ki) in std::mem::take(&mut self.overlay) {
+                // The compaction thread may have compacted this key since it was read: publish
+                // it compacted too, or the revisions it deleted would come back into the index.
+                if ki.needs_compaction(st.compact) {
+                    ki.compact(st.compact, &mut HashSet::new());
+                    if ki.is_empty() {
+                        st.keys.remove(&k);
+                        continue;
+                    }
+                }
                 st.keys.insert(k, ki);
             }
             st.leases.publish(

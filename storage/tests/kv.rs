@@ -659,6 +659,54 @@ fn after_a_restart_compactions_of_the_last_run_need_no_waiting() {
     assert_eq!(get(&s, "k1", 0).unwrap(), vec![kv("k1", "19", 3, 21, 10)]);
 }
 
+/// Writes racing the compaction thread (it compacts the index a chunk of keys at a time while
+/// they are applied) must leave the same store as writes applied after it finished.
+#[test]
+fn writes_during_a_compaction_of_many_keys_leave_what_writes_after_it_leave() {
+    fn key_tree(s: &KvStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        s.flush().unwrap();
+        export_all(s)
+            .into_iter()
+            .map(Result::unwrap)
+            .filter(|(tree, _, _)| tree == schema::KEY_TREE)
+            .map(|(_, k, v)| (k, v))
+            .collect()
+    }
+    const KEYS: usize = 12_000;
+    let run = |wait_first: bool| {
+        let (dir, s) = temp_store();
+        for round in ["a", "b"] {
+            for i in 0..KEYS {
+                put(&s, &format!("k{i:05}"), round);
+            }
+        }
+        for i in (0..KEYS).step_by(3) {
+            delete(&s, &format!("k{i:05}"), "");
+        }
+        let at = s.current_revision();
+        assert!(compact(&s, at).is_ok());
+        if wait_first {
+            s.wait_compaction(at);
+        }
+        // Overwrite, delete and recreate keys across the whole index while it is compacted.
+        for i in (0..KEYS).step_by(5) {
+            put(&s, &format!("k{i:05}"), "c");
+            if i % 4 == 0 {
+                delete(&s, &format!("k{i:05}"), "");
+            }
+        }
+        s.wait_compaction(at);
+        let after = s.current_revision();
+        assert!(compact(&s, after - 100).is_ok());
+        s.wait_compaction(after - 100);
+        (dir, s)
+    };
+    let (_d1, raced) = run(false);
+    let (_d2, waited) = run(true);
+    assert_eq!(history(&raced), history(&waited));
+    assert_eq!(key_tree(&raced), key_tree(&waited));
+}
+
 // --- Range -----------------------------------------------------------------------------------
 
 #[test]
