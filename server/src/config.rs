@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::auto_compaction::AutoCompaction;
+
 /// Default `--max-request-bytes`: 1.5 MiB, as etcd.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
 /// Default `--max-txn-ops`, as etcd.
@@ -155,13 +157,21 @@ pub struct Config {
     #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: u64,
 
-    /// Refused until fetcd compacts by itself: only the empty default is accepted.
+    /// How much history automatic compaction keeps: for `periodic`, a time (a bare number is
+    /// hours, or a Go duration such as `30m`); for `revision`, a number of revisions. 0 turns it
+    /// off, the default.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
 
-    /// Accepted with `--auto-compaction-retention`.
+    /// `periodic` (compact to the revision of one retention ago, at most hourly) or `revision`
+    /// (compact to the current revision minus the retention, every five minutes).
     #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
     pub auto_compaction_mode: String,
+
+    /// How often `revision` auto-compaction checks (five minutes, as etcd's); settable only by
+    /// code embedding fetcd, for tests.
+    #[arg(skip = crate::auto_compaction::REVISION_INTERVAL)]
+    pub auto_compaction_revision_interval: Duration,
 
     /// Refused until fetcd serves TLS.
     #[arg(long, env = "ETCD_CERT_FILE")]
@@ -222,6 +232,11 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{}.fetcd", self.name)))
+    }
+
+    /// The automatic compaction the flags ask for, if any.
+    pub fn auto_compaction(&self) -> Result<Option<AutoCompaction>, String> {
+        AutoCompaction::from_flags(&self.auto_compaction_mode, &self.auto_compaction_retention)
     }
 
     /// Heartbeat interval as a duration.
@@ -309,10 +324,8 @@ impl Config {
         if truthy(&self.enable_v2) {
             return refuse("--enable-v2: fetcd serves only the v3 API");
         }
-        if truthy(&self.auto_compaction_retention) {
-            return refuse(
-                "--auto-compaction-retention: automatic compaction is not supported yet",
-            );
+        if let Err(e) = self.auto_compaction() {
+            return refuse(&e);
         }
         for u in &self.listen_metrics_urls {
             if !u.starts_with("http://") {

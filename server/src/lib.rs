@@ -16,6 +16,7 @@
 //! log, apply) → `fetcd-storage` (MVCC on sled).
 
 pub mod authority;
+pub mod auto_compaction;
 pub mod config;
 pub mod http;
 pub mod lessor;
@@ -192,6 +193,14 @@ impl EtcdServer {
             tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
         }
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
+        if let Ok(Some(policy)) = config.auto_compaction() {
+            tokio::spawn(auto_compaction::run(
+                node.clone(),
+                policy,
+                config.auto_compaction_revision_interval,
+                stop_rx.clone(),
+            ));
+        }
         tokio::spawn(metrics::watch_leader(node.clone(), stop_rx.clone()));
         let watch = WatchService::new(
             node.clone(),

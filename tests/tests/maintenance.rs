@@ -14,7 +14,7 @@
 
 use anyhow::{ensure, Context, Result};
 use etcd_client::{
-    AlarmAction, AlarmOptions, AlarmType, Compare, CompareOp, PutOptions, Txn, TxnOp,
+    AlarmAction, AlarmOptions, AlarmType, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp,
 };
 use fetcd_tests::observe::{error, revision};
 use fetcd_tests::{expect_grpc_error, run_differential, run_differential_with_flags, Session};
@@ -427,7 +427,7 @@ async fn nospace_defrag_scenario(s: &mut Session) -> Result<()> {
     r?;
     let r = s
         .client()
-        .get("fill/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .get("fill/", Some(GetOptions::new().with_prefix()))
         .await?;
     // Every key holds the last value written to it, given `puts` applied puts.
     let intact_after = |puts: usize| {
@@ -460,6 +460,53 @@ async fn nospace_cleared_by_compaction_defrag_and_disarm() -> Result<()> {
         "maintenance nospace defrag",
         &["--quota-backend-bytes", "4194304"],
         nospace_defrag_scenario,
+    )
+    .await
+}
+
+/// Polls `Get key @ rev` (unrecorded) until the server refuses it as compacted, bounded.
+async fn wait_compacted(s: &mut Session, key: &str, rev: i64) -> Result<bool> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let r = s
+            .client()
+            .get(key, Some(GetOptions::new().with_revision(rev)))
+            .await;
+        if expect_grpc_error(&r, "OutOfRange", COMPACTED).is_ok() {
+            return Ok(true);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
+/// `--auto-compaction-retention 2s` (periodic): the history older than two seconds goes, the
+/// last two seconds stay readable, without any client compacting.
+async fn periodic_auto_compaction_scenario(s: &mut Session) -> Result<()> {
+    s.put("put a=1", "a", "1", None).await?;
+    s.put("put a=2", "a", "2", None).await?;
+    let compacted = wait_compacted(s, "a", 2).await?;
+    s.record("revision 2 compacted within 30 s", json!(compacted));
+    ensure!(compacted, "{}: revision 2 was never compacted", s.label());
+    let r = s.put("put a=3", "a", "3", None).await?;
+    let now = r.header().map(|h| h.revision()).unwrap_or(0);
+    // Written a moment ago: far inside the retention.
+    s.get(
+        "get a at the revision of the last put",
+        "a",
+        Some(GetOptions::new().with_revision(now)),
+    )
+    .await?;
+    s.get("get a", "a", None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_auto_compaction_keeps_the_retention() -> Result<()> {
+    run_differential_with_flags(
+        "periodic auto-compaction",
+        &["--auto-compaction-retention", "2s"],
+        periodic_auto_compaction_scenario,
     )
     .await
 }

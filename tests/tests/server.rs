@@ -217,3 +217,79 @@ async fn linearizable_reads_never_go_back_in_time() -> Result<()> {
     server.shutdown().await?;
     Ok(())
 }
+
+/// `--auto-compaction-mode revision --auto-compaction-retention 10`: the leader compacts at
+/// `current - 10` on its own (every 200 ms here instead of etcd's five minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revision_auto_compaction_keeps_the_last_revisions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::for_test(dir.path().to_path_buf());
+    config.auto_compaction_mode = "revision".into();
+    config.auto_compaction_retention = "10".into();
+    config.auto_compaction_revision_interval = std::time::Duration::from_millis(200);
+    let (server, mut c) = start(config).await?;
+    for i in 0..30 {
+        c.put("k", format!("v{i}"), None).await?; // 2..=31
+    }
+    let at = |rev| Some(GetOptions::new().with_revision(rev));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = c.get("k", at(20)).await;
+        if expect_grpc_error(
+            &r,
+            "OutOfRange",
+            "etcdserver: mvcc: required revision has been compacted",
+        )
+        .is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not compacted: {r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Compacted at 31 - 10 = 21: that revision and the later ones stay readable.
+    let r = c.get("k", at(21)).await?;
+    assert_eq!(r.kvs()[0].value(), b"v19");
+    // Nothing more is compacted while nothing is written.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let r = c.get("k", at(21)).await?;
+    assert_eq!(r.kvs()[0].value(), b"v19");
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[test]
+fn auto_compaction_flags_are_checked_like_etcds() {
+    use clap::Parser;
+    let parse = |args: &[&str]| {
+        Config::try_parse_from(std::iter::once("fetcd").chain(args.iter().copied()))
+            .unwrap()
+            .validate()
+    };
+    assert!(parse(&["--auto-compaction-retention", "1"]).is_ok());
+    assert!(parse(&["--auto-compaction-retention", "30m"]).is_ok());
+    assert!(parse(&[
+        "--auto-compaction-mode",
+        "revision",
+        "--auto-compaction-retention",
+        "1000"
+    ])
+    .is_ok());
+    let e = parse(&[
+        "--auto-compaction-mode",
+        "daily",
+        "--auto-compaction-retention",
+        "1",
+    ]);
+    assert!(e.unwrap_err().to_string().contains("auto-compaction-mode"));
+    let e = parse(&[
+        "--auto-compaction-mode",
+        "revision",
+        "--auto-compaction-retention",
+        "1h",
+    ]);
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("auto-compaction-retention"));
+}
