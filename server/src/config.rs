@@ -168,6 +168,19 @@ pub struct Config {
     #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
     pub auto_compaction_mode: String,
 
+    /// How many compacted revisions are deleted per storage batch (etcd's default, 1000).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT",
+        default_value_t = 1000
+    )]
+    pub experimental_compaction_batch_limit: usize,
+
+    /// The pause between two such batches, so compaction's disk writes do not stall the log's
+    /// fsyncs (a Go duration; etcd's default, 10ms).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", default_value = "10ms", value_parser = parse_go_duration)]
+    pub experimental_compaction_sleep_interval: Duration,
+
     /// How often `revision` auto-compaction checks (five minutes, as etcd's); settable only by
     /// code embedding fetcd, for tests.
     #[arg(skip = crate::auto_compaction::REVISION_INTERVAL)]
@@ -326,6 +339,9 @@ impl Config {
         }
         if let Err(e) = self.auto_compaction() {
             return refuse(&e);
+        }
+        if self.experimental_compaction_batch_limit == 0 {
+            return refuse("--experimental-compaction-batch-limit must be positive");
         }
         for u in &self.listen_metrics_urls {
             if !u.starts_with("http://") {

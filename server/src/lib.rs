@@ -186,6 +186,11 @@ impl EtcdServer {
         );
 
         node.quota().set_bytes(config.quota_backend_bytes);
+        node.store()
+            .set_compaction_pacing(fetcd_storage::CompactionPacing {
+                batch_limit: config.experimental_compaction_batch_limit,
+                sleep: config.experimental_compaction_sleep_interval,
+            });
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         // Peers first: electing a leader needs them.
         let peer_server = tokio::spawn(serve_peers(node.clone(), listeners.peers, stop_rx.clone()));

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::Condvar;
 use std::sync::Mutex;
 use std::sync::RwLock;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::error::StorageError;
@@ -38,14 +39,27 @@ use crate::persister::Trees;
 use crate::revision::Revision;
 use crate::schema;
 
-/// How many `key` tree deletions go in one sled batch (etcd's `--experimental-compaction-batch-limit`
-/// default). A sled batch holds sled's write lock, so the persister's group commits wait for it.
-const COMPACTION_BATCH: usize = 1000;
+/// How deletions are paced (etcd's `--experimental-compaction-batch-limit` and
+/// `--experimental-compaction-sleep-interval`, same defaults). A sled batch holds sled's write
+/// lock, so the persister's group commits wait for it; and back-to-back batches' writeback lands
+/// in the Raft log's fdatasyncs (ext4 commits a file's metadata with the other files' dirty
+/// data), which stalled puts for ~100 ms on a 300k-key compaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactionPacing {
+    /// Deletions per sled batch (at least 1).
+    pub batch_limit: usize,
+    /// The pause between two batches.
+    pub sleep: Duration,
+}
 
-/// The pause between two deletion batches (etcd's compaction sleep interval): the deletions'
-/// writeback otherwise lands in the Raft log's fdatasyncs (ext4 commits a file's metadata with
-/// the other files' dirty data), which stalled puts for ~100 ms on a 300k-key compaction.
-const COMPACTION_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+impl Default for CompactionPacing {
+    fn default() -> Self {
+        CompactionPacing {
+            batch_limit: 1000,
+            sleep: Duration::from_millis(10),
+        }
+    }
+}
 
 /// How many keys' index entries are compacted per hold of the index lock (~0.3 ms).
 const INDEX_CHUNK: usize = 1024;
@@ -68,6 +82,7 @@ struct Progress {
 
 /// The compaction thread and its queue.
 pub(crate) struct Compactor {
+    pacing: Arc<Mutex<CompactionPacing>>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     done: Arc<(Mutex<Progress>, Condvar)>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -84,6 +99,8 @@ impl Compactor {
         epoch: Arc<AtomicU64>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let pacing: Arc<Mutex<CompactionPacing>> = Arc::default();
+        let paced = pacing.clone();
         let done: Arc<(Mutex<Progress>, Condvar)> = Arc::default();
         let finished = done.clone();
         let thread = std::thread::Builder::new()
@@ -105,8 +122,9 @@ impl Compactor {
                                 took = ?started.elapsed(),
                                 "index compaction finished"
                             );
+                            let pacing = *paced.lock().unwrap_or_else(|p| p.into_inner());
                             let trees = trees.read().unwrap_or_else(|p| p.into_inner());
-                            if let Err(e) = delete_compacted(&trees, job.rev, &keep, COMPACTION_PAUSE) {
+                            if let Err(e) = delete_compacted(&trees, job.rev, &keep, pacing) {
                                 // The decision is in sled: the next open finishes it.
                                 tracing::error!(revision = job.rev, error = %e, "compaction failed");
                             }
@@ -120,10 +138,16 @@ impl Compactor {
             })
             .map_err(StorageError::Io)?;
         Ok(Compactor {
+            pacing,
             jobs: Mutex::new(Some(tx)),
             done,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// Paces the deletions of the compactions that start from now on.
+    pub(crate) fn set_pacing(&self, pacing: CompactionPacing) {
+        *self.pacing.lock().unwrap_or_else(|p| p.into_inner()) = pacing;
     }
 
     /// Queues the compaction of the index and the history at `rev`, decided at `epoch`.
@@ -203,15 +227,16 @@ pub(crate) fn compact_index(index: &RwLock<IndexState>, rev: i64) -> HashSet<Rev
     }
 }
 
-/// Deletes the revisions up to `rev` that `keep` does not hold from the `key` tree, in batches,
-/// pausing `pause` between two, then records the compaction as finished. The caller keeps other
-/// walkers of the history out.
+/// Deletes the revisions up to `rev` that `keep` does not hold from the `key` tree, in batches
+/// paced by `pacing`, then records the compaction as finished. The caller keeps other walkers of
+/// the history out.
 pub(crate) fn delete_compacted(
     trees: &Trees,
     rev: i64,
     keep: &HashSet<Revision>,
-    pause: std::time::Duration,
+    pacing: CompactionPacing,
 ) -> Result<()> {
+    let limit = pacing.batch_limit.max(1);
     let started = std::time::Instant::now();
     let end = Revision::main_start_bytes(rev.saturating_add(1));
     let mut batch = sled::Batch::default();
@@ -226,11 +251,13 @@ pub(crate) fn delete_compacted(
         }
         batch.remove(k);
         n += 1;
-        if n == COMPACTION_BATCH {
+        if n == limit {
             trees.key.apply_batch(std::mem::take(&mut batch))?;
             deleted += n;
             n = 0;
-            std::thread::sleep(pause);
+            if !pacing.sleep.is_zero() {
+                std::thread::sleep(pacing.sleep);
+            }
         }
     }
     trees.key.apply_batch(batch)?;

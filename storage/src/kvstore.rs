@@ -352,7 +352,11 @@ impl KvStore {
             self.write_index().compact = scheduled;
             let keep = compactor::compact_index(&self.index, scheduled);
             // Nothing to share the disk with yet: no pause between batches.
-            compactor::delete_compacted(&self.trees(), scheduled, &keep, Duration::ZERO)?;
+            let pacing = compactor::CompactionPacing {
+                batch_limit: compactor::CompactionPacing::default().batch_limit,
+                sleep: Duration::ZERO,
+            };
+            compactor::delete_compacted(&self.trees(), scheduled, &keep, pacing)?;
         }
         tracing::info!(
             keys,
@@ -544,6 +548,12 @@ impl KvStore {
         Ok(Ok(CompactionResponse {
             header: Some(ops::header(current)),
         }))
+    }
+
+    /// Paces the deletions of later compactions (etcd's compaction batch limit and sleep
+    /// interval flags).
+    pub fn set_compaction_pacing(&self, pacing: compactor::CompactionPacing) {
+        self.compactor.set_pacing(pacing);
     }
 
     /// Returns once the compactions decided up to `rev` are physically done (etcd's

@@ -32,6 +32,7 @@ pub mod schema;
 pub mod watch;
 
 pub use alarm::alarm_text;
+pub use compactor::CompactionPacing;
 pub use error::KvError;
 pub use error::Result;
 pub use error::StorageError;

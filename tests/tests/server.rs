@@ -259,7 +259,7 @@ async fn revision_auto_compaction_keeps_the_last_revisions() -> Result<()> {
 }
 
 #[test]
-fn auto_compaction_flags_are_checked_like_etcds() {
+fn compaction_flags_are_checked_like_etcds() {
     use clap::Parser;
     let parse = |args: &[&str]| {
         Config::try_parse_from(std::iter::once("fetcd").chain(args.iter().copied()))
