@@ -123,6 +123,11 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_ENABLE_LEASE_CHECKPOINT_PERSIST", default_value = "true", num_args = 0..=1, default_missing_value = "true")]
     pub experimental_enable_lease_checkpoint_persist: String,
 
+    /// Before serving clients, compare this member's key-space hash with every reachable peer's
+    /// at the same revision and refuse to start on a mismatch.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_initial_corrupt_check: String,
+
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
@@ -247,6 +252,14 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(format!("{}.fetcd", self.name)))
     }
 
+    /// True if `--experimental-initial-corrupt-check` is on.
+    pub fn initial_corrupt_check(&self) -> bool {
+        matches!(
+            self.experimental_initial_corrupt_check.as_str(),
+            "true" | "1"
+        )
+    }
+
     /// The automatic compaction the flags ask for, if any.
     pub fn auto_compaction(&self) -> Result<Option<AutoCompaction>, String> {
         AutoCompaction::from_flags(&self.auto_compaction_mode, &self.auto_compaction_retention)
@@ -333,6 +346,12 @@ impl Config {
         }
         if self.initial_cluster_state != "new" && self.initial_cluster_state != "existing" {
             return refuse("--initial-cluster-state must be 'new' or 'existing'");
+        }
+        if !matches!(
+            self.experimental_initial_corrupt_check.as_str(),
+            "true" | "1" | "false" | "0"
+        ) {
+            return refuse("--experimental-initial-corrupt-check must be true or false");
         }
         if truthy(&self.enable_v2) {
             return refuse("--enable-v2: fetcd serves only the v3 API");

@@ -18,6 +18,7 @@
 pub mod authority;
 pub mod auto_compaction;
 pub mod config;
+pub mod corrupt;
 pub mod http;
 pub mod lessor;
 pub mod limits;
@@ -84,6 +85,9 @@ pub enum Error {
     /// A gRPC listener failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// `--experimental-initial-corrupt-check` found this member's data differs from its peers'.
+    #[error(transparent)]
+    Corrupt(#[from] corrupt::CorruptError),
     /// A server task panicked or was cancelled.
     #[error("server task: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -196,6 +200,15 @@ impl EtcdServer {
         let peer_server = tokio::spawn(serve_peers(node.clone(), listeners.peers, stop_rx.clone()));
         if let Err(e) = node.raft().wait_for_leader(config.election() * 10).await {
             tracing::warn!(error = %e, "no leader yet; serving anyway, requests fail until one is elected");
+        }
+        if config.initial_corrupt_check() {
+            // Before any client is served, as etcd's: a member with damaged data must not start.
+            if let Err(e) = corrupt::check_initial_hash_kv(&node).await {
+                let _ = stop.send(true);
+                let _ = peer_server.await;
+                node.raft().shutdown().await;
+                return Err(e.into());
+            }
         }
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
         if let Ok(Some(policy)) = config.auto_compaction() {

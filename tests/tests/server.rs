@@ -293,3 +293,17 @@ fn compaction_flags_are_checked_like_etcds() {
         .to_string()
         .contains("auto-compaction-retention"));
 }
+
+#[test]
+fn initial_corrupt_check_flag_reads_as_etcds_boolean() {
+    use clap::Parser;
+    let parse = |args: &[&str]| {
+        Config::try_parse_from(std::iter::once("fetcd").chain(args.iter().copied())).unwrap()
+    };
+    assert!(!parse(&[]).initial_corrupt_check());
+    assert!(parse(&["--experimental-initial-corrupt-check"]).initial_corrupt_check());
+    assert!(parse(&["--experimental-initial-corrupt-check=true"]).initial_corrupt_check());
+    assert!(!parse(&["--experimental-initial-corrupt-check=false"]).initial_corrupt_check());
+    let e = parse(&["--experimental-initial-corrupt-check=maybe"]).validate();
+    assert!(e.unwrap_err().to_string().contains("initial-corrupt-check"));
+}
