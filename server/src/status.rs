@@ -18,6 +18,7 @@ pub fn kv_error(e: &KvError) -> Status {
         KvError::LeaseExists => Status::failed_precondition(msg::ERR_LEASE_EXIST),
         KvError::LeaseTtlTooLarge => Status::out_of_range(msg::ERR_LEASE_TTL_TOO_LARGE),
         KvError::NoSpace => no_space(),
+        KvError::Corrupt => Status::data_loss(msg::ERR_CORRUPT),
         other => Status::internal(format!("etcdserver: {other}")),
     }
 }

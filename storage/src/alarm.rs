@@ -8,6 +8,11 @@
 //! While a `NOSPACE` alarm is active the store refuses, at apply time, every request that could
 //! grow the database (etcd's `applierV3Capped`): Put, a Txn with a put in any branch, and
 //! LeaseGrant. Reads, deletes, revokes and compaction go on, so an operator can free space.
+//!
+//! While a `CORRUPT` alarm is active (a member's data was found to differ from the others') the
+//! store refuses every write that would change the key space or leases (etcd's
+//! `applierV3Corrupt`): Put, DeleteRange, a Txn that writes, Compaction, LeaseGrant and
+//! LeaseRevoke. Reads go on, and so do alarm requests, so the alarm can be disarmed.
 
 use std::collections::BTreeSet;
 
@@ -63,6 +68,19 @@ pub fn needs_space(op: &WriteOp) -> bool {
     }
 }
 
+/// True if `op` is refused while a `CORRUPT` alarm is active.
+pub fn refused_when_corrupt(op: &WriteOp) -> bool {
+    match op {
+        WriteOp::Put(_)
+        | WriteOp::DeleteRange(_)
+        | WriteOp::Compaction(_)
+        | WriteOp::LeaseGrant(..)
+        | WriteOp::LeaseRevoke(_) => true,
+        WriteOp::Txn(t) => !crate::ops::is_txn_read_only(t),
+        _ => false,
+    }
+}
+
 fn txn_has_put(t: &TxnRequest) -> bool {
     t.success
         .iter()
@@ -111,10 +129,13 @@ impl KvStore {
 
     /// True while some member's `NOSPACE` alarm is active.
     pub fn no_space(&self) -> bool {
-        self.alarm_set()
-            .iter()
-            .any(|(_, a)| *a == AlarmType::Nospace as i32)
+        has_alarm(&self.alarm_set(), AlarmType::Nospace)
     }
+}
+
+/// True if some member's `alarm` is in `alarms`.
+pub(crate) fn has_alarm(alarms: &AlarmSet, alarm: AlarmType) -> bool {
+    alarms.iter().any(|(_, a)| *a == alarm as i32)
 }
 
 /// etcd's text for an active alarm in `StatusResponse.errors` and `etcdctl alarm list`: the

@@ -29,6 +29,9 @@ pub enum KvError {
     /// A request that grows the store while a `NOSPACE` alarm is active.
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    /// A write while a `CORRUPT` alarm is active.
+    #[error("corrupt cluster")]
+    Corrupt,
 }
 
 /// The store failed underneath; the caller must stop applying.

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use fetcd_proto::etcdserverpb::AlarmRequest;
 use fetcd_proto::etcdserverpb::AlarmResponse;
+use fetcd_proto::etcdserverpb::AlarmType;
 use fetcd_proto::etcdserverpb::CompactionRequest;
 use fetcd_proto::etcdserverpb::CompactionResponse;
 use fetcd_proto::etcdserverpb::DeleteRangeRequest;
@@ -460,11 +461,20 @@ impl KvStore {
         let mut out = Vec::new();
         let mut txn = WriteTxn::new(self, Some(guard));
         for (op, consistent_index) in ops_in {
-            if alarm::needs_space(&op) && txn.no_space() {
-                // etcd's capped applier: nothing that grows the store while NOSPACE is raised.
+            let refused =
+                if alarm::refused_when_corrupt(&op) && txn.alarm_active(AlarmType::Corrupt) {
+                    // etcd's corrupt applier: no write while CORRUPT is raised.
+                    Some(KvError::Corrupt)
+                } else if alarm::needs_space(&op) && txn.alarm_active(AlarmType::Nospace) {
+                    // etcd's capped applier: nothing that grows the store while NOSPACE is raised.
+                    Some(KvError::NoSpace)
+                } else {
+                    None
+                };
+            if let Some(e) = refused {
                 txn.end_op();
                 txn.consistent_index = Some(consistent_index);
-                out.push(Err(KvError::NoSpace));
+                out.push(Err(e));
                 continue;
             }
             let res = match op {
@@ -1033,13 +1043,11 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    /// True if a `NOSPACE` alarm is active as of this transaction.
-    fn no_space(&self) -> bool {
+    /// True if an alarm of type `alarm` is active as of this transaction.
+    fn alarm_active(&self, alarm: AlarmType) -> bool {
         match &self.alarm_overlay {
-            Some(set) => set
-                .iter()
-                .any(|(_, a)| *a == fetcd_proto::etcdserverpb::AlarmType::Nospace as i32),
-            None => self.store.no_space(),
+            Some(set) => alarm::has_alarm(set, alarm),
+            None => alarm::has_alarm(&self.store.alarm_set(), alarm),
         }
     }
 

@@ -24,6 +24,7 @@ const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted"
 const FUTURE_REV: &str = "etcdserver: mvcc: required revision is a future revision";
 const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 const BAD_TRANSFEREE: &str = "etcdserver: bad leader transferee";
+const CORRUPT: &str = "etcdserver: corrupt cluster";
 
 /// This server's member id (from a Status header).
 async fn member_id(s: &mut Session) -> Result<u64> {
@@ -137,27 +138,30 @@ fn scrubbed_alarms(alarms: &[etcd_client::AlarmMember], me: u64) -> Value {
         .collect::<Vec<_>>())
 }
 
+/// Sends `action` for this member's `alarm` and returns the answer's alarms, scrubbed.
+async fn member_alarm(
+    s: &mut Session,
+    action: AlarmAction,
+    alarm: AlarmType,
+    me: u64,
+) -> Result<Value> {
+    let mut opts = AlarmOptions::new();
+    opts.with_member(me);
+    let r = s.client().alarm(action, alarm, Some(opts)).await?;
+    Ok(scrubbed_alarms(r.alarms(), me))
+}
+
 /// NOSPACE raised by hand (default quota): writes that grow the store are refused with etcd's
 /// error, reads, deletes and compaction go on, and `etcdctl alarm disarm` clears it.
 async fn nospace_scenario(s: &mut Session) -> Result<()> {
     let me = member_id(s).await?;
     s.put("put before", "k", "v", None).await?;
     s.put("put other", "other", "v", None).await?;
-    let mut opts = AlarmOptions::new();
-    opts.with_member(me);
-    let r = s
-        .client()
-        .alarm(AlarmAction::Activate, AlarmType::Nospace, Some(opts))
-        .await?;
-    s.record("activate", scrubbed_alarms(r.alarms(), me));
-    ensure!(r.alarms().len() == 1);
-    let mut opts = AlarmOptions::new();
-    opts.with_member(me);
-    let r = s
-        .client()
-        .alarm(AlarmAction::Activate, AlarmType::Nospace, Some(opts))
-        .await?;
-    s.record("activate again", scrubbed_alarms(r.alarms(), me));
+    let alarms = member_alarm(s, AlarmAction::Activate, AlarmType::Nospace, me).await?;
+    ensure!(alarms.as_array().map(Vec::len) == Some(1), "{alarms}");
+    s.record("activate", alarms);
+    let alarms = member_alarm(s, AlarmAction::Activate, AlarmType::Nospace, me).await?;
+    s.record("activate again", alarms);
     let r = s
         .client()
         .alarm(AlarmAction::Get, AlarmType::None, None)
@@ -509,4 +513,57 @@ async fn periodic_auto_compaction_keeps_the_retention() -> Result<()> {
         periodic_auto_compaction_scenario,
     )
     .await
+}
+
+/// CORRUPT raised through the Alarm API (as etcd's corruption check raises it): every write is
+/// refused with etcd's `corrupt cluster` (DataLoss), reads go on, and disarming it lets writes
+/// through again.
+async fn corrupt_scenario(s: &mut Session) -> Result<()> {
+    let me = member_id(s).await?;
+    s.put("put before", "k", "v", None).await?;
+    let lease = s.client().lease_grant(60, None).await?.id();
+    let alarms = member_alarm(s, AlarmAction::Activate, AlarmType::Corrupt, me).await?;
+    s.record("activate", alarms);
+
+    let r = s.put("put refused", "k", "v2", None).await;
+    expect_grpc_error(&r, "DataLoss", CORRUPT)?;
+    let r = s.delete("delete refused", "k", None).await;
+    expect_grpc_error(&r, "DataLoss", CORRUPT)?;
+    let r = s
+        .txn(
+            "txn with a delete refused",
+            Txn::new().and_then(vec![TxnOp::delete("k", None)]),
+        )
+        .await;
+    expect_grpc_error(&r, "DataLoss", CORRUPT)?;
+    let r = s.compact("compaction refused", 2, None).await;
+    expect_grpc_error(&r, "DataLoss", CORRUPT)?;
+    let r = s.client().lease_grant(60, None).await;
+    s.record("lease grant", json!(r.map(|_| "ok").map_err(|e| error(&e))));
+    let r = s.client().lease_revoke(lease).await;
+    s.record(
+        "lease revoke",
+        json!(r.map(|_| "ok").map_err(|e| error(&e))),
+    );
+    s.get("get served", "k", None).await?;
+    s.txn(
+        "read-only txn served",
+        Txn::new().and_then(vec![TxnOp::get("k", None)]),
+    )
+    .await?;
+    let r = s
+        .client()
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await?;
+    s.record("get alarms", scrubbed_alarms(r.alarms(), me));
+
+    let alarms = member_alarm(s, AlarmAction::Deactivate, AlarmType::Corrupt, me).await?;
+    s.record("deactivate", alarms);
+    s.put("put after disarm", "k", "v3", None).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_alarm_refuses_writes_until_disarmed() -> Result<()> {
+    run_differential("maintenance corrupt alarm", corrupt_scenario).await
 }
