@@ -128,6 +128,11 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub experimental_initial_corrupt_check: String,
 
+    /// How often the leader compares every member's key-space hash with its own and raises a
+    /// `CORRUPT` alarm on a mismatch (a Go duration; 0, the default, turns it off).
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", default_value = "0", value_parser = parse_go_duration)]
+    pub experimental_corrupt_check_time: Duration,
+
     /// Maximum client request size in bytes the server will accept.
     #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,

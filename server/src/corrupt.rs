@@ -1,5 +1,8 @@
-//! etcd's `--experimental-initial-corrupt-check`: a member that starts compares the hash of its
-//! key space with every peer's before it serves clients, and refuses to start when they differ.
+//! etcd's corruption checks: `--experimental-initial-corrupt-check` (a member that starts
+//! compares the hash of its key space with every peer's before it serves clients, and refuses to
+//! start when they differ) and `--experimental-corrupt-check-time` (the leader compares every
+//! peer's hash with its own periodically and raises a `CORRUPT` alarm for a member that differs,
+//! after which the cluster refuses writes until an operator disarms it).
 //!
 //! A member whose store was damaged (a bad disk, a bug, a restore of the wrong data) would
 //! otherwise serve reads that disagree with the rest of the cluster. The hashes are HashKV's at
@@ -9,8 +12,14 @@
 
 use std::time::Duration;
 
+use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
 use fetcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use fetcd_proto::etcdserverpb::AlarmRequest;
+use fetcd_proto::etcdserverpb::AlarmType;
 use fetcd_proto::etcdserverpb::HashKvRequest;
+use fetcd_proto::etcdserverpb::Member;
+use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_storage::HashKv;
 
 use crate::node::EtcdNode;
 
@@ -34,43 +43,103 @@ pub enum CorruptError {
 /// Compares this member's HashKV with each peer's (through the peers' client URLs) at this
 /// member's current revision.
 pub async fn check_initial_hash_kv(node: &EtcdNode) -> Result<(), CorruptError> {
-    let me = node.raft().id();
+    let mismatched = compare_with_peers(node).await?;
+    if mismatched.is_empty() {
+        Ok(())
+    } else {
+        Err(CorruptError::Inconsistent {
+            member: node.raft().id(),
+        })
+    }
+}
+
+/// Every `interval`, while this member leads, compares the peers' hashes with its own and raises
+/// a `CORRUPT` alarm for the first member found to differ (etcd's `monitorKVHash`).
+pub async fn monitor_hash_kv(
+    node: std::sync::Arc<EtcdNode>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tracing::info!(?interval, "periodic corruption check enabled");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if !node.raft().is_leader() {
+            continue;
+        }
+        let mismatched = match compare_with_peers(&node).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "corruption check failed");
+                continue;
+            }
+        };
+        let Some(&member_id) = mismatched.first() else {
+            continue;
+        };
+        let req = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id,
+            alarm: AlarmType::Corrupt as i32,
+        };
+        match node.write(Request::Alarm(req)).await {
+            Ok(_) => {
+                tracing::error!(member = %format!("{member_id:x}"), "corruption check: CORRUPT alarm raised")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "corruption check: raising the alarm failed")
+            }
+        }
+    }
+}
+
+/// This member's hash at its current revision.
+async fn local_hash_kv(node: &EtcdNode) -> Result<HashKv, CorruptError> {
     let store = node.store().clone();
-    let local = tokio::task::spawn_blocking(move || store.hash_kv(0))
+    tokio::task::spawn_blocking(move || store.hash_kv(0))
         .await
         .map_err(|e| CorruptError::Local(e.to_string()))?
         .map_err(|e| CorruptError::Local(e.to_string()))?
-        .map_err(|e| CorruptError::Local(e.to_string()))?;
-    let peers = node
+        .map_err(|e| CorruptError::Local(e.to_string()))
+}
+
+/// The ids of the peers whose hash at this member's revision, with the same compaction, differs
+/// from this member's. Peers that cannot answer for that revision are skipped with a warning.
+async fn compare_with_peers(node: &EtcdNode) -> Result<Vec<u64>, CorruptError> {
+    let me = node.raft().id();
+    let local = local_hash_kv(node).await?;
+    let peers: Vec<Member> = node
         .store()
         .members()
         .map_err(|e| CorruptError::Local(e.to_string()))?;
-    let mut mismatches = 0;
+    let mut mismatched = Vec::new();
     for peer in peers.iter().filter(|m| m.id != me) {
         let Some(url) = peer.client_ur_ls.first() else {
-            tracing::warn!(peer = %format!("{:x}", peer.id), "initial corruption check: peer has no client URL yet, skipped");
+            tracing::warn!(peer = %format!("{:x}", peer.id), "corruption check: peer has no client URL yet, skipped");
             continue;
         };
         match peer_hash_kv(url, local.hash_revision).await {
             Ok((hash, compact_revision)) => {
                 if compact_revision != local.compact_revision {
-                    tracing::warn!(peer = %url, compact_revision, local_compact_revision = local.compact_revision, "initial corruption check: peer compacted elsewhere, skipped");
+                    tracing::warn!(peer = %url, compact_revision, local_compact_revision = local.compact_revision, "corruption check: peer compacted elsewhere, skipped");
                 } else if hash != local.hash {
-                    tracing::error!(peer = %url, revision = local.hash_revision, local_hash = local.hash, peer_hash = hash, "initial corruption check: hash mismatch");
-                    mismatches += 1;
+                    tracing::error!(peer = %url, revision = local.hash_revision, local_hash = local.hash, peer_hash = hash, "corruption check: hash mismatch");
+                    mismatched.push(peer.id);
                 } else {
-                    tracing::info!(peer = %url, revision = local.hash_revision, "initial corruption check: hash matches");
+                    tracing::debug!(peer = %url, revision = local.hash_revision, "corruption check: hash matches");
                 }
             }
             Err(e) => {
-                tracing::warn!(peer = %url, error = %e, "initial corruption check: cannot fetch the peer's hash, skipped");
+                tracing::warn!(peer = %url, error = %e, "corruption check: cannot fetch the peer's hash, skipped");
             }
         }
     }
-    if mismatches > 0 {
-        return Err(CorruptError::Inconsistent { member: me });
-    }
-    Ok(())
+    Ok(mismatched)
 }
 
 /// The peer's `(hash, compact_revision)` at `revision`.

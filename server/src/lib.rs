@@ -211,6 +211,13 @@ impl EtcdServer {
             }
         }
         let lessor_task = tokio::spawn(lessor::run(node.clone(), stop_rx.clone()));
+        if !config.experimental_corrupt_check_time.is_zero() {
+            tokio::spawn(corrupt::monitor_hash_kv(
+                node.clone(),
+                config.experimental_corrupt_check_time,
+                stop_rx.clone(),
+            ));
+        }
         if let Ok(Some(policy)) = config.auto_compaction() {
             tokio::spawn(auto_compaction::run(
                 node.clone(),

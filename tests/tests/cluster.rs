@@ -757,21 +757,14 @@ async fn transfer_pauses_lift_themselves_when_the_leader_dies() -> Result<()> {
     Ok(())
 }
 
-/// `--experimental-initial-corrupt-check`: a member restarts only if its key-space hash matches
-/// its peers' at its revision; one whose stored data was damaged while it was down is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<()> {
-    let tweak: fetcd_tests::cluster::Tweak = Arc::new(|c: &mut fetcd_server::Config| {
-        c.experimental_initial_corrupt_check = "true".into()
-    });
-    let mut cluster = Cluster::start_with(3, Some(tweak)).await?;
+/// Writes 20 keys through member 0 and waits until every member has applied them and published
+/// its client URL (the corruption checks ask peers through it).
+async fn write_and_settle(cluster: &Cluster) -> Result<etcd_client::Client> {
     let mut c = cluster.client(0).await?;
     let mut last = 0;
     for i in 0..20 {
         last = rev(c.put(format!("k{i:02}"), "value", None).await?.header());
     }
-    // Every member has applied the writes and published its client URL (the check asks peers
-    // through it).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let mut ready = c
@@ -780,7 +773,7 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<(
             .members()
             .iter()
             .all(|m| !m.client_urls().is_empty());
-        for i in 0..3 {
+        for i in 0..cluster.len() {
             let r = cluster
                 .client(i)
                 .await?
@@ -789,7 +782,7 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<(
             ready &= rev(r.header()) >= last;
         }
         if ready {
-            break;
+            return Ok(c);
         }
         ensure!(
             std::time::Instant::now() < deadline,
@@ -797,35 +790,50 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Flips one bit of one stored value of stopped member `i` (inside the value field: its last
+/// byte), leaving its revision and everything else as they were.
+fn damage_one_value(cluster: &Cluster, i: usize) -> Result<()> {
+    let kv_dir = cluster
+        .config(i, "new")
+        .data_dir()
+        .join("member")
+        .join("kv");
+    let store = fetcd_storage::KvStore::open_path(&kv_dir)?;
+    let mut records = Vec::new();
+    store.export(&mut |tree, k, v| {
+        records.push((tree.to_string(), k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    let damaged = records
+        .iter_mut()
+        .filter(|(tree, _, _)| tree == fetcd_storage::schema::KEY_TREE)
+        .nth(5)
+        .context("a stored revision")?;
+    if let Some(b) = damaged.2.last_mut() {
+        *b ^= 1;
+    }
+    store.import(records.into_iter().map(Ok))?;
+    store.flush()?;
+    Ok(())
+}
+
+/// `--experimental-initial-corrupt-check`: a member restarts only if its key-space hash matches
+/// its peers' at its revision; one whose stored data was damaged while it was down is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<()> {
+    let tweak: fetcd_tests::cluster::Tweak = Arc::new(|c: &mut fetcd_server::Config| {
+        c.experimental_initial_corrupt_check = "true".into()
+    });
+    let mut cluster = Cluster::start_with(3, Some(tweak)).await?;
+    let mut c = write_and_settle(&cluster).await?;
     // Undamaged, the member passes the check.
     cluster.stop(2).await?;
     cluster.restart(2).await?;
     cluster.stop(2).await?;
 
-    // Damage one stored value of member 2 (its last byte, inside the value field).
-    let kv_dir = cluster
-        .config(2, "new")
-        .data_dir()
-        .join("member")
-        .join("kv");
-    {
-        let store = fetcd_storage::KvStore::open_path(&kv_dir)?;
-        let mut records = Vec::new();
-        store.export(&mut |tree, k, v| {
-            records.push((tree.to_string(), k.to_vec(), v.to_vec()));
-            Ok(())
-        })?;
-        let damaged = records
-            .iter_mut()
-            .filter(|(tree, _, _)| tree == fetcd_storage::schema::KEY_TREE)
-            .nth(5)
-            .context("a stored revision")?;
-        if let Some(b) = damaged.2.last_mut() {
-            *b ^= 1;
-        }
-        store.import(records.into_iter().map(Ok))?;
-        store.flush()?;
-    }
+    damage_one_value(&cluster, 2)?;
     let refused = cluster.restart(2).await;
     let err = refused.err().context("a damaged member started")?;
     ensure!(
@@ -842,5 +850,59 @@ async fn initial_corrupt_check_refuses_a_member_whose_data_differs() -> Result<(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// `--experimental-corrupt-check-time`: the leader finds a member whose stored data differs
+/// (damaged while it was down, restarted without the initial check), raises `CORRUPT`, and the
+/// cluster then refuses writes with etcd's error while reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn periodic_corrupt_check_raises_the_corrupt_alarm() -> Result<()> {
+    let tweak: fetcd_tests::cluster::Tweak = Arc::new(|c: &mut fetcd_server::Config| {
+        c.experimental_corrupt_check_time = Duration::from_millis(300)
+    });
+    let mut cluster = Cluster::start_with(3, Some(tweak)).await?;
+    let mut c = write_and_settle(&cluster).await?;
+    // Several passes over undamaged members raise nothing.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ensure!(
+        c.alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None
+        )
+        .await?
+        .alarms()
+        .is_empty(),
+        "alarm without damage"
+    );
+
+    cluster.stop(2).await?;
+    damage_one_value(&cluster, 2)?;
+    cluster.restart(2).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.put("probe", "v", None).await;
+        if fetcd_tests::expect_grpc_error(&r, "DataLoss", "etcdserver: corrupt cluster").is_ok() {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "never refused: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alarms = c
+        .alarm(
+            etcd_client::AlarmAction::Get,
+            etcd_client::AlarmType::None,
+            None,
+        )
+        .await?;
+    ensure!(
+        alarms
+            .alarms()
+            .iter()
+            .any(|a| a.alarm() == etcd_client::AlarmType::Corrupt),
+        "{alarms:?}"
+    );
+    c.get("k00", None).await?;
     Ok(())
 }
