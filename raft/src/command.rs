@@ -161,6 +161,7 @@ const TAG_ERR_LEASE_NOT_FOUND: u8 = 103;
 const TAG_ERR_LEASE_EXISTS: u8 = 104;
 const TAG_ERR_LEASE_TTL_TOO_LARGE: u8 = 105;
 const TAG_ERR_NO_SPACE: u8 = 106;
+const TAG_ERR_CORRUPT: u8 = 107;
 
 impl Serialize for ApplyResult {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -190,6 +191,7 @@ impl Serialize for ApplyResult {
                     KvError::LeaseExists => TAG_ERR_LEASE_EXISTS,
                     KvError::LeaseTtlTooLarge => TAG_ERR_LEASE_TTL_TOO_LARGE,
                     KvError::NoSpace => TAG_ERR_NO_SPACE,
+                    KvError::Corrupt => TAG_ERR_CORRUPT,
                     other => {
                         return Err(serde::ser::Error::custom(format!(
                             "unencodable error {other}"
@@ -255,6 +257,7 @@ impl<'de> Deserialize<'de> for ApplyResult {
             TAG_ERR_LEASE_EXISTS => ApplyResult::Refused(KvError::LeaseExists),
             TAG_ERR_LEASE_TTL_TOO_LARGE => ApplyResult::Refused(KvError::LeaseTtlTooLarge),
             TAG_ERR_NO_SPACE => ApplyResult::Refused(KvError::NoSpace),
+            TAG_ERR_CORRUPT => ApplyResult::Refused(KvError::Corrupt),
             t => return Err(D::Error::custom(format!("unknown response tag {t}"))),
         })
     }
@@ -298,6 +301,7 @@ mod tests {
             ApplyResult::Refused(KvError::LeaseExists),
             ApplyResult::Refused(KvError::LeaseTtlTooLarge),
             ApplyResult::Refused(KvError::NoSpace),
+            ApplyResult::Refused(KvError::Corrupt),
             ApplyResult::Write(WriteResponse::Alarm(AlarmResponse {
                 header: None,
                 alarms: vec![fetcd_proto::etcdserverpb::AlarmMember {

@@ -82,6 +82,14 @@ pub async fn monitor_hash_kv(
         let Some(&member_id) = mismatched.first() else {
             continue;
         };
+        let raised = node
+            .store()
+            .alarms(AlarmType::Corrupt)
+            .iter()
+            .any(|a| a.member_id == member_id);
+        if raised {
+            continue;
+        }
         let req = AlarmRequest {
             action: AlarmAction::Activate as i32,
             member_id,

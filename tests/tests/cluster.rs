@@ -880,14 +880,22 @@ async fn periodic_corrupt_check_raises_the_corrupt_alarm() -> Result<()> {
     cluster.stop(2).await?;
     damage_one_value(&cluster, 2)?;
     cluster.restart(2).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c.put("probe", "v", None).await;
-        if fetcd_tests::expect_grpc_error(&r, "DataLoss", "etcdserver: corrupt cluster").is_ok() {
-            break;
+    // Every member refuses, followers included (their writes are refused by the leader).
+    for i in 0..3 {
+        let mut m = cluster.client(i).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = m.put("probe", "v", None).await;
+            if fetcd_tests::expect_grpc_error(&r, "DataLoss", "etcdserver: corrupt cluster").is_ok()
+            {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "member {i} never refused: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        ensure!(std::time::Instant::now() < deadline, "never refused: {r:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let alarms = c
         .alarm(
