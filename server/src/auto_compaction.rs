@@ -125,6 +125,38 @@ impl Periodic {
     }
 }
 
+/// The state of one member's automatic compactor.
+#[derive(Debug)]
+enum Schedule {
+    Periodic(Periodic),
+    /// Revisions to keep.
+    Revision(i64),
+}
+
+impl Schedule {
+    /// The revision to compact at now, if any.
+    fn due(&mut self, now: Instant, current: i64) -> Option<i64> {
+        match self {
+            Schedule::Periodic(p) => p.tick(now, current),
+            Schedule::Revision(keep) => Some(current - *keep),
+        }
+    }
+
+    /// A compaction at the target happened (or was not needed): a periodic window starts over.
+    fn done(&mut self, now: Instant) {
+        if let Schedule::Periodic(p) = self {
+            p.compacted(now);
+        }
+    }
+
+    /// Leadership lost.
+    fn reset(&mut self) {
+        if let Schedule::Periodic(p) = self {
+            p.reset();
+        }
+    }
+}
+
 /// Runs automatic compaction for `policy` until `stop` turns true; `revision_interval` is how
 /// often `revision` mode checks ([`REVISION_INTERVAL`] outside tests).
 pub async fn run(
@@ -133,13 +165,13 @@ pub async fn run(
     revision_interval: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut periodic = match policy {
-        AutoCompaction::Periodic(retention) => Some(Periodic::new(retention)),
-        AutoCompaction::Revision(_) => None,
-    };
-    let every = match &periodic {
-        Some(p) => p.sample_every(),
-        None => revision_interval,
+    let (mut schedule, every) = match policy {
+        AutoCompaction::Periodic(retention) => {
+            let p = Periodic::new(retention);
+            let every = p.sample_every();
+            (Schedule::Periodic(p), every)
+        }
+        AutoCompaction::Revision(keep) => (Schedule::Revision(keep), revision_interval),
     };
     tracing::info!(?policy, ?every, "auto-compaction enabled");
     let mut ticks = tokio::time::interval(every);
@@ -154,24 +186,16 @@ pub async fn run(
             return;
         }
         if !node.raft().is_leader() {
-            if let Some(p) = &mut periodic {
-                p.reset();
-            }
+            schedule.reset();
             continue;
         }
         let store = node.store();
-        let current = store.current_revision();
-        let target = match (&mut periodic, policy) {
-            (Some(p), _) => p.tick(Instant::now(), current),
-            (None, AutoCompaction::Revision(keep)) => Some(current - keep),
-            (None, AutoCompaction::Periodic(_)) => None,
+        let Some(target) = schedule.due(Instant::now(), store.current_revision()) else {
+            continue;
         };
-        let Some(target) = target else { continue };
         if target <= store.compact_revision() || target <= 1 {
             // Nothing new to drop: the window starts over, as after a compaction.
-            if let Some(p) = &mut periodic {
-                p.compacted(Instant::now());
-            }
+            schedule.done(Instant::now());
             continue;
         }
         tracing::info!(revision = target, ?policy, "starting auto-compaction");
@@ -182,15 +206,11 @@ pub async fn run(
         match node.write(Request::Compaction(req)).await {
             Ok(_) => {
                 tracing::info!(revision = target, "finished auto-compaction");
-                if let Some(p) = &mut periodic {
-                    p.compacted(Instant::now());
-                }
+                schedule.done(Instant::now());
             }
             // Someone compacted further meanwhile: as good as done.
-            Err(status) if status.message().contains("has been compacted") => {
-                if let Some(p) = &mut periodic {
-                    p.compacted(Instant::now());
-                }
+            Err(status) if status.message() == fetcd_proto::status::ERR_COMPACTED => {
+                schedule.done(Instant::now());
             }
             Err(status) => {
                 // Retried at the next tick.

@@ -26,7 +26,7 @@ use crate::node::EtcdNode;
 /// How long one peer gets to answer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the check refused to let the member start.
+/// Why a corruption check failed or refused to let the member start.
 #[derive(Debug, thiserror::Error)]
 pub enum CorruptError {
     /// A peer hashed the same history differently (etcd's message).
@@ -36,7 +36,7 @@ pub enum CorruptError {
         member: u64,
     },
     /// The local hash could not be computed.
-    #[error("initial corruption check: {0}")]
+    #[error("corruption check: {0}")]
     Local(String),
 }
 
