@@ -28,6 +28,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
+    // A stored key-value's value is shared, not copied, between the value cache, a Range's
+    // response and watch events.
+    config.bytes([".mvccpb.KeyValue.value"]);
 
     tonic_prost_build::configure()
         .build_server(true)

@@ -509,7 +509,7 @@ mod tests {
             r#type: t as i32,
             kv: Some(KeyValue {
                 key: k.to_vec(),
-                value: b"v".repeat(300),
+                value: b"v".repeat(300).into(),
                 create_revision: 2,
                 mod_revision: 9,
                 version: 3,

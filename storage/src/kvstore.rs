@@ -79,6 +79,7 @@ use crate::persister::Trees;
 use crate::persister::WriteSet;
 use crate::revision::Revision;
 use crate::schema;
+use crate::value_cache::ValueCache;
 use crate::watch::CatchUp;
 use crate::watch::SendOutcome;
 use crate::watch::SharedEvent;
@@ -99,6 +100,10 @@ use crate::StorageError;
 /// from disk again and again); RSS after 1M keys: 32 MiB 0.48x etcd (raft-log cache 4 MiB),
 /// 16 MiB 0.47x (raft-log cache 8 MiB).
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The decoded values Ranges read recently ([`ValueCache`]); sized for the objects a
+/// kube-apiserver lists again and again (its list pages reread the same prefixes).
+const VALUE_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// A key in the index: a boxed slice, 8 bytes smaller than a `Vec` in every B-tree slot (the
 /// index holds every key in memory).
@@ -200,6 +205,8 @@ pub struct KvStore {
     alarms: RwLock<AlarmSet>,
     /// Writes committed write transactions to sled in groups, off the apply path.
     pub(crate) persister: Arc<Persister>,
+    /// Decoded values of recently read revisions.
+    values: ValueCache,
 }
 
 impl Drop for KvStore {
@@ -243,6 +250,7 @@ impl KvStore {
             hub: WatchHub::default(),
             alarms: RwLock::new(AlarmSet::new()),
             persister,
+            values: ValueCache::new(VALUE_CACHE_BYTES),
         };
         store.restore()?;
         Ok(store)
@@ -345,7 +353,13 @@ impl KvStore {
         let leases = st.leases.leases.len();
         let keys = st.keys.len();
         let current = st.current;
-        *self.write_index() = st;
+        {
+            let mut index = self.write_index();
+            *index = st;
+            // Under the index lock: every reader of the replaced index is done, so no value of
+            // what was replaced can come back into the cache.
+            self.values.clear();
+        }
         self.hub.set_current(current);
         if scheduled > finished {
             // At open nothing else runs; on a snapshot install the caller holds the history.
@@ -937,6 +951,9 @@ fn push_history_event(
 
 /// The stored key-value at `rev`: queued for sled, or in it.
 fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
+    if let Some(kv) = store.values.get(rev) {
+        return Ok(kv);
+    }
     let key = rev.to_bytes(false);
     let v = match store.persister.get(&key) {
         Some(v) => v,
@@ -944,7 +961,9 @@ fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };
-    decode_kv(&v)
+    let kv = decode_kv(&v)?;
+    store.values.insert(rev, &kv);
+    Ok(kv)
 }
 
 /// The committed state, as plain reads see it.
@@ -1098,7 +1117,7 @@ impl<'a> WriteTxn<'a> {
     }
 
     /// Stages a put of `key` and returns its revision (etcd's `storeTxnWrite.put`).
-    pub(crate) fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+    pub(crate) fn put(&mut self, key: &[u8], value: bytes::Bytes, lease: i64) -> i64 {
         let rev = Revision::new(self.write_rev(), self.changes as i64);
         let ki = self.key_index_mut(key);
         let (created, version) = match ki.generations.last() {

@@ -9,6 +9,7 @@
 //! - [`lease`]: leases and their attached keys (replicated state; expiry timing is the server's).
 //! - [`watch`]: watchers, event fan-out at commit, catch-up from history.
 //! - [`alarm`]: cluster alarms as replicated state; [`hash`]: etcd's HashKV over the history.
+//! - `value_cache`: decoded values of recently read revisions, for list-heavy readers.
 //! - [`defrag`]: rewriting the sled database to give freed space back, crash-safely.
 //!
 //! Boundary rule: this crate must not depend on openraft or tonic. It takes etcd's protobuf
@@ -29,6 +30,7 @@ mod ops;
 mod persister;
 pub mod revision;
 pub mod schema;
+mod value_cache;
 pub mod watch;
 
 pub use alarm::alarm_text;

@@ -183,7 +183,7 @@ fn do_put(txn: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse> {
     };
     let value = match (&prev, req.ignore_value) {
         (Some(p), true) => p.value.clone(),
-        _ => req.value.clone(),
+        _ => bytes::Bytes::copy_from_slice(&req.value),
     };
     let lease = match (&prev, req.ignore_lease) {
         (Some(p), true) => p.lease,
@@ -246,7 +246,7 @@ fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(want)
+            kv.value.as_ref().cmp(want)
         }
         CompareTarget::Version => int(
             match c.target_union {

@@ -883,7 +883,7 @@ mod tests {
             r#type: EventType::Put as i32,
             kv: Some(KeyValue {
                 key: key.to_vec(),
-                value: b"v".to_vec(),
+                value: b"v".to_vec().into(),
                 create_revision: create,
                 mod_revision: rev,
                 version: 1,

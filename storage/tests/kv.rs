@@ -70,7 +70,7 @@ fn all_req(revision: i64) -> RangeRequest {
 fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyValue {
     KeyValue {
         key: key.into(),
-        value: value.into(),
+        value: value.as_bytes().to_vec().into(),
         create_revision: create,
         mod_revision: modified,
         version,
@@ -471,6 +471,20 @@ fn export_import_round_trip() {
     // And it goes on from there.
     assert_eq!(put(&t, "a", "3"), 8);
     assert_eq!(get(&t, "a", 0).unwrap(), vec![kv("a", "3", 2, 8, 3)]);
+}
+
+/// A snapshot install may bring other content at revisions this store has read (a member
+/// that diverged, a restored backup): nothing read before may be served after it.
+#[test]
+fn import_replaces_values_read_before_it() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "theirs"); // 2
+    let (_dir2, t) = temp_store();
+    put(&t, "a", "ours"); // 2, the same revision
+    assert_eq!(get(&t, "a", 0).unwrap(), vec![kv("a", "ours", 2, 2, 1)]);
+    t.import(export_all(&s)).unwrap();
+    assert_eq!(get(&t, "a", 0).unwrap(), vec![kv("a", "theirs", 2, 2, 1)]);
+    assert_eq!(get(&t, "a", 2).unwrap(), vec![kv("a", "theirs", 2, 2, 1)]);
 }
 
 /// Records of an export, as `import` takes them.

@@ -137,7 +137,7 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
             Some(TargetUnion::Value(v)) => v,
             _ => b"",
         };
-        kv.value.as_slice().cmp(want)
+        kv.value.as_ref().cmp(want)
     } else if c.target == CompareTarget::Version as i32 {
         int(kv.version)
     } else if c.target == CompareTarget::Create as i32 {
@@ -268,7 +268,7 @@ impl<'m> Tx<'m> {
                 SortTarget::Version => (kv.version, Vec::new()),
                 SortTarget::Create => (kv.create_revision, Vec::new()),
                 SortTarget::Mod => (kv.mod_revision, Vec::new()),
-                SortTarget::Value => (0, kv.value.clone()),
+                SortTarget::Value => (0, kv.value.to_vec()),
             }
         };
         // etcd's sort.Sort is an insertion sort for small inputs: stable, so ties keep key order
@@ -307,7 +307,7 @@ impl<'m> Tx<'m> {
             version: prev.as_ref().map_or(1, |kv| kv.version + 1),
             value: match (&prev, p.ignore_value) {
                 (Some(kv), true) => kv.value.clone(),
-                _ => p.value.clone(),
+                _ => p.value.clone().into(),
             },
             lease: match (&prev, p.ignore_lease) {
                 (Some(kv), true) => kv.lease,

@@ -122,7 +122,7 @@ fn events(resps: &[WatchResponse]) -> Vec<(i64, String, String)> {
             (
                 kv.mod_revision,
                 String::from_utf8(kv.key.clone()).unwrap(),
-                String::from_utf8(kv.value.clone()).unwrap(),
+                String::from_utf8(kv.value.to_vec()).unwrap(),
             )
         })
         .collect()

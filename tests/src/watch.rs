@@ -242,7 +242,7 @@ pub fn from_client_kv(kv: &etcd_client::KeyValue) -> KeyValue {
         create_revision: kv.create_revision(),
         mod_revision: kv.mod_revision(),
         version: kv.version(),
-        value: kv.value().to_vec(),
+        value: kv.value().to_vec().into(),
         lease: kv.lease(),
     }
 }

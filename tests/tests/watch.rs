@@ -1336,7 +1336,7 @@ fn put_event(k: &str, v: &str, rev: i64, prev: Option<&etcd_client::KeyValue>) -
         typ: PUT,
         kv: KeyValue {
             key: k.as_bytes().to_vec(),
-            value: v.as_bytes().to_vec(),
+            value: v.as_bytes().to_vec().into(),
             create_revision: prev.as_ref().map(|p| p.create_revision).unwrap_or(rev),
             mod_revision: rev,
             version: prev.as_ref().map(|p| p.version + 1).unwrap_or(1),
@@ -1920,7 +1920,7 @@ async fn concurrent_writers_and_watchers() -> Result<()> {
 fn concurrency_checker_detects_violations() {
     let kv = |k: &str, v: &str, c: i64, m: i64, ver: i64| KeyValue {
         key: k.as_bytes().to_vec(),
-        value: v.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec().into(),
         create_revision: c,
         mod_revision: m,
         version: ver,

@@ -817,7 +817,7 @@ mod tests {
                 SharedEvent::new(Event {
                     kv: Some(KeyValue {
                         key: k.to_vec(),
-                        value: vec![b'v'; value_len],
+                        value: vec![b'v'; value_len].into(),
                         create_revision: 1,
                         mod_revision: rev,
                         version: 1,
@@ -948,7 +948,7 @@ mod tests {
         let ev = |i: u8| Event {
             kv: Some(KeyValue {
                 key: vec![i],
-                value: vec![i; 400],
+                value: vec![i; 400].into(),
                 ..Default::default()
             }),
             ..Default::default()
