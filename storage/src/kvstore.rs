@@ -93,13 +93,14 @@ use crate::Result;
 use crate::StorageError;
 
 /// sled's page cache. Its default (1 GiB) is what made fetcd's memory grow with the data: the
-/// key index is in memory anyway and a Range reads few values, so a modest cache plus the OS page
+/// key index is in memory anyway, Ranges take their values from [`ValueCache`] first, and the
+/// writes only touch the rightmost leaves of the `key` tree, so a small cache plus the OS page
 /// cache serve reads as well. sled's accounting undercounts its decoded nodes (a heap profile
-/// showed ~100 MiB of them under a 64 MiB cap). Measured on the kube mix (`fetcd-bench`, same-run
-/// ratio to etcd): 64 MiB 1.40, 32 MiB 1.36, 16 MiB 1.20 (its list pages then decode sled nodes
-/// from disk again and again); RSS after 1M keys: 32 MiB 0.48x etcd (raft-log cache 4 MiB),
-/// 16 MiB 0.47x (raft-log cache 8 MiB).
-const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// showed ~100 MiB of them under a 64 MiB cap). Measured with the value cache in place (kube mix
+/// alone, 20k ops; peak RSS after loading 1M keys of 256 bytes): 32 MiB 5.8-5.9k ops/s, 309 MiB;
+/// 16 MiB same speed, 295 MiB; 8 MiB same speed, 284 MiB. Before the value cache, 16 MiB cost
+/// the kube mix 10-15 % (its list pages decoded sled nodes from disk again and again).
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The decoded values Ranges read recently ([`ValueCache`]); sized for the objects a
 /// kube-apiserver lists again and again (its list pages reread the same prefixes).
