@@ -323,7 +323,8 @@ impl KvStore {
             let (k, v) = item?;
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            let kv = decode_kv(&v)?;
+            let kv = IndexedKv::decode(&*v)
+                .map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))?;
             st.current = st.current.max(rev.main);
             if tombstone || kv.lease == 0 {
                 key_lease.remove(&kv.key);
@@ -919,6 +920,21 @@ fn delete_event(key: Vec<u8>, rev: i64) -> Event {
         }),
         prev_kv: None,
     }
+}
+
+/// What the index rebuild needs of a stored `mvccpb.KeyValue`: the same field numbers without
+/// the value (field 5), which prost then skips instead of allocating and copying it for every
+/// stored revision of a restart.
+#[derive(Clone, PartialEq, prost::Message)]
+struct IndexedKv {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    #[prost(int64, tag = "2")]
+    create_revision: i64,
+    #[prost(int64, tag = "4")]
+    version: i64,
+    #[prost(int64, tag = "6")]
+    lease: i64,
 }
 
 fn decode_kv(v: &[u8]) -> Result<KeyValue> {
