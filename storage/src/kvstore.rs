@@ -323,8 +323,7 @@ impl KvStore {
             let (k, v) = item?;
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            let kv = IndexedKv::decode(&*v)
-                .map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))?;
+            let kv: IndexedKv = decode_stored(&v)?;
             st.current = st.current.max(rev.main);
             if tombstone || kv.lease == 0 {
                 key_lease.remove(&kv.key);
@@ -937,8 +936,13 @@ struct IndexedKv {
     lease: i64,
 }
 
+/// A stored `key` tree record as `M` (the whole [`KeyValue`], or [`IndexedKv`]).
+fn decode_stored<M: Message + Default>(v: &[u8]) -> Result<M> {
+    M::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
+}
+
 fn decode_kv(v: &[u8]) -> Result<KeyValue> {
-    KeyValue::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
+    decode_stored(v)
 }
 
 /// Appends the event a `key` tree record stands for, if its key is in `range`.
