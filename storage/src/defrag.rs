@@ -1,27 +1,51 @@
 //! Defragmentation: sled 0.34 reuses the space compaction frees but never gives it back to the
 //! file system, so a store that once grew stays that large. Defragmenting copies every live
-//! record into a fresh database next to the store and swaps the directories, as etcd's defrag
-//! copies its bolt file into a new one and renames it into place.
+//! record into a fresh database and switches to it, as etcd's defrag copies its bolt file into a
+//! new one and renames it into place.
 //!
-//! On disk, for a store at `kv/`:
-//! 1. the copy is written to `kv.defrag/`, closed, and every file and the directory fsynced;
-//! 2. `kv/` is renamed to `kv.old/`, then `kv.defrag/` to `kv/`, and the parent fsynced;
-//! 3. `kv.old/` is removed once the old database is closed.
+//! sled cannot be renamed under: it opens and deletes the files of pages over 128 KiB
+//! (`blobs/<lsn>`) by path, for as long as any handle of the database lives. A database that
+//! was moved while open reads (and deletes) whatever sits at its old path later, so here no
+//! database directory is ever moved, or its name reused, while a process may have it open.
+//! The store at `kv/` is therefore a directory of generations:
 //!
-//! A crash at any point leaves one complete store, which [`recover`] puts back at `kv/` before
-//! the store opens: a leftover `kv.defrag/` is an unfinished copy (the original is intact) and is
-//! removed; `kv.old/` without `kv/` means the crash fell between the two renames, so the original
-//! goes back; `kv.old/` beside `kv/` is the finished swap's leftover. The copy holds the same
-//! consistent index as the original, so the Raft layer sees the same applied state either way.
+//! - `kv/gen-<n>/` — a sled database; `kv/CURRENT` names the one in use.
+//! - Defragmenting generation `n` writes `kv/gen-<n+1>/`, fsyncs every file of it and `kv/`,
+//!   then replaces `CURRENT` atomically (write `CURRENT.tmp`, fsync, rename, fsync `kv/`) — the
+//!   commit point — and removes `kv/gen-<n>/` once the old database is closed.
+//!
+//! A crash at any point leaves `CURRENT` naming one complete generation; [`recover`] removes
+//! every other one before the store opens. Stores written before generations existed (sled's
+//! files directly in `kv/`, and the `kv.defrag/` / `kv.old/` siblings of the rename-based
+//! swap) are put in this shape by [`recover`] too. The copy holds the same consistent index as
+//! the original, so the Raft layer sees the same applied state either way.
 
 use std::path::Path;
 use std::path::PathBuf;
 
 use crate::persister::Trees;
 use crate::Result;
+use crate::StorageError;
 
 /// Records per sled batch while copying.
 const COPY_BATCH: usize = 10_000;
+
+/// The file naming the generation in use.
+const CURRENT: &str = "CURRENT";
+const CURRENT_TMP: &str = "CURRENT.tmp";
+const GENERATION_PREFIX: &str = "gen-";
+
+/// How long removing an old generation waits for its database to be closed.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The directory of generation `n` of the store at `root`.
+pub(crate) fn generation_dir(root: &Path, n: u64) -> PathBuf {
+    root.join(format!("{GENERATION_PREFIX}{n}"))
+}
+
+fn parse_generation(name: &str) -> Option<u64> {
+    name.strip_prefix(GENERATION_PREFIX)?.parse().ok()
+}
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -37,31 +61,119 @@ fn remove_if_exists(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Puts a store interrupted mid-defragmentation back in order (see the module docs).
-pub fn recover(path: &Path) -> Result<()> {
-    let fresh = sibling(path, "defrag");
+/// Puts the store at `root` in order before it opens (see the module docs) and returns the
+/// generation in use, which exists and is the only one left.
+pub fn recover(root: &Path) -> Result<u64> {
+    recover_renamed_swap(root)?;
+    if !root.exists() {
+        std::fs::create_dir_all(root)?;
+        sync_parent(root)?;
+    }
+    let current = match read_current(root)? {
+        Some(n) => n,
+        None => adopt_flat_store(root)?,
+    };
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let leftover = match parse_generation(&name) {
+            Some(n) => n != current,
+            None => name == CURRENT_TMP,
+        };
+        if leftover {
+            tracing::warn!(path = %entry.path().display(), "removing a leftover of a defragmentation");
+            if entry.file_type()?.is_dir() {
+                remove_if_exists(&entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    Ok(current)
+}
+
+/// The rename-based swap of earlier versions left `kv.defrag/` (an unfinished copy) or
+/// `kv.old/` (the original, alone if the crash fell between its two renames).
+fn recover_renamed_swap(root: &Path) -> Result<()> {
+    let fresh = sibling(root, "defrag");
     if fresh.exists() {
         tracing::warn!(dir = %fresh.display(), "removing an unfinished defragmentation copy");
         remove_if_exists(&fresh)?;
     }
-    let old = sibling(path, "old");
+    let old = sibling(root, "old");
     if old.exists() {
-        if path.exists() {
+        if root.exists() {
             remove_if_exists(&old)?;
         } else {
             tracing::warn!(dir = %old.display(), "defragmentation interrupted between renames; restoring the original store");
-            std::fs::rename(&old, path)?;
-            sync_parent(path)?;
+            std::fs::rename(&old, root)?;
+            sync_parent(root)?;
         }
     }
     Ok(())
 }
 
+fn read_current(root: &Path) -> Result<Option<u64>> {
+    let text = match std::fs::read_to_string(root.join(CURRENT)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let n = parse_generation(text.trim())
+        .ok_or_else(|| StorageError::Corrupt(format!("{CURRENT} names no generation: {text:?}")))?;
+    if !generation_dir(root, n).is_dir() {
+        return Err(StorageError::Corrupt(format!(
+            "{CURRENT} names {}, which is missing",
+            generation_dir(root, n).display()
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// Moves sled's files of a store without `CURRENT` (a new one, or one of an earlier version)
+/// into generation 0. Finishes a move a crash interrupted: whatever is not a generation is
+/// sled's.
+fn adopt_flat_store(root: &Path) -> Result<u64> {
+    let gen0 = generation_dir(root, 0);
+    std::fs::create_dir_all(&gen0)?;
+    let mut moved = 0;
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let s = name.to_string_lossy();
+        if parse_generation(&s).is_some() || s == CURRENT_TMP {
+            continue;
+        }
+        std::fs::rename(entry.path(), gen0.join(&name))?;
+        moved += 1;
+    }
+    if moved > 0 {
+        tracing::info!(files = moved, dir = %gen0.display(), "moved the store into its first generation");
+    }
+    sync_tree(&gen0)?;
+    switch_current(root, 0)?;
+    Ok(0)
+}
+
+/// Makes generation `n` the one in use, atomically and durably.
+fn switch_current(root: &Path, n: u64) -> std::io::Result<()> {
+    let tmp = root.join(CURRENT_TMP);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{GENERATION_PREFIX}{n}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, root.join(CURRENT))?;
+    std::fs::File::open(root)?.sync_all()
+}
+
 /// Opens the sled database at `path`. sled holds an exclusive file lock until the last handle of
 /// a database is dropped, which can be a moment after a member in the same process (an embedding
-/// program, a test, a defragmentation) closed it; the open waits up to 10 s for it.
+/// program, a test) closed it; the open waits up to 10 s for it.
 pub(crate) fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + CLOSE_WAIT;
     loop {
         match sled::Config::new()
             .path(path)
@@ -82,83 +194,97 @@ pub(crate) fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
     }
 }
 
-/// Copies `trees` into a fresh database, makes it durable, swaps it in at `path` and returns it
-/// open. The caller holds the store's writer and has drained the persister, so `trees` do not
-/// change meanwhile.
-pub(crate) fn rewrite(trees: &Trees, path: &Path, cache_bytes: u64) -> Result<sled::Db> {
-    let fresh = sibling(path, "defrag");
-    remove_if_exists(&fresh)?;
-    let records = {
-        let db = open_db(&fresh, cache_bytes)?;
+/// Copies `trees` into generation `next` of the store at `root`, makes it durable and the one
+/// in use, and returns it open. The caller holds the store's writer and has drained the
+/// persister, so `trees` do not change meanwhile, and never passes the same `next` twice in a
+/// process (a failed copy may still be closing).
+pub(crate) fn rewrite(
+    trees: &Trees,
+    root: &Path,
+    next: u64,
+    cache_bytes: u64,
+) -> Result<(sled::Db, Trees)> {
+    let dir = generation_dir(root, next);
+    remove_if_exists(&dir)?;
+    let copied = (|| {
+        let db = open_db(&dir, cache_bytes)?;
         let copy = Trees::open(&db)?;
-        let mut records = 0usize;
-        // `meta` last: a copy is only used once complete, but keep the marker after its data.
-        for ((_, from), (_, to)) in trees.named().into_iter().zip(copy.named()) {
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for item in from.iter() {
-                let (k, v) = item?;
-                batch.insert(k, v);
-                n += 1;
-                if n == COPY_BATCH {
-                    to.apply_batch(std::mem::take(&mut batch))?;
-                    records += n;
-                    n = 0;
-                }
-            }
-            to.apply_batch(batch)?;
-            records += n;
-        }
+        let records = copy_trees(trees, &copy)?;
         db.flush()?;
-        records
-    };
-    // sled does not fsync its files itself: the copy must be durable before it replaces the
-    // original.
-    sync_tree(&fresh)?;
-    let old = sibling(path, "old");
-    remove_if_exists(&old)?;
-    std::fs::rename(path, &old)?;
-    let swapped = std::fs::rename(&fresh, path)
-        .and_then(|()| sync_parent(path))
-        .map_err(crate::StorageError::from)
-        .and_then(|()| open_db(path, cache_bytes));
-    match swapped {
-        Ok(db) => {
-            tracing::info!(records, dir = %path.display(), "defragmented: swapped in a fresh copy");
-            Ok(db)
+        // sled does not fsync its files itself: the copy must be durable before it is named.
+        sync_tree(&dir)?;
+        std::fs::File::open(root)?.sync_all()?;
+        Ok::<_, StorageError>((db, copy, records))
+    })();
+    match copied.and_then(|(db, copy, records)| {
+        switch_current(root, next)?;
+        Ok((db, copy, records))
+    }) {
+        Ok((db, copy, records)) => {
+            tracing::info!(records, dir = %dir.display(), "defragmented: switched to a fresh copy");
+            Ok((db, copy))
         }
         Err(e) => {
-            // The store keeps running on the original: put it back where it belongs, so that
-            // nothing (a later defragmentation, the next open) takes it for a leftover.
-            undo_swap(path, &fresh, &old);
+            // Still the old generation in use; the copy's handles are gone, its files go too
+            // (or at the next open).
+            remove_generation(&dir);
             Err(e)
         }
     }
 }
 
-/// Moves the original back from `old` to `path` after a failed swap (the copy, if it got to
-/// `path`, is discarded). Failures are logged: [`recover`] sorts the directories out on the next
-/// open.
-fn undo_swap(path: &Path, fresh: &Path, old: &Path) {
-    let res = (|| {
-        if path.exists() {
-            std::fs::rename(path, fresh)?;
+fn copy_trees(from: &Trees, to: &Trees) -> Result<usize> {
+    let mut records = 0usize;
+    // `meta` last: a copy is only used once complete, but keep the marker after its data.
+    for ((_, from), (_, to)) in from.named().into_iter().zip(to.named()) {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in from.iter() {
+            let (k, v) = item?;
+            batch.insert(k, v);
+            n += 1;
+            if n == COPY_BATCH {
+                to.apply_batch(std::mem::take(&mut batch))?;
+                records += n;
+                n = 0;
+            }
         }
-        std::fs::rename(old, path)?;
-        sync_parent(path)?;
-        remove_if_exists(fresh)
-    })();
-    if let Err(e) = res {
-        tracing::error!(error = %e, dir = %path.display(), "could not undo a failed defragmentation swap");
+        to.apply_batch(batch)?;
+        records += n;
+    }
+    Ok(records)
+}
+
+/// Removes a generation no longer in use, once its database has released sled's lock (every
+/// thread that could still read or delete files by its path is gone then). A failure is only
+/// logged: the next open removes it.
+pub(crate) fn remove_generation(dir: &Path) {
+    if !wait_closed(dir) {
+        tracing::warn!(dir = %dir.display(), "old database still open; removing its files anyway");
+    }
+    if let Err(e) = remove_if_exists(dir) {
+        tracing::warn!(error = %e, dir = %dir.display(), "could not remove an old generation of the store");
     }
 }
 
-/// Removes the original left at `kv.old/` by [`rewrite`]; a failure is only logged (the next
-/// open removes it).
-pub(crate) fn remove_old(path: &Path) {
-    let old = sibling(path, "old");
-    if let Err(e) = remove_if_exists(&old) {
-        tracing::warn!(error = %e, dir = %old.display(), "could not remove the pre-defragmentation store");
+/// Waits (up to [`CLOSE_WAIT`]) until no handle holds the lock sled takes on `dir/db`.
+fn wait_closed(dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+    else {
+        return true;
+    };
+    let deadline = std::time::Instant::now() + CLOSE_WAIT;
+    loop {
+        if fs2::FileExt::try_lock_exclusive(&file).is_ok() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -178,6 +178,13 @@ pub enum WriteResponse {
 /// Receives `(tree, key, value)` records from [`KvStore::export`].
 pub type ExportSink<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<()> + 'a;
 
+/// Where a store opened from a path lives (see [`crate::defrag`]).
+struct OnDisk {
+    root: std::path::PathBuf,
+    /// The generation in use and the last one a defragmentation started (never reused).
+    generations: Mutex<(u64, u64)>,
+}
+
 /// The MVCC key-value store (etcd's `mvcc.store`).
 pub struct KvStore {
     /// The sled database and its trees; replaced whole by [`KvStore::defragment`] (under the
@@ -185,7 +192,7 @@ pub struct KvStore {
     db: RwLock<sled::Db>,
     trees: Arc<RwLock<Trees>>,
     /// Where the database lives, if it was opened from a path (needed to defragment).
-    path: Option<std::path::PathBuf>,
+    disk: Option<OnDisk>,
     /// Shared with the compaction thread, which compacts it a chunk of keys at a time.
     index: Arc<RwLock<IndexState>>,
     /// One writer at a time; writes are applied in Raft log order anyway.
@@ -231,7 +238,7 @@ impl KvStore {
         Self::open_in(db, None)
     }
 
-    fn open_in(db: sled::Db, path: Option<std::path::PathBuf>) -> Result<Self> {
+    fn open_in(db: sled::Db, disk: Option<OnDisk>) -> Result<Self> {
         let trees = Arc::new(RwLock::new(Trees::open(&db)?));
         let persister = Persister::start(trees.clone())?;
         let history: Arc<RwLock<()>> = Arc::default();
@@ -242,7 +249,7 @@ impl KvStore {
         let store = KvStore {
             db: RwLock::new(db),
             trees,
-            path,
+            disk,
             index,
             writer: Mutex::new(()),
             history,
@@ -262,11 +269,13 @@ impl KvStore {
     /// 10 s) for sled's file lock, which a member closed a moment ago in the same process may
     /// still hold.
     pub fn open_path(path: &std::path::Path) -> Result<Self> {
-        defrag::recover(path)?;
-        Self::open_in(
-            defrag::open_db(path, CACHE_BYTES)?,
-            Some(path.to_path_buf()),
-        )
+        let current = defrag::recover(path)?;
+        let db = defrag::open_db(&defrag::generation_dir(path, current), CACHE_BYTES)?;
+        let disk = OnDisk {
+            root: path.to_path_buf(),
+            generations: Mutex::new((current, current)),
+        };
+        Self::open_in(db, Some(disk))
     }
 
     /// The trees as they are now (a defragmentation replaces them; it waits for this guard).
@@ -279,7 +288,7 @@ impl KvStore {
     /// its bolt file; sled never shrinks its files itself). Writers wait meanwhile, as in etcd;
     /// readers go on. A store opened without a path only flushes.
     pub fn defragment(&self) -> Result<()> {
-        let Some(path) = &self.path else {
+        let Some(disk) = &self.disk else {
             return self.flush();
         };
         // What compactions freed is deleted first (else it would be copied), and nothing is
@@ -288,12 +297,22 @@ impl KvStore {
         let _history = self.write_history();
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
-        let db = defrag::rewrite(&self.trees(), path, CACHE_BYTES)?;
-        let trees = Trees::open(&db)?;
-        *self.trees.write().unwrap_or_else(|p| p.into_inner()) = trees;
-        *self.db.write().unwrap_or_else(|p| p.into_inner()) = db;
-        // The old database is closed now that its last handles are gone.
-        defrag::remove_old(path);
+        let mut generations = disk.generations.lock().unwrap_or_else(|p| p.into_inner());
+        let (current, last) = *generations;
+        let next = last + 1;
+        // A failed attempt's number is not reused: its database may still be closing.
+        generations.1 = next;
+        let (db, trees) = defrag::rewrite(&self.trees(), &disk.root, next, CACHE_BYTES)?;
+        // Readers wait for the switch (they only ever hold the trees for one request).
+        let old_trees = std::mem::replace(
+            &mut *self.trees.write().unwrap_or_else(|p| p.into_inner()),
+            trees,
+        );
+        let old_db =
+            std::mem::replace(&mut *self.db.write().unwrap_or_else(|p| p.into_inner()), db);
+        generations.0 = next;
+        drop((old_trees, old_db));
+        defrag::remove_generation(&defrag::generation_dir(&disk.root, current));
         Ok(())
     }
 

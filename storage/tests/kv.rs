@@ -993,7 +993,9 @@ fn defragment_gives_compacted_space_back_and_keeps_the_data() {
     s.defragment().unwrap();
     let defragged = dir_bytes(&path);
     assert!(defragged < full / 2, "{full} -> {defragged}");
-    assert!(!with_suffix(&path, ".old").exists() && !with_suffix(&path, ".defrag").exists());
+    // The old generation is gone, and nothing else was left beside the store.
+    assert_eq!(dir_names(&path), ["CURRENT", "gen-1"]);
+    assert_eq!(dir_names(dir.path()), ["kv"]);
     // Same data, same hash, and writes go on into the new database.
     assert_eq!(history(&s), before_history);
     assert_eq!(s.hash_kv(0).unwrap().unwrap().hash, before_hash);
@@ -1009,6 +1011,99 @@ fn defragment_gives_compacted_space_back_and_keeps_the_data() {
     );
 }
 
+/// sled keeps pages over 128 KiB as files under `blobs/` that it opens and deletes by path, so a
+/// defragmentation must never move or reuse the directory of a database still open: the old one
+/// would read and delete the new one's blobs (CI caught reads failing with ENOENT after a
+/// defragmentation of 64 KiB values). Readers run throughout, as a kube-apiserver's would.
+#[test]
+fn defragment_keeps_large_values_readable_and_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv");
+    let s = std::sync::Arc::new(KvStore::open_path(&path).unwrap());
+    let value = |i: usize| format!("{i:08}").repeat(64 * 1024 / 8);
+    // More than sled's page cache and the value cache hold, so readers go to the files.
+    let keys = 400;
+    let mut written = 0;
+    let check = |s: &KvStore, written: usize, label: &str| {
+        for k in 0..keys {
+            let last = (0..written).rev().find(|i| i % keys == k).unwrap();
+            let got = get(s, &format!("fill/{k}"), 0).unwrap();
+            assert_eq!(got.len(), 1, "{label}: fill/{k}");
+            assert!(
+                got[0].value == value(last).as_bytes(),
+                "{label}: fill/{k} is not value {last}"
+            );
+        }
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = range(&s, &all_req(0)).expect("read during a defragmentation");
+                assert!(r.kvs.iter().all(|kv| kv.value.len() == 64 * 1024));
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for round in 0..3 {
+        for _ in 0..if round == 0 { keys } else { 60 } {
+            put(&s, &format!("fill/{}", written % keys), &value(written));
+            written += 1;
+        }
+        assert!(compact(&s, s.current_revision()).is_ok());
+        s.wait_compaction(s.current_revision());
+        s.defragment().unwrap();
+        check(
+            &s,
+            written,
+            &format!("round {round}, right after the defragmentation"),
+        );
+        // The new database rewrites its pages (and blobs) while the old one is closing.
+        for _ in 0..30 {
+            put(&s, &format!("fill/{}", written % keys), &value(written));
+            written += 1;
+            s.flush().unwrap();
+        }
+        check(&s, written, &format!("round {round}, after more writes"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    s.flush().unwrap();
+    let s = std::sync::Arc::into_inner(s).unwrap();
+    drop(s);
+    let s = KvStore::open_path(&path).unwrap();
+    check(&s, written, "after reopening");
+}
+
+/// Copies a directory tree (a sled database: files and `blobs/`).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// The names in a directory, sorted.
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Every state a crash can leave on disk — during a defragmentation, during the move of an
+/// older version's store into generations, or of that version's rename-based swap — opens as
+/// the one complete store, with nothing else left beside it.
 #[test]
 fn a_crash_in_the_middle_of_a_defragmentation_leaves_one_whole_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -1018,31 +1113,75 @@ fn a_crash_in_the_middle_of_a_defragmentation_leaves_one_whole_store() {
     put(&s, "b", "2");
     s.flush().unwrap();
     drop(s);
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap().flatten() {
-            if e.metadata().unwrap().is_file() {
-                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-            }
+    assert_eq!(dir_names(&path), ["CURRENT", "gen-0"]);
+    let pristine = dir.path().join("pristine");
+    copy_dir(&path.join("gen-0"), &pristine);
+    let reset = || {
+        for p in [
+            path.clone(),
+            with_suffix(&path, ".old"),
+            with_suffix(&path, ".defrag"),
+        ] {
+            let _ = std::fs::remove_dir_all(p);
         }
     };
-    let check = |label: &str| {
+    let check = |label: &str, generation: &str| {
         let s = KvStore::open_path(&path).unwrap();
         assert_eq!(s.current_revision(), 3, "{label}");
         assert_eq!(get(&s, "b", 0).unwrap().len(), 1, "{label}");
         drop(s);
+        assert_eq!(dir_names(&path), ["CURRENT", generation], "{label}");
+        assert_eq!(
+            std::fs::read_to_string(path.join("CURRENT"))
+                .unwrap()
+                .trim(),
+            generation,
+            "{label}"
+        );
         assert!(!with_suffix(&path, ".old").exists(), "{label}");
         assert!(!with_suffix(&path, ".defrag").exists(), "{label}");
     };
-    // An unfinished copy beside the original.
+
+    // Defragmenting generation 0 into 1: an unfinished copy, a torn `CURRENT.tmp`.
+    std::fs::create_dir_all(path.join("gen-1")).unwrap();
+    std::fs::write(path.join("gen-1").join("db"), b"torn").unwrap();
+    std::fs::write(path.join("CURRENT.tmp"), b"gen-").unwrap();
+    check("unfinished copy", "gen-0");
+    // Switched to generation 1, the old one not yet removed.
+    copy_dir(&pristine, &path.join("gen-1"));
+    std::fs::write(path.join("CURRENT"), b"gen-1\n").unwrap();
+    std::fs::write(path.join("gen-0").join("db"), b"no longer used").unwrap();
+    check("old generation left behind", "gen-1");
+
+    // An earlier version's store: sled's files directly in `kv/`.
+    reset();
+    copy_dir(&pristine, &path);
+    check("flat store", "gen-0");
+    // A crash while moving them into generation 0.
+    reset();
+    copy_dir(&pristine, &path);
+    std::fs::create_dir_all(path.join("gen-0")).unwrap();
+    std::fs::rename(path.join("conf"), path.join("gen-0").join("conf")).unwrap();
+    check("half-moved flat store", "gen-0");
+
+    // The earlier version's rename-based swap: an unfinished copy beside the original...
+    reset();
+    copy_dir(&pristine, &path);
     std::fs::create_dir_all(with_suffix(&path, ".defrag")).unwrap();
     std::fs::write(with_suffix(&path, ".defrag").join("db"), b"torn").unwrap();
-    check("unfinished copy");
-    // Between the two renames: only the original, under its `.old` name (plus the copy).
-    copy(&path, &with_suffix(&path, ".defrag"));
-    std::fs::rename(&path, with_suffix(&path, ".old")).unwrap();
-    check("between the renames");
-    // After the swap, before the original was removed.
-    copy(&path, &with_suffix(&path, ".old"));
-    check("original left behind");
+    check("unfinished renamed copy", "gen-0");
+    // ... between its two renames: only the original, under its `.old` name ...
+    reset();
+    copy_dir(&pristine, &with_suffix(&path, ".old"));
+    copy_dir(&pristine, &with_suffix(&path, ".defrag"));
+    check("between the renames", "gen-0");
+    // ... and after the swap, before the original was removed.
+    reset();
+    copy_dir(&pristine, &path);
+    copy_dir(&pristine, &with_suffix(&path, ".old"));
+    check("original left behind", "gen-0");
+
+    // `CURRENT` naming what is not there is corruption, not an empty store to start over.
+    std::fs::write(path.join("CURRENT"), b"gen-7\n").unwrap();
+    assert!(KvStore::open_path(&path).is_err());
 }
