@@ -294,13 +294,9 @@ mod tests {
         st.keys
             .get(key.as_bytes())
             .map(|ki| {
-                ki.generations
+                ki.history()
                     .iter()
-                    .map(|g| {
-                        (0..g.revs.len())
-                            .map(|i| g.revs.get(i).unwrap().main)
-                            .collect()
-                    })
+                    .map(|g| g.iter().map(|r| r.main).collect())
                     .collect()
             })
             .unwrap_or_default()

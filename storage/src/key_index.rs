@@ -18,6 +18,7 @@
 //! keeps `{2.0 3.0}` and `{4.0 5.0}`; at 3 it keeps only the second generation.
 
 use std::collections::HashSet;
+use std::num::NonZeroI64;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -218,130 +219,268 @@ pub struct VisibleRevision {
 
 /// The history of one key (etcd's `keyIndex`).
 ///
-/// The index holds every key in memory, so an entry is kept small: most keys have lived once and
-/// hold one revision after compaction, and then the whole entry is inline in the index's B-tree
-/// node, without an allocation of its own (etcd's `modified` field is not kept: nothing reads it,
-/// the newest revision is the last one of the generations).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeyIndex {
-    /// Lives of the key, oldest first; the last one is open (possibly empty).
-    pub generations: SmallVec<[Generation; 1]>,
+/// The index holds every key in memory, so an entry is kept small. Most keys have one live
+/// generation holding one revision — written once, or compacted down to their newest value —
+/// and such an entry is 40 bytes inline in the index's B-tree node, without an allocation of its
+/// own; any other history (several revisions, deletes) moves to a vector. etcd's `modified`
+/// field is not kept: nothing reads it, the newest revision is the last one of the generations.
+#[derive(Clone, Debug, Default)]
+pub struct KeyIndex(Repr);
+
+#[derive(Clone, Debug)]
+enum Repr {
+    /// One open generation with one revision. `ver` is never 0, which leaves room (a niche) for
+    /// [`Repr::Many`]'s vector, so the enum is no larger than this variant.
+    Single {
+        created: Revision,
+        modified: Revision,
+        ver: NonZeroI64,
+    },
+    /// Lives of the key, oldest first; the last one is open (possibly empty). Never a single
+    /// generation holding a single revision (that is [`Repr::Single`]).
+    Many(Vec<Generation>),
 }
 
+/// A new key's version.
+const ONE: NonZeroI64 = match NonZeroI64::new(1) {
+    Some(one) => one,
+    None => NonZeroI64::MAX,
+};
+
+impl Default for Repr {
+    fn default() -> Self {
+        Repr::Many(Vec::new())
+    }
+}
+
+impl PartialEq for KeyIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.with_generations(|a| other.with_generations(|b| a == b))
+    }
+}
+
+impl Eq for KeyIndex {}
+
 impl KeyIndex {
-    /// Records a put at `rev`.
-    pub fn put(&mut self, rev: Revision) {
-        if self.generations.is_empty() {
-            self.generations.push(Generation::default());
+    /// Calls `f` with the generations, oldest first (a single one built on the stack for the
+    /// inline form).
+    fn with_generations<R>(&self, f: impl FnOnce(&[Generation]) -> R) -> R {
+        match &self.0 {
+            Repr::Single {
+                created,
+                modified,
+                ver,
+            } => f(&[Generation {
+                ver: ver.get(),
+                created: *created,
+                revs: std::iter::once(*modified).collect(),
+            }]),
+            Repr::Many(gens) => f(gens),
         }
-        let last = self.generations.len() - 1;
-        let g = &mut self.generations[last];
-        if g.revs.is_empty() {
-            g.created = rev;
+    }
+
+    /// Runs a change on the generations as a vector, then goes back to the inline form if the
+    /// result allows it.
+    fn change<R>(&mut self, f: impl FnOnce(&mut Vec<Generation>) -> R) -> R {
+        let mut gens = match std::mem::take(&mut self.0) {
+            Repr::Many(gens) => gens,
+            single => {
+                let mut gens = Vec::with_capacity(1);
+                KeyIndex(single).with_generations(|g| gens.extend_from_slice(g));
+                gens
+            }
+        };
+        let out = f(&mut gens);
+        self.0 = match gens.as_slice() {
+            [g] if g.revs.len() == 1 => match (g.revs.first(), NonZeroI64::new(g.ver)) {
+                (Some(modified), Some(ver)) => Repr::Single {
+                    created: g.created,
+                    modified,
+                    ver,
+                },
+                _ => Repr::Many(gens),
+            },
+            _ => Repr::Many(gens),
+        };
+        out
+    }
+
+    /// The revisions of each generation, oldest first (for tests and debugging).
+    pub fn history(&self) -> Vec<Vec<Revision>> {
+        self.with_generations(|gens| gens.iter().map(|g| g.revs.iter().collect()).collect())
+    }
+
+    /// Records a put at `rev` and returns the key's `create_revision` and version after it.
+    pub fn put(&mut self, rev: Revision) -> (Revision, i64) {
+        if let Repr::Many(gens) = &self.0 {
+            if gens.is_empty() {
+                // A new key: straight to the inline form.
+                self.0 = Repr::Single {
+                    created: rev,
+                    modified: rev,
+                    ver: ONE,
+                };
+                return (rev, 1);
+            }
         }
-        g.revs.push(rev);
-        g.ver += 1;
+        self.change(|gens| {
+            if gens.is_empty() {
+                gens.push(Generation::default());
+            }
+            let last = gens.len() - 1;
+            let g = &mut gens[last];
+            if g.revs.is_empty() {
+                g.created = rev;
+            }
+            g.revs.push(rev);
+            g.ver += 1;
+            (g.created, g.ver)
+        })
     }
 
     /// Rebuilds the index entry from the first stored revision of a key, whose earlier history may
     /// have been compacted away; `created` and `ver` come from the stored key-value.
     pub fn restore(created: Revision, modified: Revision, ver: i64) -> Self {
-        KeyIndex {
-            generations: smallvec::smallvec![Generation {
+        KeyIndex(match NonZeroI64::new(ver) {
+            Some(ver) => Repr::Single {
+                created,
+                modified,
+                ver,
+            },
+            // Not written by this store (versions start at 1); kept as found.
+            None => Repr::Many(vec![Generation {
                 ver,
                 created,
                 revs: std::iter::once(modified).collect(),
-            }],
-        }
+            }]),
+        })
     }
 
     /// Records a delete at `rev`; the key must be live.
     pub fn tombstone(&mut self, rev: Revision) {
         self.put(rev);
-        self.generations.push(Generation::default());
+        self.change(|gens| {
+            // Deleted keys wait for compaction in this form: no room for more.
+            gens.reserve_exact(1);
+            gens.push(Generation::default())
+        });
     }
 
     /// True while the key exists at the newest revision.
     pub fn is_live(&self) -> bool {
-        self.generations.last().is_some_and(|g| !g.is_empty())
+        match &self.0 {
+            Repr::Single { .. } => true,
+            Repr::Many(gens) => gens.last().is_some_and(|g| !g.is_empty()),
+        }
     }
 
     /// True when nothing of the key is left (after compaction).
     pub fn is_empty(&self) -> bool {
-        self.generations.len() == 1 && self.generations[0].is_empty()
+        match &self.0 {
+            Repr::Single { .. } => false,
+            Repr::Many(gens) => gens.len() == 1 && gens[0].is_empty(),
+        }
     }
 
     /// What a read at `at_rev` sees, or `None` if the key did not exist then.
     pub fn get(&self, at_rev: i64) -> Option<VisibleRevision> {
-        let last = self.generations.len().checked_sub(1)?;
-        for (i, g) in self.generations.iter().enumerate().rev() {
-            let Some(first) = g.revs.first() else {
-                continue;
-            };
-            if first.main > at_rev {
-                continue;
-            }
-            // This generation started at or before `at_rev`.
-            if i != last {
-                if let Some(tomb) = g.revs.last() {
-                    if tomb.main <= at_rev {
-                        return None;
-                    }
-                }
-            }
-            let n = g.revs.last_at_or_below(at_rev)?;
-            return Some(VisibleRevision {
-                modified: g.revs.get(n)?,
-                created: g.created,
-                version: g.ver - (g.revs.len() - 1 - n) as i64,
+        if let Repr::Single {
+            created,
+            modified,
+            ver,
+        } = &self.0
+        {
+            // The common case, without building a generation.
+            return (modified.main <= at_rev).then_some(VisibleRevision {
+                modified: *modified,
+                created: *created,
+                version: ver.get(),
             });
         }
-        None
+        self.with_generations(|gens| {
+            let last = gens.len().checked_sub(1)?;
+            for (i, g) in gens.iter().enumerate().rev() {
+                let Some(first) = g.revs.first() else {
+                    continue;
+                };
+                if first.main > at_rev {
+                    continue;
+                }
+                // This generation started at or before `at_rev`.
+                if i != last {
+                    if let Some(tomb) = g.revs.last() {
+                        if tomb.main <= at_rev {
+                            return None;
+                        }
+                    }
+                }
+                let n = g.revs.last_at_or_below(at_rev)?;
+                return Some(VisibleRevision {
+                    modified: g.revs.get(n)?,
+                    created: g.created,
+                    version: g.ver - (g.revs.len() - 1 - n) as i64,
+                });
+            }
+            None
+        })
     }
 
     /// True if [`KeyIndex::compact`] at `at_rev` would drop anything: that is when the first
     /// generation's second revision is at or below it (its first one is superseded, or the
     /// generation ended there). O(1), so a writer can check every entry it publishes.
     pub fn needs_compaction(&self, at_rev: i64) -> bool {
-        self.generations
-            .first()
-            .and_then(|g| g.revs.get(1))
-            .is_some_and(|second| second.main <= at_rev)
+        match &self.0 {
+            Repr::Single { .. } => false,
+            Repr::Many(gens) => gens
+                .first()
+                .and_then(|g| g.revs.get(1))
+                .is_some_and(|second| second.main <= at_rev),
+        }
     }
 
     /// Compacts this key's history at `at_rev`, adding the revisions that must survive to `keep`.
     /// Afterwards [`KeyIndex::is_empty`] tells whether the key can leave the index.
     pub fn compact(&mut self, at_rev: i64, keep: &mut HashSet<Revision>) {
-        if self.generations.is_empty() {
+        if let Repr::Single { modified, .. } = &self.0 {
+            // Nothing to drop; the revision survives if it is visible at `at_rev`.
+            if modified.main <= at_rev {
+                keep.insert(*modified);
+            }
             return;
         }
-        // Find the first generation that is still alive after `at_rev`, or created after it.
-        let mut gen_idx = 0;
-        while gen_idx < self.generations.len() - 1 {
-            let g = &self.generations[gen_idx];
-            if g.revs.last().is_some_and(|tomb| tomb.main > at_rev) {
-                break;
+        self.change(|gens| {
+            if gens.is_empty() {
+                return;
             }
-            gen_idx += 1;
-        }
-        let last_gen = self.generations.len() - 1;
-        let g = &mut self.generations[gen_idx];
-        if !g.is_empty() {
-            if let Some(n) = g.revs.last_at_or_below(at_rev) {
-                if let Some(r) = g.revs.get(n) {
-                    keep.insert(r);
-                }
-                g.revs.drop_front(n);
-            }
-            // A generation reduced to its tombstone is invisible at every revision >= at_rev.
-            if g.revs.len() == 1 && gen_idx != last_gen {
-                if let Some(tomb) = g.revs.first() {
-                    keep.remove(&tomb);
+            // Find the first generation that is still alive after `at_rev`, or created after it.
+            let mut gen_idx = 0;
+            while gen_idx < gens.len() - 1 {
+                let g = &gens[gen_idx];
+                if g.revs.last().is_some_and(|tomb| tomb.main > at_rev) {
+                    break;
                 }
                 gen_idx += 1;
             }
-        }
-        self.generations.drain(..gen_idx);
+            let last_gen = gens.len() - 1;
+            let g = &mut gens[gen_idx];
+            if !g.is_empty() {
+                if let Some(n) = g.revs.last_at_or_below(at_rev) {
+                    if let Some(r) = g.revs.get(n) {
+                        keep.insert(r);
+                    }
+                    g.revs.drop_front(n);
+                }
+                // A generation reduced to its tombstone is invisible at every revision >= at_rev.
+                if g.revs.len() == 1 && gen_idx != last_gen {
+                    if let Some(tomb) = g.revs.first() {
+                        keep.remove(&tomb);
+                    }
+                    gen_idx += 1;
+                }
+            }
+            gens.drain(..gen_idx);
+            gens.shrink_to_fit();
+        })
     }
 }
 
@@ -382,22 +521,20 @@ mod tests {
         let mut keep = HashSet::new();
         let mut ki = example();
         ki.compact(4, &mut keep);
-        assert_eq!(ki.generations.len(), 1);
-        assert_eq!(ki.generations[0].revs, vec![r(4), r(5)]);
+        assert_eq!(ki.history(), vec![vec![r(4), r(5)]]);
         assert!(keep.contains(&r(4)));
 
         let mut keep = HashSet::new();
         let mut ki = example();
         ki.compact(2, &mut keep);
-        assert_eq!(ki.generations[0].revs, vec![r(2), r(3)]);
+        assert_eq!(ki.history()[0], vec![r(2), r(3)]);
         assert_eq!(ki.get(2).unwrap().version, 2);
         assert!(keep.contains(&r(2)));
 
         let mut keep = HashSet::new();
         let mut ki = example();
         ki.compact(3, &mut keep);
-        assert_eq!(ki.generations.len(), 1);
-        assert_eq!(ki.generations[0].revs, vec![r(4), r(5)]);
+        assert_eq!(ki.history(), vec![vec![r(4), r(5)]]);
         assert!(keep.is_empty());
     }
 
@@ -435,6 +572,81 @@ mod tests {
             }
             seed = seed.rotate_left(7) ^ 0x5851_f42d;
         }
+    }
+
+    /// Reads against a model computed from the list of changes, through every change of form
+    /// (inline, vector, back to inline by compaction): compaction at `c` changes no read at or
+    /// above `c`, and more changes after it read as they would without it.
+    #[test]
+    fn reads_match_a_model_of_the_changes_through_compaction() {
+        // What a read at `at` sees, from the changes (revision, is a delete) alone.
+        fn model(changes: &[(i64, bool)], at: i64) -> Option<(i64, i64, i64)> {
+            let upto: Vec<_> = changes.iter().filter(|c| c.0 <= at).collect();
+            let (rev, deleted) = *upto.last()?;
+            if *deleted {
+                return None;
+            }
+            let life: Vec<_> = upto.iter().rev().take_while(|c| !c.1).collect();
+            Some((*rev, life.last()?.0, life.len() as i64))
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..500 {
+            let (mut ki, mut changes, mut rev) = (KeyIndex::default(), Vec::new(), 0);
+            let mut compacted_at = 0;
+            for step in 0..(next() % 10) {
+                rev += 1 + (next() % 3) as i64;
+                if next() % 4 == 0 && ki.is_live() {
+                    ki.tombstone(r(rev));
+                    changes.push((rev, true));
+                } else {
+                    ki.put(r(rev));
+                    changes.push((rev, false));
+                }
+                if step % 3 == 2 {
+                    compacted_at = rev - (next() % 3) as i64;
+                    ki.compact(compacted_at, &mut HashSet::new());
+                }
+            }
+            for at in compacted_at..=rev + 1 {
+                let got = ki
+                    .get(at)
+                    .map(|v| (v.modified.main, v.created.main, v.version));
+                assert_eq!(
+                    got,
+                    model(&changes, at),
+                    "{changes:?} compacted at {compacted_at}, read at {at}: {ki:?}"
+                );
+            }
+            assert_eq!(ki.is_live(), changes.last().is_some_and(|c| !c.1));
+            // The inline form is used exactly when it can be.
+            let one = matches!(ki.history().as_slice(), [g] if g.len() == 1);
+            assert_eq!(matches!(ki.0, Repr::Single { .. }), one, "{ki:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_written_once_or_compacted_to_one_revision_stays_inline() {
+        // The index's memory per key: see `docs/benchmarks.md`.
+        assert_eq!(size_of::<KeyIndex>(), 40);
+        let mut ki = KeyIndex::default();
+        assert_eq!(ki.put(r(7)), (r(7), 1));
+        assert!(matches!(ki.0, Repr::Single { .. }));
+        assert_eq!(ki.put(r(9)), (r(7), 2));
+        assert!(matches!(ki.0, Repr::Many(_)));
+        let mut keep = HashSet::new();
+        ki.compact(9, &mut keep);
+        assert!(matches!(ki.0, Repr::Single { .. }));
+        assert_eq!(keep, HashSet::from([r(9)]));
+        let v = ki.get(9).unwrap();
+        assert_eq!((v.modified, v.created, v.version), (r(9), r(7), 2));
+        assert_eq!(ki.get(8), None);
+        assert_eq!(KeyIndex::restore(r(7), r(9), 2), ki);
     }
 
     #[test]

@@ -355,7 +355,9 @@ impl KvStore {
                         ki.tombstone(rev);
                     }
                 }
-                Some(ki) => ki.put(rev),
+                Some(ki) => {
+                    ki.put(rev);
+                }
                 // A tombstone whose puts were compacted away says nothing.
                 None if tombstone => {}
                 None => {
@@ -1159,12 +1161,8 @@ impl<'a> WriteTxn<'a> {
     /// Stages a put of `key` and returns its revision (etcd's `storeTxnWrite.put`).
     pub(crate) fn put(&mut self, key: &[u8], value: bytes::Bytes, lease: i64) -> i64 {
         let rev = Revision::new(self.write_rev(), self.changes as i64);
-        let ki = self.key_index_mut(key);
-        let (created, version) = match ki.generations.last() {
-            Some(g) if !g.revs.is_empty() => (g.created.main, g.ver + 1),
-            _ => (rev.main, 1),
-        };
-        ki.put(rev);
+        let (created, version) = self.key_index_mut(key).put(rev);
+        let created = created.main;
         self.set_key_lease(key, lease);
         let kv = KeyValue {
             key: key.to_vec(),
