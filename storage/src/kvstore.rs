@@ -22,6 +22,7 @@
 //! sled is not the durability boundary: its flush does not fsync on Linux. The Raft log is; after
 //! a crash the Raft layer re-applies the log from the consistent index found here.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -345,25 +346,28 @@ impl KvStore {
             let kv: IndexedKv = decode_stored(&v)?;
             st.current = st.current.max(rev.main);
             if tombstone || kv.lease == 0 {
-                key_lease.remove(&kv.key);
+                if !key_lease.is_empty() {
+                    key_lease.remove(&kv.key);
+                }
             } else {
                 key_lease.insert(kv.key.clone(), kv.lease);
             }
-            match st.keys.get_mut(kv.key.as_slice()) {
-                Some(ki) if tombstone => {
-                    if ki.is_live() {
-                        ki.tombstone(rev);
+            // One descent of the B-tree per record (prost decodes a key of 8 bytes or more into
+            // an exact-size vector, which boxes without a copy).
+            match st.keys.entry(kv.key.into_boxed_slice()) {
+                Entry::Occupied(mut e) if tombstone => {
+                    if e.get().is_live() {
+                        e.get_mut().tombstone(rev);
                     }
                 }
-                Some(ki) => {
-                    ki.put(rev);
+                Entry::Occupied(mut e) => {
+                    e.get_mut().put(rev);
                 }
                 // A tombstone whose puts were compacted away says nothing.
-                None if tombstone => {}
-                None => {
+                Entry::Vacant(_) if tombstone => {}
+                Entry::Vacant(e) => {
                     let created = Revision::new(kv.create_revision, 0);
-                    st.keys
-                        .insert(kv.key.into(), KeyIndex::restore(created, rev, kv.version));
+                    e.insert(KeyIndex::restore(created, rev, kv.version));
                 }
             }
         }
