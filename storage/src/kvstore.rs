@@ -295,8 +295,8 @@ impl KvStore {
         // What compactions freed is deleted first (else it would be copied), and nothing is
         // deleted while the copy is made.
         self.compactor.wait(self.compact_revision());
-        let _history = self.write_history();
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let history = self.write_history();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         self.persister.barrier()?;
         let mut generations = disk.generations.lock().unwrap_or_else(|p| p.into_inner());
         let (current, last) = *generations;
@@ -313,6 +313,9 @@ impl KvStore {
             std::mem::replace(&mut *self.db.write().unwrap_or_else(|p| p.into_inner()), db);
         generations.0 = next;
         drop((old_trees, old_db));
+        // Writers go on while the old generation's files are removed (which may wait for sled
+        // to finish closing it).
+        drop((generations, writer, history));
         defrag::remove_generation(&defrag::generation_dir(&disk.root, current));
         Ok(())
     }
