@@ -206,7 +206,7 @@ pub(crate) fn rewrite(
 ) -> Result<(sled::Db, Trees)> {
     let dir = generation_dir(root, next);
     remove_if_exists(&dir)?;
-    let copied = (|| {
+    let switched = (|| {
         let db = open_db(&dir, cache_bytes)?;
         let copy = Trees::open(&db)?;
         let records = copy_trees(trees, &copy)?;
@@ -214,12 +214,10 @@ pub(crate) fn rewrite(
         // sled does not fsync its files itself: the copy must be durable before it is named.
         sync_tree(&dir)?;
         std::fs::File::open(root)?.sync_all()?;
+        switch_current(root, next)?;
         Ok::<_, StorageError>((db, copy, records))
     })();
-    match copied.and_then(|(db, copy, records)| {
-        switch_current(root, next)?;
-        Ok((db, copy, records))
-    }) {
+    match switched {
         Ok((db, copy, records)) => {
             tracing::info!(records, dir = %dir.display(), "defragmented: switched to a fresh copy");
             Ok((db, copy))

@@ -969,10 +969,6 @@ fn decode_stored<M: Message + Default>(v: &[u8]) -> Result<M> {
     M::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
 }
 
-fn decode_kv(v: &[u8]) -> Result<KeyValue> {
-    decode_stored(v)
-}
-
 /// Appends the event a `key` tree record stands for, if its key is in `range`.
 fn push_history_event(
     out: &mut Vec<Event>,
@@ -982,7 +978,7 @@ fn push_history_event(
 ) -> Result<()> {
     let (rev, tombstone) = Revision::from_bytes(k)
         .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-    let kv = decode_kv(v)?;
+    let kv = decode_stored::<KeyValue>(v)?;
     if range.is_some_and(|r| !r.contains(&kv.key)) {
         return Ok(());
     }
@@ -1010,7 +1006,7 @@ fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };
-    let kv = decode_kv(&v)?;
+    let kv = decode_stored::<KeyValue>(&v)?;
     store.values.insert(rev, &kv);
     Ok(kv)
 }
