@@ -207,6 +207,10 @@ pub(crate) struct Report {
     pub extra: serde_json::Map<String, Value>,
     /// A workload-specific line for the text summary.
     pub note: Option<String>,
+    /// CPU seconds the server's processes spent over the run (setup included), when the bench
+    /// started them itself (`--compare`): what a request costs the server, whatever share of
+    /// the machine the client took.
+    pub server_cpu_seconds: Option<f64>,
 }
 
 impl Report {
@@ -238,6 +242,7 @@ impl Report {
             first_error: rec.first_error,
             extra: serde_json::Map::new(),
             note: None,
+            server_cpu_seconds: None,
         }
     }
 
@@ -259,6 +264,14 @@ impl Report {
         self.latency.p_ms(p)
     }
 
+    /// Server CPU microseconds per successful op (per event delivered, for watch workloads).
+    pub(crate) fn server_cpu_us_per_op(&self) -> Option<f64> {
+        let ops = self.ops_per_sec * self.seconds;
+        self.server_cpu_seconds
+            .filter(|_| ops >= 1.0)
+            .map(|cpu| cpu * 1e6 / ops)
+    }
+
     /// The JSON line: the fields scripts already read first, then per-kind latencies and extras.
     pub(crate) fn to_json(&self) -> Value {
         let mut v = json!({
@@ -274,6 +287,8 @@ impl Report {
             "p999_ms": self.p_ms(0.999),
             "mean_ms": self.latency.mean_ms(),
             "max_ms": self.latency.max_ms(),
+            "server_cpu_seconds": self.server_cpu_seconds,
+            "server_cpu_us_per_op": self.server_cpu_us_per_op(),
         });
         if let Value::Object(m) = &mut v {
             if !self.kinds.is_empty() {

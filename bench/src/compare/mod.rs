@@ -61,6 +61,9 @@ enum Metric {
     Rss,
     /// Restart time with the load case's keys.
     Restart,
+    /// Server CPU per successful op: the server's own cost, which a throughput ratio on a
+    /// machine the client shares understates.
+    ServerCpu,
 }
 
 struct Target {
@@ -276,6 +279,7 @@ impl CaseResult {
             .iter()
             .map(|r| match m {
                 Metric::Throughput => r.ops_per_sec,
+                Metric::ServerCpu => r.server_cpu_us_per_op().unwrap_or(f64::NAN),
                 _ if r.latency.count() == 0 => f64::NAN,
                 Metric::P50 => r.p_ms(0.50),
                 Metric::Max => r.latency.max_ms(),
@@ -433,7 +437,12 @@ pub(crate) async fn run(args: &Args) -> anyhow::Result<()> {
                     // The other cluster's last run may still have dirty pages on their way to
                     // the disk; writing them back now keeps them out of this run's fsyncs.
                     settle_disk();
-                    let rep = run_one(case, cluster, &ui).await;
+                    let cpu_before = cluster.cpu_seconds();
+                    let mut rep = run_one(case, cluster, &ui).await;
+                    rep.server_cpu_seconds = cluster
+                        .cpu_seconds()
+                        .zip(cpu_before)
+                        .map(|(after, before)| after - before);
                     log_run(args.json, &case.name, round, cluster.server, &rep);
                     match cluster.server {
                         Server::Etcd => r.etcd.push(rep),
@@ -630,7 +639,7 @@ fn render(
     if !results.is_empty() {
         let _ = writeln!(
             s,
-            "{:<19} {:>10} {:>10} {:>19} {:>9} {:>9} {:>19} {:>11}",
+            "{:<19} {:>10} {:>10} {:>19} {:>9} {:>9} {:>19} {:>13} {:>19} {:>11}",
             "case",
             "etcd op/s",
             "fetcd op/s",
@@ -638,12 +647,14 @@ fn render(
             "etcd p99",
             "fetcd p99",
             "p99 ratio",
+            "CPU µs/op e/f",
+            "CPU ratio",
             "errors e/f"
         );
         for r in results {
             let _ = writeln!(
                 s,
-                "{:<19} {:>10} {:>10} {:>19} {:>9} {:>9} {:>19} {:>11}",
+                "{:<19} {:>10} {:>10} {:>19} {:>9} {:>9} {:>19} {:>13} {:>19} {:>11}",
                 r.name,
                 opt(CaseResult::median(&r.etcd, Metric::Throughput), 0),
                 opt(CaseResult::median(&r.fetcd, Metric::Throughput), 0),
@@ -651,10 +662,16 @@ fn render(
                 opt(CaseResult::median(&r.etcd, Metric::P99), 2),
                 opt(CaseResult::median(&r.fetcd, Metric::P99), 2),
                 spread_str(r.ratio(Metric::P99)),
+                format!(
+                    "{}/{}",
+                    opt(CaseResult::median(&r.etcd, Metric::ServerCpu), 0),
+                    opt(CaseResult::median(&r.fetcd, Metric::ServerCpu), 0)
+                ),
+                spread_str(r.ratio(Metric::ServerCpu)),
                 format!("{}/{}", r.etcd_errors(), r.fetcd_errors()),
             );
         }
-        let _ = writeln!(s, "(op/s: median over rounds of successful ops per second — events/s for watch; p99 in ms; ratio = fetcd/etcd per round)");
+        let _ = writeln!(s, "(op/s: median over rounds of successful ops per second — events/s for watch; p99 in ms; ratio = fetcd/etcd per round;\n CPU µs/op: the servers' CPU time (all members, the run's setup included) per successful op or event, a cost the client sharing the machine does not distort)");
         for r in results {
             if let Some(e) = r
                 .fetcd

@@ -206,6 +206,18 @@ impl Cluster {
         Some(sum)
     }
 
+    /// CPU seconds (user + system) the members have used since they started; None once one
+    /// has stopped.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        let mut ticks = 0;
+        for m in &self.members {
+            let pid = m.child.as_ref()?.id();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            ticks += stat_cpu_ticks(&stat)?;
+        }
+        Some(ticks as f64 / USER_HZ)
+    }
+
     /// Bytes allocated on disk by the members' data dirs (what `du` counts, so preallocated
     /// but sparse WAL files count only for what they hold).
     pub(crate) fn disk_bytes(&self) -> u64 {
@@ -236,6 +248,20 @@ async fn linearizable_get(ep: &str) -> bool {
 }
 
 /// A `/proc/<pid>/status` field in KiB, e.g. `VmHWM:   123456 kB`.
+/// The unit of /proc's CPU times: Linux reports them in USER_HZ, 100 on every architecture's ABI.
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime from a /proc/<pid>/stat line. The command name (field 2, in parentheses) may
+/// hold spaces, so fields are counted after its closing parenthesis: state is field 3, utime 14
+/// and stime 15.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 fn status_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
@@ -362,6 +388,14 @@ pub(crate) fn version(bin: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_cpu_ticks_after_a_command_name_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime …
+        let stat = "4242 (fetcd ) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 9 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(1234 + 567));
+        assert_eq!(stat_cpu_ticks("4242 (fetcd) S 1"), None);
+    }
 
     #[test]
     fn reads_proc_status_fields() {

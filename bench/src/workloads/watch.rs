@@ -430,6 +430,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
         kinds: Default::default(),
         first_error: None,
         extra: serde_json::Map::new(),
+        server_cpu_seconds: None,
         note: Some(format!(
             "{} watchers on {n_streams} streams / {n_conns} conns ({}), setup {:.2}s; \
              {puts_ok} puts in {:.2}s = {puts_per_sec:.0} puts/s; {delivered}/{expected} events; \
