@@ -92,7 +92,7 @@ pub(crate) struct Args {
     pub conns: usize,
     /// Threads the client runs on. The client shares the machine with the server under test,
     /// and every cycle it spends is one the server cannot use: one thread (the default) spends
-    /// about a third less CPU per request than two, which wake each other across cores.
+    /// about 40 % less CPU per request than two, which wake each other across cores.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub client_threads: u16,
     /// Total requests (for watch workloads: puts; for lease-keepalive: keepalives answered).

@@ -197,25 +197,25 @@ impl Cluster {
 
     /// Peak resident memory (VmHWM) summed over the members, in bytes.
     pub(crate) fn peak_rss(&self) -> Option<u64> {
-        let mut sum = 0;
-        for m in &self.members {
-            let pid = m.child.as_ref()?.id();
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            sum += status_kib(&status, "VmHWM")? * 1024;
-        }
-        Some(sum)
+        self.sum_proc("status", |s| Some(status_kib(s, "VmHWM")? * 1024))
     }
 
     /// CPU seconds (user + system) the members have used since they started; None once one
     /// has stopped.
     pub(crate) fn cpu_seconds(&self) -> Option<f64> {
-        let mut ticks = 0;
+        Some(self.sum_proc("stat", stat_cpu_ticks)? as f64 / USER_HZ)
+    }
+
+    /// `read` of every member's `/proc/<pid>/<file>`, summed; None if a member is not running
+    /// or a file could not be read.
+    fn sum_proc(&self, file: &str, read: impl Fn(&str) -> Option<u64>) -> Option<u64> {
+        let mut sum = 0;
         for m in &self.members {
             let pid = m.child.as_ref()?.id();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            ticks += stat_cpu_ticks(&stat)?;
+            let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+            sum += read(&text)?;
         }
-        Some(ticks as f64 / USER_HZ)
+        Some(sum)
     }
 
     /// Bytes allocated on disk by the members' data dirs (what `du` counts, so preallocated
@@ -247,7 +247,6 @@ async fn linearizable_get(ep: &str) -> bool {
     )
 }
 
-/// A `/proc/<pid>/status` field in KiB, e.g. `VmHWM:   123456 kB`.
 /// The unit of /proc's CPU times: Linux reports them in USER_HZ, 100 on every architecture's ABI.
 const USER_HZ: f64 = 100.0;
 
@@ -262,6 +261,7 @@ fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// A `/proc/<pid>/status` field in KiB, e.g. `VmHWM:   123456 kB`.
 fn status_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
