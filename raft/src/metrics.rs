@@ -1,10 +1,17 @@
-//! Process-wide Raft log metrics, cheap enough for the write path (a few relaxed atomics).
+//! Process-wide Raft metrics, cheap enough for the write path (a few relaxed atomics).
 //!
 //! [`WAL_FSYNC`] times every synced flush of the Raft log: from the flush request to the flush
 //! worker's report that the batch is written and fdatasync'ed (raft-log performs the sync on its
 //! own thread, so the write of the batch is included — etcd's histogram of the same name times
-//! the fsync call alone). It is a process-wide static: several members in one process (tests)
-//! share it.
+//! the fsync call alone).
+//!
+//! [`APPEND_ENTRIES_RTT`] times this member's AppendEntries RPCs to its peers, split by whether
+//! they carried entries. openraft 0.9 keeps one AppendEntries in flight per follower and, once
+//! an entry commits with nothing new to send, spends that slot on an empty AppendEntries that
+//! only carries the commit index; the next entries wait for its round trip. Under a closed-loop
+//! write load close to half of the RPCs are such empty ones, which is what these counts show.
+//!
+//! All are process-wide statics: several members in one process (tests) share them.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -17,11 +24,23 @@ pub const FSYNC_BUCKETS: [f64; 14] = [
     8.192,
 ];
 
+/// Upper bounds (seconds) of the peer round-trip buckets, as etcd's
+/// `etcd_network_peer_round_trip_time_seconds`: 0.1 ms doubling 16 times.
+pub const PEER_RTT_BUCKETS: [f64; 16] = [
+    0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.1024, 0.2048,
+    0.4096, 0.8192, 1.6384, 3.2768,
+];
+
+/// Most buckets a [`Histogram`] can have (besides `+Inf`).
+const MAX_BUCKETS: usize = 16;
+
 /// A fixed-bucket histogram of durations.
 #[derive(Debug)]
 pub struct Histogram {
-    /// Per-bucket (non-cumulative) counts; the last slot is `+Inf`.
-    buckets: [AtomicU64; FSYNC_BUCKETS.len() + 1],
+    /// Upper bounds in seconds, ascending.
+    bounds: &'static [f64],
+    /// Per-bucket (non-cumulative) counts; slot `bounds.len()` is `+Inf`.
+    buckets: [AtomicU64; MAX_BUCKETS + 1],
     count: AtomicU64,
     sum_nanos: AtomicU64,
 }
@@ -38,9 +57,11 @@ pub struct HistogramSnapshot {
 }
 
 impl Histogram {
-    const fn new() -> Self {
+    const fn new(bounds: &'static [f64]) -> Self {
+        assert!(bounds.len() <= MAX_BUCKETS);
         Histogram {
-            buckets: [const { AtomicU64::new(0) }; FSYNC_BUCKETS.len() + 1],
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
             count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
         }
@@ -49,10 +70,11 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let i = FSYNC_BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|b| secs <= *b)
-            .unwrap_or(FSYNC_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -62,7 +84,8 @@ impl Histogram {
     /// The current values.
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut cumulative = 0;
-        let buckets = FSYNC_BUCKETS
+        let buckets = self
+            .bounds
             .iter()
             .zip(&self.buckets)
             .map(|(b, n)| {
@@ -80,7 +103,14 @@ impl Histogram {
 }
 
 /// Durations of the Raft log's synced flushes (see the module documentation).
-pub static WAL_FSYNC: Histogram = Histogram::new();
+pub static WAL_FSYNC: Histogram = Histogram::new(&FSYNC_BUCKETS);
+
+/// Round trips of AppendEntries RPCs that succeeded at the transport level, `[with entries,
+/// empty]` (see the module documentation).
+pub static APPEND_ENTRIES_RTT: [Histogram; 2] = [
+    Histogram::new(&PEER_RTT_BUCKETS),
+    Histogram::new(&PEER_RTT_BUCKETS),
+];
 
 #[cfg(test)]
 mod tests {
@@ -88,7 +118,7 @@ mod tests {
 
     #[test]
     fn observations_land_in_cumulative_buckets() {
-        let h = Histogram::new();
+        let h = Histogram::new(&FSYNC_BUCKETS);
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(100));
@@ -98,5 +128,18 @@ mod tests {
         assert_eq!(s.buckets[2], (0.004, 2));
         assert_eq!(s.buckets.last().map(|b| b.1), Some(2));
         assert!(s.sum_seconds > 100.0);
+    }
+
+    #[test]
+    fn bounds_are_per_histogram() {
+        let h = Histogram::new(&PEER_RTT_BUCKETS);
+        h.observe(Duration::from_micros(150));
+        h.observe(Duration::from_micros(700));
+        let s = h.snapshot();
+        assert_eq!(s.buckets.len(), PEER_RTT_BUCKETS.len());
+        assert_eq!(s.buckets[0], (0.0001, 0));
+        assert_eq!(s.buckets[1], (0.0002, 1));
+        assert_eq!(s.buckets[3], (0.0008, 2));
+        assert_eq!(s.count, 2);
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
+use std::time::Instant;
 
 use fetcd_proto::raftpb::raft_peer_client::RaftPeerClient;
 use fetcd_proto::raftpb::raft_peer_server::RaftPeer;
@@ -274,7 +275,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        self.call(RPCTypes::AppendEntries, &rpc, &option).await
+        let kind = usize::from(rpc.entries.is_empty());
+        let started = Instant::now();
+        let res = self.call(RPCTypes::AppendEntries, &rpc, &option).await;
+        // Answered by the peer (whatever it answered): a round trip to count.
+        if matches!(res, Ok(_) | Err(RPCError::RemoteError(_))) {
+            crate::metrics::APPEND_ENTRIES_RTT[kind].observe(started.elapsed());
+        }
+        res
     }
 
     async fn install_snapshot(

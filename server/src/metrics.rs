@@ -5,6 +5,9 @@
 //!   `etcd_server_proposals_committed_total`, `etcd_server_proposals_applied_total`;
 //! - `etcd_mvcc_db_total_size_in_bytes` (the member's on-disk size, as the quota sees it);
 //! - `etcd_disk_wal_fsync_duration_seconds` (see `fetcd_raft::metrics`);
+//! - `fetcd_raft_append_entries_round_trip_seconds{kind="entries"|"empty"}`: this member's
+//!   AppendEntries round trips to its peers, by whether they carried entries (fetcd's own: etcd
+//!   streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
 //! - `grpc_server_started_total` / `grpc_server_handled_total` by service, method, type and code
 //!   (go-grpc-prometheus names), counted by [`GrpcMetricsLayer`].
 
@@ -258,18 +261,25 @@ pub fn render(node: &EtcdNode) -> String {
         "gauge",
         node.quota().db_size(raft).to_string(),
     );
-    let h = fetcd_raft::metrics::WAL_FSYNC.snapshot();
     let name = "etcd_disk_wal_fsync_duration_seconds";
     let _ = writeln!(
         out,
         "# HELP {name} The latency distributions of fsync called by WAL.\n# TYPE {name} histogram"
     );
-    for (le, n) in &h.buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
-    let _ = writeln!(out, "{name}_count {}", h.count);
+    histogram(
+        &mut out,
+        name,
+        "",
+        &fetcd_raft::metrics::WAL_FSYNC.snapshot(),
+    );
+    let name = "fetcd_raft_append_entries_round_trip_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Round trips of AppendEntries RPCs to peers, by whether they carried entries.\n# TYPE {name} histogram"
+    );
+    let [entries, empty] = &fetcd_raft::metrics::APPEND_ENTRIES_RTT;
+    histogram(&mut out, name, "kind=\"entries\",", &entries.snapshot());
+    histogram(&mut out, name, "kind=\"empty\",", &empty.snapshot());
 
     let called = node.metrics().called();
     let _ = writeln!(out, "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter");
@@ -289,6 +299,28 @@ pub fn render(node: &EtcdNode) -> String {
         }
     }
     out
+}
+
+/// Writes one histogram's series; `labels` is empty or `name="value",` pairs, each followed by
+/// a comma.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    h: &fetcd_raft::metrics::HistogramSnapshot,
+) {
+    for (le, n) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", h.count);
+    let plain = labels.trim_end_matches(',');
+    let braces = if plain.is_empty() {
+        String::new()
+    } else {
+        format!("{{{plain}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
 
 /// Counts gRPC calls (started, and handled by final status) around the services.

@@ -41,6 +41,7 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
     member_ids.dedup();
     ensure!(member_ids.len() == 3);
 
+    let rpcs_before = append_entries_rpcs(&c, leader)?;
     // Writes through every member (followers forward), each read at once through every other
     // member, linearizably: never stale.
     for round in 0..20 {
@@ -72,7 +73,30 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
     }
     revs.dedup();
     ensure!(revs.len() == 1, "revisions {revs:?}");
+
+    // The leader's /metrics counted the AppendEntries round trips: each of the 60 writes went
+    // to both followers with its entry; empty ones carried commit indexes and heartbeats.
+    let rpcs_after = append_entries_rpcs(&c, leader)?;
+    ensure!(
+        rpcs_after.0 >= rpcs_before.0 + 60.0 && rpcs_after.1 > rpcs_before.1,
+        "AppendEntries round trips (entries, empty): {rpcs_before:?} -> {rpcs_after:?}"
+    );
     Ok(())
+}
+
+/// `(with entries, empty)` AppendEntries round trips in member `i`'s metrics (process-wide
+/// counters: other tests' members add to them, never subtract).
+fn append_entries_rpcs(c: &Cluster, i: usize) -> Result<(f64, f64)> {
+    let text = fetcd_server::metrics::render(c.server(i).context("server")?.node());
+    let count = |kind: &str| -> Result<f64> {
+        let name =
+            format!("fetcd_raft_append_entries_round_trip_seconds_count{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in\n{text}"))
+    };
+    Ok((count("entries")?, count("empty")?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
