@@ -5,7 +5,7 @@
 //! own thread, so the write of the batch is included — etcd's histogram of the same name times
 //! the fsync call alone).
 //!
-//! [`APPEND_ENTRIES_RTT`] times this member's AppendEntries RPCs to its peers, split by whether
+//! [`peer_round_trips`] times this member's AppendEntries RPCs to each peer, split by whether
 //! they carried entries. openraft 0.9 keeps one AppendEntries in flight per follower and, once
 //! an entry commits with nothing new to send, spends that slot on an empty AppendEntries that
 //! only carries the commit index; the next entries wait for its round trip. Under a closed-loop
@@ -13,8 +13,11 @@
 //!
 //! All are process-wide statics: several members in one process (tests) share them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of etcd's `etcd_disk_wal_fsync_duration_seconds` buckets:
@@ -105,12 +108,37 @@ impl Histogram {
 /// Durations of the Raft log's synced flushes (see the module documentation).
 pub static WAL_FSYNC: Histogram = Histogram::new(&FSYNC_BUCKETS);
 
-/// Round trips of AppendEntries RPCs that succeeded at the transport level, `[with entries,
-/// empty]` (see the module documentation).
-pub static APPEND_ENTRIES_RTT: [Histogram; 2] = [
-    Histogram::new(&PEER_RTT_BUCKETS),
-    Histogram::new(&PEER_RTT_BUCKETS),
-];
+/// Round trips of the AppendEntries RPCs a peer answered, `[with entries, empty]`, per target
+/// member (see the module documentation).
+#[derive(Debug)]
+pub struct PeerRoundTrips {
+    /// `[with entries, empty]`.
+    pub append_entries: [Histogram; 2],
+}
+
+static PEER_ROUND_TRIPS: Mutex<BTreeMap<u64, Arc<PeerRoundTrips>>> = Mutex::new(BTreeMap::new());
+
+/// The round-trip histograms of AppendEntries to member `target`, created on first use.
+pub fn peer_round_trips(target: u64) -> Arc<PeerRoundTrips> {
+    let mut peers = PEER_ROUND_TRIPS.lock().unwrap_or_else(|p| p.into_inner());
+    peers
+        .entry(target)
+        .or_insert_with(|| {
+            Arc::new(PeerRoundTrips {
+                append_entries: [
+                    Histogram::new(&PEER_RTT_BUCKETS),
+                    Histogram::new(&PEER_RTT_BUCKETS),
+                ],
+            })
+        })
+        .clone()
+}
+
+/// Every target member with its round trips so far, by member id.
+pub fn all_peer_round_trips() -> Vec<(u64, Arc<PeerRoundTrips>)> {
+    let peers = PEER_ROUND_TRIPS.lock().unwrap_or_else(|p| p.into_inner());
+    peers.iter().map(|(id, h)| (*id, h.clone())).collect()
+}
 
 #[cfg(test)]
 mod tests {

@@ -205,6 +205,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             net: self.clone(),
+            round_trips: crate::metrics::peer_round_trips(target),
         }
     }
 }
@@ -215,6 +216,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     net: Network,
+    round_trips: Arc<crate::metrics::PeerRoundTrips>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, E>>;
@@ -280,7 +282,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let res = self.call(RPCTypes::AppendEntries, &rpc, &option).await;
         // Answered by the peer (whatever it answered): a round trip to count.
         if matches!(res, Ok(_) | Err(RPCError::RemoteError(_))) {
-            crate::metrics::APPEND_ENTRIES_RTT[kind].observe(started.elapsed());
+            self.round_trips.append_entries[kind].observe(started.elapsed());
         }
         res
     }

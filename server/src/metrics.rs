@@ -5,9 +5,9 @@
 //!   `etcd_server_proposals_committed_total`, `etcd_server_proposals_applied_total`;
 //! - `etcd_mvcc_db_total_size_in_bytes` (the member's on-disk size, as the quota sees it);
 //! - `etcd_disk_wal_fsync_duration_seconds` (see `fetcd_raft::metrics`);
-//! - `fetcd_raft_append_entries_round_trip_seconds{kind="entries"|"empty"}`: this member's
-//!   AppendEntries round trips to its peers, by whether they carried entries (fetcd's own: etcd
-//!   streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
+//! - `fetcd_raft_append_entries_round_trip_seconds{To="<member id, hex>",kind="entries"|"empty"}`:
+//!   this member's AppendEntries round trips to each peer, by whether they carried entries
+//!   (fetcd's own: etcd streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
 //! - `grpc_server_started_total` / `grpc_server_handled_total` by service, method, type and code
 //!   (go-grpc-prometheus names), counted by [`GrpcMetricsLayer`].
 
@@ -277,9 +277,12 @@ pub fn render(node: &EtcdNode) -> String {
         out,
         "# HELP {name} Round trips of AppendEntries RPCs to peers, by whether they carried entries.\n# TYPE {name} histogram"
     );
-    let [entries, empty] = &fetcd_raft::metrics::APPEND_ENTRIES_RTT;
-    histogram(&mut out, name, "kind=\"entries\",", &entries.snapshot());
-    histogram(&mut out, name, "kind=\"empty\",", &empty.snapshot());
+    for (to, peer) in fetcd_raft::metrics::all_peer_round_trips() {
+        let [entries, empty] = &peer.append_entries;
+        let labels = |kind: &str| format!("To=\"{to:x}\",kind=\"{kind}\",");
+        histogram(&mut out, name, &labels("entries"), &entries.snapshot());
+        histogram(&mut out, name, &labels("empty"), &empty.snapshot());
+    }
 
     let called = node.metrics().called();
     let _ = writeln!(out, "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter");

@@ -74,29 +74,39 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
     revs.dedup();
     ensure!(revs.len() == 1, "revisions {revs:?}");
 
-    // The leader's /metrics counted the AppendEntries round trips: each of the 60 writes went
-    // to both followers with its entry; empty ones carried commit indexes and heartbeats.
+    // The leader's /metrics counted the AppendEntries round trips to each follower: each of the
+    // 60 writes went to both with its entry; empty ones carried commit indexes and heartbeats.
     let rpcs_after = append_entries_rpcs(&c, leader)?;
-    ensure!(
-        rpcs_after.0 >= rpcs_before.0 + 60.0 && rpcs_after.1 > rpcs_before.1,
-        "AppendEntries round trips (entries, empty): {rpcs_before:?} -> {rpcs_after:?}"
-    );
+    ensure!(rpcs_after.len() == 2);
+    for (before, after) in rpcs_before.iter().zip(&rpcs_after) {
+        ensure!(
+            after.0 >= before.0 + 60.0 && after.1 > before.1,
+            "AppendEntries round trips (entries, empty): {rpcs_before:?} -> {rpcs_after:?}"
+        );
+    }
     Ok(())
 }
 
-/// `(with entries, empty)` AppendEntries round trips in member `i`'s metrics (process-wide
-/// counters: other tests' members add to them, never subtract).
-fn append_entries_rpcs(c: &Cluster, i: usize) -> Result<(f64, f64)> {
-    let text = fetcd_server::metrics::render(c.server(i).context("server")?.node());
-    let count = |kind: &str| -> Result<f64> {
-        let name =
-            format!("fetcd_raft_append_entries_round_trip_seconds_count{{kind=\"{kind}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name.as_str()))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {name} in\n{text}"))
-    };
-    Ok((count("entries")?, count("empty")?))
+/// Per follower of `leader`: `(with entries, empty)` AppendEntries round trips to it in the
+/// leader's metrics (process-wide counters, labelled by target member: other tests' members do
+/// not touch these targets).
+fn append_entries_rpcs(c: &Cluster, leader: usize) -> Result<Vec<(f64, f64)>> {
+    let text = fetcd_server::metrics::render(c.server(leader).context("server")?.node());
+    let mut out = Vec::new();
+    for i in (0..c.len()).filter(|i| *i != leader) {
+        let to = c.member_id(i).context("member id")?;
+        let count = |kind: &str| -> Result<f64> {
+            let name = format!(
+                "fetcd_raft_append_entries_round_trip_seconds_count{{To=\"{to:x}\",kind=\"{kind}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {name} in\n{text}"))
+        };
+        out.push((count("entries")?, count("empty")?));
+    }
+    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
