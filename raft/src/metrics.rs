@@ -118,7 +118,8 @@ pub struct PeerRoundTrips {
 
 static PEER_ROUND_TRIPS: Mutex<BTreeMap<u64, Arc<PeerRoundTrips>>> = Mutex::new(BTreeMap::new());
 
-/// The round-trip histograms of AppendEntries to member `target`, created on first use.
+/// The round-trip histograms of AppendEntries to member `target`, created on first use and kept
+/// for the process's life (a removed member's series stays, as Prometheus counters should).
 pub fn peer_round_trips(target: u64) -> Arc<PeerRoundTrips> {
     let mut peers = PEER_ROUND_TRIPS.lock().unwrap_or_else(|p| p.into_inner());
     peers

@@ -279,7 +279,7 @@ pub fn render(node: &EtcdNode) -> String {
     );
     for (to, peer) in fetcd_raft::metrics::all_peer_round_trips() {
         let [entries, empty] = &peer.append_entries;
-        let labels = |kind: &str| format!("To=\"{to:x}\",kind=\"{kind}\",");
+        let labels = |kind: &str| format!("To=\"{to:x}\",kind=\"{kind}\"");
         histogram(&mut out, name, &labels("entries"), &entries.snapshot());
         histogram(&mut out, name, &labels("empty"), &empty.snapshot());
     }
@@ -304,24 +304,22 @@ pub fn render(node: &EtcdNode) -> String {
     out
 }
 
-/// Writes one histogram's series; `labels` is empty or `name="value",` pairs, each followed by
-/// a comma.
+/// Writes one histogram's series; `labels` is empty or `name="value"` pairs joined by commas.
 fn histogram(
     out: &mut String,
     name: &str,
     labels: &str,
     h: &fetcd_raft::metrics::HistogramSnapshot,
 ) {
-    for (le, n) in &h.buckets {
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", h.count);
-    let plain = labels.trim_end_matches(',');
-    let braces = if plain.is_empty() {
-        String::new()
+    let (sep, braces) = if labels.is_empty() {
+        ("", String::new())
     } else {
-        format!("{{{plain}}}")
+        (",", format!("{{{labels}}}"))
     };
+    for (le, n) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
     let _ = writeln!(out, "{name}_sum{braces} {}", h.sum_seconds);
     let _ = writeln!(out, "{name}_count{braces} {}", h.count);
 }
@@ -530,5 +528,30 @@ mod tests {
         assert_eq!(put_counts.handled[11].load(Ordering::Relaxed), 1);
         let (_, _, odd_counts) = &called[1];
         assert_eq!(odd_counts.handled[UNKNOWN].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn histogram_series_with_and_without_labels() {
+        let h = fetcd_raft::metrics::HistogramSnapshot {
+            buckets: vec![(0.001, 2), (0.002, 3)],
+            count: 4,
+            sum_seconds: 0.5,
+        };
+        let mut plain = String::new();
+        histogram(&mut plain, "m", "", &h);
+        assert_eq!(
+            plain,
+            "m_bucket{le=\"0.001\"} 2\nm_bucket{le=\"0.002\"} 3\nm_bucket{le=\"+Inf\"} 4\nm_sum 0.5\nm_count 4\n"
+        );
+        let mut labelled = String::new();
+        histogram(&mut labelled, "m", "To=\"a\",kind=\"empty\"", &h);
+        assert_eq!(
+            labelled,
+            "m_bucket{To=\"a\",kind=\"empty\",le=\"0.001\"} 2\n\
+             m_bucket{To=\"a\",kind=\"empty\",le=\"0.002\"} 3\n\
+             m_bucket{To=\"a\",kind=\"empty\",le=\"+Inf\"} 4\n\
+             m_sum{To=\"a\",kind=\"empty\"} 0.5\n\
+             m_count{To=\"a\",kind=\"empty\"} 4\n"
+        );
     }
 }

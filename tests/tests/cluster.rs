@@ -88,8 +88,8 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
 }
 
 /// Per follower of `leader`: `(with entries, empty)` AppendEntries round trips to it in the
-/// leader's metrics (process-wide counters, labelled by target member: other tests' members do
-/// not touch these targets).
+/// leader's metrics (process-wide counters labelled by target member; no member outside this
+/// cluster sends to these, as member ids follow from the cluster's own peer URLs).
 fn append_entries_rpcs(c: &Cluster, leader: usize) -> Result<Vec<(f64, f64)>> {
     let text = fetcd_server::metrics::render(c.server(leader).context("server")?.node());
     let mut out = Vec::new();
