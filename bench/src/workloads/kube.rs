@@ -138,13 +138,25 @@ struct KubeOp {
     lease: Arc<Mutex<EventLease>>,
     /// Makes this run's event names unique: events live for an hour, longer than a run.
     run_id: u64,
-    /// object key → mod revision last seen (the apiserver's watch cache, per client).
-    seen: HashMap<Vec<u8>, i64>,
+    /// object key → mod revision last seen (the apiserver's watch cache, per client). Every
+    /// listed object updates it, so it hashes with foldhash rather than SipHash: the client
+    /// shares the cores with the server under test.
+    seen: HashMap<Vec<u8>, i64, foldhash::fast::RandomState>,
     conflicts: u64,
     pages: u64,
 }
 
 impl KubeOp {
+    /// Records `rev` as `key`'s last seen mod revision, copying the key only when it is new.
+    fn remember(&mut self, key: &[u8], rev: i64) {
+        match self.seen.get_mut(key) {
+            Some(r) => *r = rev,
+            None => {
+                self.seen.insert(key.to_vec(), rev);
+            }
+        }
+    }
+
     async fn list(&mut self, res: usize) -> anyhow::Result<()> {
         let prefix = resource_prefix(res).into_bytes();
         let end = prefix_end(&prefix);
@@ -163,7 +175,7 @@ impl KubeOp {
                 rev = resp.header().map_or(0, |h| h.revision());
             }
             for kv in resp.kvs() {
-                self.seen.insert(kv.key().to_vec(), kv.mod_revision());
+                self.remember(kv.key(), kv.mod_revision());
             }
             let Some(last) = resp.kvs().last().filter(|_| resp.more()) else {
                 return Ok(());
@@ -179,7 +191,7 @@ impl KubeOp {
             .get(k, Some(GetOptions::new().with_limit(1)))
             .await?;
         let rev = resp.kvs().first().map_or(0, |kv| kv.mod_revision());
-        self.seen.insert(k.to_vec(), rev);
+        self.remember(k, rev);
         Ok(rev)
     }
 
@@ -421,7 +433,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
             value: vec![b'o'; args.object_size],
             lease: lease.clone(),
             run_id,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             conflicts: 0,
             pages: 0,
         })
