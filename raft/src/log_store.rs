@@ -28,8 +28,9 @@
 //!   vectored write, calls `sync_data` (fdatasync) **once for the whole batch**, and only then
 //!   invokes the callbacks of the batch. That is our group commit: many concurrent appends and
 //!   votes share one fdatasync. (The leader's appends also arrive pre-batched: `RaftNode` puts
-//!   concurrent client requests into one entry, since openraft 0.9 does not overlap one entry's
-//!   flush with the next entry's append — a wait here would only add latency.) A new chunk file and a removed one are made durable with an
+//!   concurrent client requests into one entry, since openraft 0.9's core awaits this callback
+//!   before it appends the next entry or sends the entry to followers — a wait here would only
+//!   add latency.) A new chunk file and a removed one are made durable with an
 //!   fsync of the directory. On open, every chunk is replayed; a trailing record cut short by a
 //!   crash (`UnexpectedEof`) or a zero-filled tail is truncated, any other corruption (bad
 //!   CRC in the middle) fails the open instead of silently losing data. An exclusive `LOCK`
