@@ -35,6 +35,7 @@ use std::sync::RwLock;
 use std::sync::RwLockReadGuard;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fetcd_proto::etcdserverpb::AlarmRequest;
 use fetcd_proto::etcdserverpb::AlarmResponse;
 use fetcd_proto::etcdserverpb::AlarmType;
@@ -60,6 +61,7 @@ use fetcd_proto::etcdserverpb::WatchResponse;
 use fetcd_proto::mvccpb::event::EventType;
 use fetcd_proto::mvccpb::Event;
 use fetcd_proto::mvccpb::KeyValue;
+use fetcd_proto::wire::EncodedRangeResponse;
 use prost::Message;
 use sled::IVec;
 
@@ -103,7 +105,7 @@ use crate::StorageError;
 /// the kube mix 10-15 % (its list pages decoded sled nodes from disk again and again).
 const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
-/// The decoded values Ranges read recently ([`ValueCache`]); sized for the objects a
+/// The stored key-values Ranges read recently ([`ValueCache`]); sized for the objects a
 /// kube-apiserver lists again and again (its list pages reread the same prefixes).
 const VALUE_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -346,7 +348,7 @@ impl KvStore {
             let (k, v) = item?;
             let (rev, tombstone) = Revision::from_bytes(&k)
                 .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            let kv: IndexedKv = decode_stored(&v)?;
+            let kv: IndexedKv = decode_stored(&v[..])?;
             st.current = st.current.max(rev.main);
             if tombstone || kv.lease == 0 {
                 if !key_lease.is_empty() {
@@ -485,6 +487,19 @@ impl KvStore {
             store: self,
         };
         ops::range(&view, req)
+    }
+
+    /// [`KvStore::range`] with the key-values as stored (encoded `mvccpb.KeyValue`s), which a
+    /// server copies into its response without decoding and encoding them again.
+    pub fn range_encoded(
+        &self,
+        req: &RangeRequest,
+    ) -> Result<std::result::Result<EncodedRangeResponse, KvError>> {
+        let view = CommittedView {
+            st: self.read_index(),
+            store: self,
+        };
+        ops::range_encoded(&view, req)
     }
 
     /// Serves a Txn that only reads (no put or delete in any branch) without taking the writer.
@@ -965,7 +980,7 @@ struct IndexedKv {
 }
 
 /// A stored `key` tree record as `M` (the whole [`KeyValue`], or [`IndexedKv`]).
-fn decode_stored<M: Message + Default>(v: &[u8]) -> Result<M> {
+fn decode_stored<M: Message + Default>(v: impl bytes::Buf) -> Result<M> {
     M::decode(v).map_err(|e| StorageError::Corrupt(format!("bad key-value: {e}")))
 }
 
@@ -996,8 +1011,18 @@ fn push_history_event(
 
 /// The stored key-value at `rev`: queued for sled, or in it.
 fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
+    let (kv, decoded) = load_encoded_from(store, rev)?;
+    match decoded {
+        Some(kv) => Ok(kv),
+        None => decode_stored(kv),
+    }
+}
+
+/// The stored key-value at `rev` as encoded, from the value cache or else from the persister's
+/// queue or sled; then it is decoded once (also returned) so that nothing corrupt is cached.
+fn load_encoded_from(store: &KvStore, rev: Revision) -> Result<(Bytes, Option<KeyValue>)> {
     if let Some(kv) = store.values.get(rev) {
-        return Ok(kv);
+        return Ok((kv, None));
     }
     let key = rev.to_bytes(false);
     let v = match store.persister.get(&key) {
@@ -1006,9 +1031,10 @@ fn load_from(store: &KvStore, rev: Revision) -> Result<KeyValue> {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };
-    let kv = decode_stored::<KeyValue>(&v)?;
-    store.values.insert(rev, &kv);
-    Ok(kv)
+    let encoded = Bytes::copy_from_slice(&v);
+    let kv = decode_stored::<KeyValue>(encoded.clone())?;
+    store.values.insert(rev, encoded.clone());
+    Ok((encoded, Some(kv)))
 }
 
 /// The committed state, as plain reads see it.
@@ -1039,6 +1065,10 @@ impl ReadView for CommittedView<'_> {
 
     fn load(&self, rev: Revision) -> Result<KeyValue> {
         load_from(self.store, rev)
+    }
+
+    fn load_encoded(&self, rev: Revision) -> Result<Bytes> {
+        Ok(load_encoded_from(self.store, rev)?.0)
     }
 
     fn lease_exists(&self, id: i64) -> bool {
@@ -1162,7 +1192,7 @@ impl<'a> WriteTxn<'a> {
     }
 
     /// Stages a put of `key` and returns its revision (etcd's `storeTxnWrite.put`).
-    pub(crate) fn put(&mut self, key: &[u8], value: bytes::Bytes, lease: i64) -> i64 {
+    pub(crate) fn put(&mut self, key: &[u8], value: Bytes, lease: i64) -> i64 {
         let rev = Revision::new(self.write_rev(), self.changes as i64);
         let (created, version) = self.key_index_mut(key).put(rev);
         let created = created.main;

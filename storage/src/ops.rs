@@ -28,6 +28,7 @@ use fetcd_proto::etcdserverpb::ResponseOp;
 use fetcd_proto::etcdserverpb::TxnRequest;
 use fetcd_proto::etcdserverpb::TxnResponse;
 use fetcd_proto::mvccpb::KeyValue;
+use fetcd_proto::wire::EncodedRangeResponse;
 
 use crate::kv::visible_revisions;
 use crate::kv::KeyRange;
@@ -150,6 +151,57 @@ pub(crate) fn range(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangeResp
         }
     }
     Ok(Ok(RangeResponse {
+        header: Some(header(view.rev())),
+        kvs,
+        more,
+        count: count as i64,
+    }))
+}
+
+/// Whether a Range returns the stored key-values as they are: in key order, whole, unfiltered.
+fn returns_stored(req: &RangeRequest) -> bool {
+    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    !req.keys_only
+        && !req.count_only
+        && req.min_mod_revision == 0
+        && req.max_mod_revision == 0
+        && req.min_create_revision == 0
+        && req.max_create_revision == 0
+        && sort_target == SortTarget::Key
+        && matches!(sort_order, SortOrder::None | SortOrder::Ascend)
+}
+
+/// [`range`] answered with the stored encodings of its key-values, which a list page copies
+/// into its response as they are. Ranges that sort, filter or strip values go through [`range`].
+pub(crate) fn range_encoded(
+    view: &dyn ReadView,
+    req: &RangeRequest,
+) -> Answer<EncodedRangeResponse> {
+    if !returns_stored(req) {
+        return Ok(range(view, req)?.map(EncodedRangeResponse::from));
+    }
+    let rev = match read_rev(view, req.revision) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    // One key beyond the limit tells whether there is `more`; its value is not loaded.
+    let limit = if req.limit > 0 {
+        req.limit as usize + 1
+    } else {
+        0
+    };
+    let range = KeyRange::new(&req.key, &req.range_end);
+    let (mut revs, count) = visible_revisions(view, &range, rev, limit);
+    let more = req.limit > 0 && revs.len() > req.limit as usize;
+    if more {
+        revs.truncate(req.limit as usize);
+    }
+    let kvs = revs
+        .iter()
+        .map(|v| view.load_encoded(v.modified))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Ok(EncodedRangeResponse {
         header: Some(header(view.rev())),
         kvs,
         more,

@@ -1,41 +1,43 @@
-//! Decoded key-values of recently read revisions.
+//! Stored key-values of recently read revisions.
 //!
 //! A Range loads every value it returns by revision, and in sled each load is a B-tree descent
 //! plus a protobuf decode: on kube-apiserver's list pages (500 objects each) that was ~40 % of
-//! the server's CPU. A revision's key-value never changes once written, so the decoded value can
-//! be kept and handed out again without any invalidation; compaction only makes some entries
-//! unreachable (the key index no longer points at them) until they are evicted. Only reads
-//! fill the cache, so a write-only load does not grow memory.
+//! the server's CPU. A revision's key-value never changes once written, so it can be kept and
+//! handed out again without any invalidation; compaction only makes some entries unreachable
+//! (the key index no longer points at them) until they are evicted. Only reads fill the cache,
+//! so a write-only load does not grow memory.
+//!
+//! Entries are the encoded `mvccpb.KeyValue`, as sled stores it: a Range copies them into its
+//! response as they are, and other readers decode one without copying its value (prost slices
+//! a [`Bytes`] field out of a [`Bytes`] buffer).
 
-use std::sync::Arc;
-
-use fetcd_proto::mvccpb::KeyValue;
+use bytes::Bytes;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
 use crate::revision::Revision;
 
-/// What one entry costs beyond its key and value bytes (the entry, the `Arc`, the map slot).
+/// What one entry costs beyond its encoded bytes (the entry, the buffer's header, the map slot).
 const ENTRY_OVERHEAD: u64 = 96;
 
 /// Weighs an entry by the bytes it holds, so the capacity is a memory bound.
 #[derive(Clone, Copy, Debug, Default)]
 struct ByBytes;
 
-impl Weighter<Revision, Arc<KeyValue>> for ByBytes {
-    fn weight(&self, _rev: &Revision, kv: &Arc<KeyValue>) -> u64 {
-        (kv.key.len() + kv.value.len()) as u64 + ENTRY_OVERHEAD
+impl Weighter<Revision, Bytes> for ByBytes {
+    fn weight(&self, _rev: &Revision, kv: &Bytes) -> u64 {
+        kv.len() as u64 + ENTRY_OVERHEAD
     }
 }
 
-/// A bounded, concurrent cache of decoded key-values by revision (evicts with S3-FIFO, which
+/// A bounded, concurrent cache of encoded key-values by revision (evicts with S3-FIFO, which
 /// keeps one long scan from flushing the values read again and again).
 pub(crate) struct ValueCache {
-    cache: Cache<Revision, Arc<KeyValue>, ByBytes>,
+    cache: Cache<Revision, Bytes, ByBytes>,
 }
 
 impl ValueCache {
-    /// A cache holding at most about `bytes` of keys and values.
+    /// A cache holding at most about `bytes` of encoded key-values.
     pub(crate) fn new(bytes: u64) -> Self {
         // The item estimate only sizes the initial table; 1 KiB is a typical Kubernetes object.
         let items = (bytes / 1024).max(16) as usize;
@@ -44,14 +46,14 @@ impl ValueCache {
         }
     }
 
-    /// The key-value stored at `rev`, if it was read recently.
-    pub(crate) fn get(&self, rev: Revision) -> Option<KeyValue> {
-        self.cache.get(&rev).map(|kv| KeyValue::clone(&kv))
+    /// The encoded key-value stored at `rev`, if it was read recently.
+    pub(crate) fn get(&self, rev: Revision) -> Option<Bytes> {
+        self.cache.get(&rev)
     }
 
-    /// Remembers the key-value read at `rev`.
-    pub(crate) fn insert(&self, rev: Revision, kv: &KeyValue) {
-        self.cache.insert(rev, Arc::new(kv.clone()));
+    /// Remembers the encoded key-value read at `rev`.
+    pub(crate) fn insert(&self, rev: Revision, kv: Bytes) {
+        self.cache.insert(rev, kv);
     }
 
     /// Forgets everything: the store's content was replaced (a snapshot install), so a
@@ -65,7 +67,9 @@ impl ValueCache {
 mod tests {
     use super::*;
 
-    fn kv(key: &str, value_len: usize, rev: i64) -> KeyValue {
+    fn kv(key: &str, value_len: usize, rev: i64) -> Bytes {
+        use fetcd_proto::mvccpb::KeyValue;
+        use prost::Message;
         KeyValue {
             key: key.as_bytes().to_vec(),
             value: vec![b'v'; value_len].into(),
@@ -74,12 +78,14 @@ mod tests {
             version: 1,
             lease: 0,
         }
+        .encode_to_vec()
+        .into()
     }
 
     #[test]
     fn returns_what_was_inserted_at_that_revision_only() {
         let c = ValueCache::new(1 << 20);
-        c.insert(Revision::new(5, 0), &kv("a", 10, 5));
+        c.insert(Revision::new(5, 0), kv("a", 10, 5));
         assert_eq!(c.get(Revision::new(5, 0)), Some(kv("a", 10, 5)));
         assert_eq!(c.get(Revision::new(5, 1)), None);
         assert_eq!(c.get(Revision::new(6, 0)), None);
@@ -92,14 +98,14 @@ mod tests {
         let cap = 64 * 1024;
         let c = ValueCache::new(cap);
         for i in 0..1000 {
-            c.insert(Revision::new(i, 0), &kv("k", 1024, i));
+            c.insert(Revision::new(i, 0), kv("k", 1024, i));
         }
         let held = (0..1000)
             .filter(|i| c.get(Revision::new(*i, 0)).is_some())
             .count() as u64;
         assert!(held > 0, "a cache that keeps nothing is no cache");
         assert!(
-            held * (1025 + ENTRY_OVERHEAD) <= cap,
+            held * (1024 + ENTRY_OVERHEAD) <= cap,
             "{held} entries of ~1 KiB exceed {cap} bytes"
         );
     }

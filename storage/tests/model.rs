@@ -913,7 +913,7 @@ impl Harness {
             Step::Range(r) => {
                 let mut r = r.clone();
                 resolve_range(&mut r, &self.model, false);
-                let got = self.store().range(&r).unwrap();
+                let got = range_both(self.store(), &r);
                 prop_assert_eq!(got, self.model.range(&r), "range {:?}", r);
             }
             Step::ReadTxn(t) => {
@@ -1014,16 +1014,31 @@ impl Harness {
                 },
             ];
             for r in variants {
-                let got = self.store().range(&r).unwrap();
+                let got = range_both(self.store(), &r);
                 prop_assert_eq!(got, self.model.range(&r), "{:?}", r);
             }
         }
         if self.model.compact > 1 {
             let r = all(self.model.compact - 1);
-            prop_assert_eq!(self.store().range(&r).unwrap(), Err(KvError::Compacted));
+            prop_assert_eq!(range_both(self.store(), &r), Err(KvError::Compacted));
         }
         Ok(())
     }
+}
+
+/// The store's answer to `r`, after checking that the answer with stored encodings
+/// ([`KvStore::range_encoded`], what the server sends) decodes on the wire to the same answer.
+fn range_both(store: &KvStore, r: &RangeRequest) -> Result<RangeResponse, KvError> {
+    use prost::Message;
+    let plain = store.range(r).unwrap();
+    let encoded = store.range_encoded(r).unwrap().map(|e| {
+        RangeResponse::decode(e.encode_to_vec().as_slice()).expect("decodes as a RangeResponse")
+    });
+    assert_eq!(
+        encoded, plain,
+        "range_encoded disagrees with range for {r:?}"
+    );
+    plain
 }
 
 proptest! {

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use fetcd_proto::etcdserverpb::kv_server::Kv;
 use fetcd_proto::etcdserverpb::request_op::Request as OpRequest;
 use fetcd_proto::etcdserverpb::CompactionRequest;
 use fetcd_proto::etcdserverpb::CompactionResponse;
@@ -11,10 +10,11 @@ use fetcd_proto::etcdserverpb::DeleteRangeResponse;
 use fetcd_proto::etcdserverpb::PutRequest;
 use fetcd_proto::etcdserverpb::PutResponse;
 use fetcd_proto::etcdserverpb::RangeRequest;
-use fetcd_proto::etcdserverpb::RangeResponse;
 use fetcd_proto::etcdserverpb::TxnRequest;
 use fetcd_proto::etcdserverpb::TxnResponse;
 use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::wire::kv_server::KV as Kv;
+use fetcd_proto::wire::EncodedRangeResponse;
 use fetcd_storage::WriteResponse;
 use tonic::Request as GrpcRequest;
 use tonic::Response;
@@ -60,14 +60,14 @@ impl Kv for KvService {
     async fn range(
         &self,
         req: GrpcRequest<RangeRequest>,
-    ) -> Result<Response<RangeResponse>, Status> {
+    ) -> Result<Response<EncodedRangeResponse>, Status> {
         let r = req.into_inner();
         validate::range(&r)?;
         self.node.read_barrier(r.serializable).await?;
         let mut resp = self
             .node
             .store()
-            .range(&r)
+            .range_encoded(&r)
             .map_err(|e| status::storage_error(&e))?
             .map_err(|e| status::kv_error(&e))?;
         self.node.fill_header(&mut resp.header);
