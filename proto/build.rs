@@ -58,53 +58,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The server side of etcd's KV service once more, under the same routes, with Range
     // answering `EncodedRangeResponse`: the same wire bytes as `RangeResponse`, with each
     // key-value copied in as it is stored instead of cloned and encoded field by field.
-    let method = |name: &str, route: &str, input: &str, output: &str| {
+    let method = |name: &str, route: &str, input: &str, output: &str, codec: &str| {
         tonic_prost_build::manual::Method::builder()
             .name(name)
             .route_name(route)
             .input_type(format!("crate::etcdserverpb::{input}"))
             .output_type(output)
-            // List pages are large: reserve their whole length before encoding (Range's is
-            // the only answer that can be).
-            .codec_path(if route == "Range" {
-                "crate::wire::SizedCodec"
-            } else {
-                "tonic_prost::ProstCodec"
-            })
+            .codec_path(codec)
             .build()
     };
+    let prost = "tonic_prost::ProstCodec";
     let kv = tonic_prost_build::manual::Service::builder()
         .name("KV")
         .package("etcdserverpb")
+        // List pages are large: Range's codec reserves a response's whole length first.
         .method(method(
             "range",
             "Range",
             "RangeRequest",
             "crate::wire::EncodedRangeResponse",
+            "crate::wire::SizedCodec",
         ))
         .method(method(
             "put",
             "Put",
             "PutRequest",
             "crate::etcdserverpb::PutResponse",
+            prost,
         ))
         .method(method(
             "delete_range",
             "DeleteRange",
             "DeleteRangeRequest",
             "crate::etcdserverpb::DeleteRangeResponse",
+            prost,
         ))
         .method(method(
             "txn",
             "Txn",
             "TxnRequest",
             "crate::etcdserverpb::TxnResponse",
+            prost,
         ))
         .method(method(
             "compact",
             "Compact",
             "CompactionRequest",
             "crate::etcdserverpb::CompactionResponse",
+            prost,
         ))
         .build();
     tonic_prost_build::manual::Builder::new()
