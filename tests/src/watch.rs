@@ -521,7 +521,17 @@ impl crate::Session {
         step: &str,
         w: &mut WatchConn,
     ) -> anyhow::Result<WatchResponse> {
-        let got = w.recv_within(WATCH_TIMEOUT).await;
+        self.watch_recv_within(step, w, WATCH_TIMEOUT).await
+    }
+
+    /// [`Session::watch_recv`] with its own bound on the wait.
+    pub async fn watch_recv_within(
+        &mut self,
+        step: &str,
+        w: &mut WatchConn,
+        wait: Duration,
+    ) -> anyhow::Result<WatchResponse> {
+        let got = w.recv_within(wait).await;
         self.record(step, got.to_value());
         match got {
             Received::Response(r) => Ok(r),
