@@ -17,6 +17,7 @@
 
 pub mod authority;
 pub mod auto_compaction;
+pub mod coalesce;
 pub mod config;
 pub mod corrupt;
 pub mod http;
@@ -480,7 +481,9 @@ async fn serve(
         .layer(metrics::GrpcMetricsLayer::new(node))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            accept_stream(listener).map(|c| c.map(authority::AuthorityFix::new)),
+            accept_stream(listener).map(|c| {
+                c.map(|s| authority::AuthorityFix::new(coalesce::CoalescedWrites::new(s)))
+            }),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
