@@ -72,11 +72,25 @@ impl<S: AsyncWrite + Unpin> CoalescedWrites<S> {
         self.buf.clear();
         self.written = 0;
         self.held = false;
-        // A large buffer is not kept for a connection that only sends small answers after.
-        if self.buf.capacity() > MAX_BUFFERED + BULK {
+        // A large response's buffer is not kept for a connection that only sends small answers
+        // after it.
+        if self.buf.capacity() > BULK {
             self.buf.shrink_to(BULK);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Appends `data`. A buffer about to hold more than one frame is sized for a whole
+    /// [`MAX_BUFFERED`] batch at once, so a large response does not regrow (and copy) it step by
+    /// step.
+    fn push(&mut self, data: &[u8]) {
+        let need = self.buf.len() + data.len();
+        if need > self.buf.capacity() && need >= BULK {
+            self.buf
+                .reserve_exact((MAX_BUFFERED + BULK).max(need) - self.buf.len());
+        }
+        self.buf.extend_from_slice(data);
+        self.fresh |= !data.is_empty();
     }
 
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -113,8 +127,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_room(cx))?;
-        this.buf.extend_from_slice(data);
-        this.fresh |= !data.is_empty();
+        this.push(data);
         Poll::Ready(Ok(data.len()))
     }
 
@@ -125,13 +138,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_room(cx))?;
-        let mut n = 0;
         for b in bufs {
-            this.buf.extend_from_slice(b);
-            n += b.len();
+            this.push(b);
         }
-        this.fresh |= n > 0;
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()))
     }
 
     fn is_write_vectored(&self) -> bool {

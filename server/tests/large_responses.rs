@@ -29,9 +29,10 @@ async fn large_ranges_and_watch_responses_arrive_whole() {
         .await
         .unwrap();
     let mut watcher = c.clone();
-    let mut events = watcher
-        .watch("big/", Some(WatchOptions::new().with_prefix()))
+    let watch = watcher.watch("big/", Some(WatchOptions::new().with_prefix()));
+    let mut events = tokio::time::timeout(WAIT, watch)
         .await
+        .expect("the watch was not created")
         .unwrap();
 
     // One revision with 60 puts of 2 KiB: a single watch response of ~125 KiB.
@@ -39,7 +40,10 @@ async fn large_ranges_and_watch_responses_arrive_whole() {
     let ops: Vec<TxnOp> = (0..n)
         .map(|i| TxnOp::put(format!("big/{i:03}"), value(i, 2048), None))
         .collect();
-    c.txn(Txn::new().and_then(ops)).await.unwrap();
+    tokio::time::timeout(WAIT, c.txn(Txn::new().and_then(ops)))
+        .await
+        .expect("the txn was not answered")
+        .unwrap();
     let mut got = 0;
     while got < n {
         let r = tokio::time::timeout(WAIT, events.message())
