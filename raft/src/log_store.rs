@@ -136,6 +136,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+/// The file raft-log (chunked-wal) holds an exclusive `flock` on while the log is open.
+const LOCK_FILE: &str = "LOCK";
+
+/// How long an open waits for a log this process is still closing.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// Tunables of a [`LogStore`].
 ///
 /// The defaults are chosen for an etcd-like server: chunks small enough that the entries pinned
@@ -261,6 +267,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
         Self::open_with_config(dir, &LogStoreConfig::default())
     }
 
+    /// Waits (up to `limit`) until no `LogStore` holds the log in `dir` open; false if one still
+    /// does. Closing is the drop of the last clone, which the tasks reading the log (openraft's
+    /// replication streams) do a moment after the Raft core stopped.
+    pub fn wait_closed(dir: &Path, limit: Duration) -> bool {
+        fetcd_storage::defrag::wait_unlocked(&dir.join(LOCK_FILE), limit)
+    }
+
     /// Like [`open`](Self::open), with explicit tunables.
     pub fn open_with_config(dir: &Path, config: &LogStoreConfig) -> Result<Self, io::Error> {
         let dir_str = dir.to_str().ok_or_else(|| {
@@ -290,6 +303,11 @@ impl<C: RaftTypeConfig> LogStore<C> {
         // This is raft-log's default; spelled out because crash recovery depends on it.
         rl_config.wal.truncate_incomplete_record = Some(true);
 
+        // A log this process just closed may still be held by a task that is ending; wait for it
+        // as the MVCC store's open does, then let raft-log report a lock that stays taken.
+        if !Self::wait_closed(dir, CLOSE_WAIT) {
+            tracing::warn!(dir = %dir.display(), "raft log still locked after {CLOSE_WAIT:?}");
+        }
         let raft_log = RaftLog::open(Arc::new(rl_config))?;
 
         Ok(Self {

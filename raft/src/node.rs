@@ -439,6 +439,18 @@ impl RaftNode {
         &self.pauses
     }
 
+    /// Waits (up to `limit`) until the files of the member stored in `data_dir` (its Raft log
+    /// and MVCC store) are closed, so that it can be opened again; false if one is still open.
+    /// Called after [`shutdown`](Self::shutdown) with every handle of the node dropped: the
+    /// tasks still holding the files end a moment after Raft stopped.
+    pub fn wait_closed(data_dir: &std::path::Path, limit: Duration) -> bool {
+        let member = data_dir.join("member");
+        let deadline = std::time::Instant::now() + limit;
+        let log = LogStore::<TypeConfig>::wait_closed(&member.join("raft-log"), limit);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        log && KvStore::wait_closed(&member.join("kv"), left)
+    }
+
     /// The underlying Raft handle (metrics, membership, tests).
     pub fn raft(&self) -> &typ::Raft {
         &self.raft

@@ -65,6 +65,9 @@ use fetcd_proto::raftpb::lease_peer_server::LeasePeerServer;
 /// requests up to the limit reach the server's own size check and get etcd's error text.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// How long [`EtcdServer::shutdown`] waits for the member's files to be closed.
+const FILES_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -314,7 +317,9 @@ impl EtcdServer {
         &self.node
     }
 
-    /// Stops accepting requests, lets in-flight ones finish, stops Raft and flushes the store.
+    /// Stops accepting requests, lets in-flight ones finish, stops Raft and flushes the store;
+    /// returns once the member's files are closed, so a program embedding fetcd can reopen the
+    /// same data dir at once.
     pub async fn shutdown(self) -> Result<(), Error> {
         let _ = self.stop.send(true);
         let mut first_err = None;
@@ -342,6 +347,22 @@ impl EtcdServer {
             }
         }
         self.node.raft().shutdown().await;
+        // The files are released by whichever task drops the last handle, a moment after Raft
+        // stopped; a caller may reopen the member as soon as this returns.
+        let data_dir = self.node.raft().data_dir().to_path_buf();
+        drop(self.node);
+        let closed =
+            tokio::task::spawn_blocking(move || RaftNode::wait_closed(&data_dir, FILES_CLOSE_WAIT))
+                .await;
+        match closed {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "member files still open {FILES_CLOSE_WAIT:?} after shutdown; a restart waits for them"
+            ),
+            Err(e) => {
+                first_err.get_or_insert(Error::Join(e));
+            }
+        }
         tracing::info!("fetcd stopped");
         first_err.map_or(Ok(()), Err)
     }

@@ -267,22 +267,41 @@ pub(crate) fn remove_generation(dir: &Path) {
 
 /// Waits (up to [`CLOSE_WAIT`]) until no handle holds the lock sled takes on `dir/db`.
 fn wait_closed(dir: &Path) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new()
+    wait_unlocked(&dir.join("db"), CLOSE_WAIT)
+}
+
+/// Waits (up to `limit`) until no open handle, in this process or another, holds the exclusive
+/// `flock` on `file` that sled (on its `db` file) and the Raft log (on its `LOCK` file) take for
+/// as long as they are open. True once it is free or if `file` does not exist. A member stopped
+/// inside a process releases its files only when the last task holding them ends, a moment
+/// after its shutdown returned; this is how its restart, or the shutdown itself, waits for it.
+pub fn wait_unlocked(file: &Path, limit: std::time::Duration) -> bool {
+    let Ok(handle) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(dir.join("db"))
+        .open(file)
     else {
         return true;
     };
-    let deadline = std::time::Instant::now() + CLOSE_WAIT;
+    let deadline = std::time::Instant::now() + limit;
     loop {
-        if fs2::FileExt::try_lock_exclusive(&file).is_ok() {
+        // Dropping `handle` releases the lock taken here.
+        if fs2::FileExt::try_lock_exclusive(&handle).is_ok() {
             return true;
         }
         if std::time::Instant::now() >= deadline {
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Waits (up to `limit`) until the generation `CURRENT` names under `root` is no longer open.
+pub(crate) fn wait_store_closed(root: &Path, limit: std::time::Duration) -> bool {
+    match read_current(root) {
+        Ok(Some(n)) => wait_unlocked(&generation_dir(root, n).join("db"), limit),
+        // Nothing was ever opened there, or nothing that can be opened.
+        Ok(None) | Err(_) => true,
     }
 }
 

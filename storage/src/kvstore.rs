@@ -281,6 +281,12 @@ impl KvStore {
         Self::open_in(db, Some(disk))
     }
 
+    /// Waits (up to `limit`) until no handle of the store at `path` is open any more, so that it
+    /// can be opened again; false if one still is.
+    pub fn wait_closed(path: &std::path::Path, limit: Duration) -> bool {
+        defrag::wait_store_closed(path, limit)
+    }
+
     /// The trees as they are now (a defragmentation replaces them; it waits for this guard).
     pub(crate) fn trees(&self) -> RwLockReadGuard<'_, Trees> {
         self.trees.read().unwrap_or_else(|p| p.into_inner())

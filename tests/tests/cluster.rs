@@ -853,6 +853,55 @@ fn damage_one_value(cluster: &Cluster, i: usize) -> Result<()> {
     Ok(())
 }
 
+/// `EtcdServer::shutdown` returns with the member's files closed, so a program embedding fetcd
+/// can reopen the member at once. The leader's replication streams read the Raft log and end a
+/// moment after Raft itself stopped: here one of them is always waiting on an RPC, to a peer
+/// port that accepts connections and never answers, when the leader stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_returns_with_the_member_files_closed() -> Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    cluster.stop(2).await?;
+    let peer_url = cluster.config(2, "new").listen_peer_urls[0].clone();
+    let black_hole = tokio::net::TcpListener::bind(
+        peer_url
+            .strip_prefix("http://")
+            .context("peer URL without http://")?,
+    )
+    .await?;
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((conn, _)) = black_hole.accept().await {
+            conns.push(conn);
+        }
+    });
+    let leader = cluster.wait_ready().await?;
+    let mut c = cluster.client(leader).await?;
+    for i in 0..20 {
+        c.put(format!("k{i}"), "v", None).await?;
+    }
+    // Let AppendEntries to the silent peer pile up behind RPC timeouts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut order = vec![leader];
+    order.extend((0..2).filter(|i| *i != leader));
+    for i in order {
+        cluster.stop(i).await?;
+        let member = cluster.config(i, "new").data_dir().join("member");
+        ensure!(
+            fetcd_storage::defrag::wait_unlocked(
+                &member.join("raft-log").join("LOCK"),
+                Duration::ZERO
+            ),
+            "member {i}: raft log still open after shutdown returned"
+        );
+        ensure!(
+            fetcd_storage::KvStore::wait_closed(&member.join("kv"), Duration::ZERO),
+            "member {i}: MVCC store still open after shutdown returned"
+        );
+    }
+    held.abort();
+    Ok(())
+}
+
 /// `--experimental-initial-corrupt-check`: a member restarts only if its key-space hash matches
 /// its peers' at its revision; one whose stored data was damaged while it was down is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
