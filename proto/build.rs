@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .route_name("Watch")
                 .input_type("crate::etcdserverpb::WatchRequest")
                 .output_type("crate::wire::EncodedWatchResponse")
-                .codec_path("tonic_prost::ProstCodec")
+                .codec_path("crate::wire::WatchCodec")
                 .client_streaming()
                 .server_streaming()
                 .build(),

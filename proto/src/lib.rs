@@ -321,22 +321,40 @@ pub mod wire {
     }
 
     /// prost's gRPC codec, except that the encoder reserves a message's whole encoded length
-    /// before writing it. tonic's buffer starts at 8 KiB and otherwise grows by reallocation
-    /// while a list page (hundreds of KiB) is written into it, copying what is there each time.
+    /// before writing it, into a buffer that starts at `BUFFER` bytes.
     #[derive(Debug, Clone)]
-    pub struct SizedCodec<T, U>(std::marker::PhantomData<(T, U)>);
+    pub struct BufferedCodec<T, U, const BUFFER: usize>(std::marker::PhantomData<(T, U)>);
 
-    impl<T, U> Default for SizedCodec<T, U> {
+    /// Range's codec. tonic's buffer starts at 8 KiB and would otherwise grow by reallocation
+    /// while a list page (hundreds of KiB) is written into it, copying what is there each time.
+    pub type SizedCodec<T, U> = BufferedCodec<T, U, DEFAULT_BUFFER>;
+
+    /// tonic's own starting buffer size: enough for unary answers, whose one message is
+    /// reserved whole anyway.
+    pub const DEFAULT_BUFFER: usize = 8 * 1024;
+
+    /// tonic's default: a response stream's buffer is handed to HTTP/2 once it holds this much.
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// The Watch stream's codec. tonic encodes every response ready on a stream into one buffer
+    /// until it holds [`YIELD_THRESHOLD`]; a watch stream's responses are small and many (one per
+    /// watcher per revision), and from 8 KiB the buffer reallocated through 16, 32 and 64 KiB
+    /// for every batch, copying ~1.7 times the bytes it held (6.5 % of the server's CPU with
+    /// 10,000 watchers). Starting at twice the threshold, a batch and the next one's start fit
+    /// in one allocation.
+    pub type WatchCodec<T, U> = BufferedCodec<T, U, { 2 * YIELD_THRESHOLD }>;
+
+    impl<T, U, const BUFFER: usize> Default for BufferedCodec<T, U, BUFFER> {
         fn default() -> Self {
-            SizedCodec(std::marker::PhantomData)
+            BufferedCodec(std::marker::PhantomData)
         }
     }
 
-    /// [`SizedCodec`]'s encoder.
+    /// [`BufferedCodec`]'s encoder.
     #[derive(Debug, Clone)]
-    pub struct SizedEncoder<T>(std::marker::PhantomData<T>);
+    pub struct SizedEncoder<T, const BUFFER: usize>(std::marker::PhantomData<T>);
 
-    impl<T: prost::Message> tonic::codec::Encoder for SizedEncoder<T> {
+    impl<T: prost::Message, const BUFFER: usize> tonic::codec::Encoder for SizedEncoder<T, BUFFER> {
         type Item = T;
         type Error = tonic::Status;
 
@@ -349,16 +367,20 @@ pub mod wire {
             item.encode(buf)
                 .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))
         }
+
+        fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+            tonic::codec::BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+        }
     }
 
-    impl<T, U> tonic::codec::Codec for SizedCodec<T, U>
+    impl<T, U, const BUFFER: usize> tonic::codec::Codec for BufferedCodec<T, U, BUFFER>
     where
         T: prost::Message + Send + 'static,
         U: prost::Message + Default + Send + 'static,
     {
         type Encode = T;
         type Decode = U;
-        type Encoder = SizedEncoder<T>;
+        type Encoder = SizedEncoder<T, BUFFER>;
         type Decoder = <tonic_prost::ProstCodec<T, U> as tonic::codec::Codec>::Decoder;
 
         fn encoder(&mut self) -> Self::Encoder {
