@@ -72,11 +72,6 @@ impl<S: AsyncWrite + Unpin> CoalescedWrites<S> {
         self.buf.clear();
         self.written = 0;
         self.held = false;
-        // A large response's buffer is not kept for a connection that only sends small answers
-        // after it.
-        if self.buf.capacity() > BULK {
-            self.buf.shrink_to(BULK);
-        }
         Poll::Ready(Ok(()))
     }
 
@@ -159,7 +154,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
             return Poll::Ready(Ok(()));
         }
         this.fresh = false;
+        let small = this.buffered() < BULK;
         ready!(this.poll_drain(cx))?;
+        if small && this.buf.capacity() > BULK {
+            // Small answers again after a large response: its buffer is not kept for them. (A
+            // large response's own batches reuse it, however often they drain.)
+            this.buf.shrink_to(BULK);
+        }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -311,6 +312,35 @@ mod tests {
             .skip(9)
             .take(16)
             .all(|b| *b == 7));
+    }
+
+    #[test]
+    fn a_large_response_keeps_its_buffer_until_small_answers_follow() {
+        let waker = Waker::from(Arc::new(CountingWaker::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut c = CoalescedWrites::new(Recording::default());
+        let mut space = [0u8; 16];
+        // A large response sent over several polls of the connection: each poll's frames are
+        // held, and written when the connection is polled again (a read first).
+        for _ in 0..4 {
+            for _ in 0..4 {
+                write_frame(&mut c, &mut cx, 16 * 1024);
+                flush(&mut c, &mut cx);
+            }
+            let mut rb = ReadBuf::new(&mut space);
+            assert!(Pin::new(&mut c).poll_read(&mut cx, &mut rb).is_pending());
+            assert_eq!(c.buffered(), 0, "the held frames were written");
+            assert!(
+                c.buf.capacity() >= MAX_BUFFERED,
+                "the buffer was given back mid-response: {}",
+                c.buf.capacity()
+            );
+        }
+        // Then a small answer: the buffer is not kept for those.
+        write_frame(&mut c, &mut cx, 100);
+        flush(&mut c, &mut cx);
+        assert!(c.buf.capacity() <= BULK, "{}", c.buf.capacity());
+        assert_eq!(written(&c), 16 * (9 + 16 * 1024) + 109);
     }
 
     #[test]
