@@ -257,17 +257,12 @@ fn copy_trees(from: &Trees, to: &Trees) -> Result<usize> {
 /// thread that could still read or delete files by its path is gone then). A failure is only
 /// logged: the next open removes it.
 pub(crate) fn remove_generation(dir: &Path) {
-    if !wait_closed(dir) {
+    if !wait_unlocked(&dir.join("db"), CLOSE_WAIT) {
         tracing::warn!(dir = %dir.display(), "old database still open; removing its files anyway");
     }
     if let Err(e) = remove_if_exists(dir) {
         tracing::warn!(error = %e, dir = %dir.display(), "could not remove an old generation of the store");
     }
-}
-
-/// Waits (up to [`CLOSE_WAIT`]) until no handle holds the lock sled takes on `dir/db`.
-fn wait_closed(dir: &Path) -> bool {
-    wait_unlocked(&dir.join("db"), CLOSE_WAIT)
 }
 
 /// Waits (up to `limit`) until no open handle, in this process or another, holds the exclusive
