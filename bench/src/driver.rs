@@ -64,6 +64,18 @@ pub(crate) async fn connect(endpoint: &str) -> anyhow::Result<Client> {
 
 /// `n` connections, round-robin over the endpoints.
 pub(crate) async fn connect_all(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Client>> {
+    connect_each(endpoints, n, connect).await
+}
+
+/// `n` connections made by `connect` (at least one), round-robin over the endpoints.
+pub(crate) async fn connect_each<'a, T, F>(
+    endpoints: &'a [String],
+    n: usize,
+    connect: impl Fn(&'a str) -> F,
+) -> anyhow::Result<Vec<T>>
+where
+    F: Future<Output = anyhow::Result<T>>,
+{
     anyhow::ensure!(!endpoints.is_empty(), "no --endpoints");
     let mut conns = Vec::with_capacity(n.max(1));
     for i in 0..n.max(1) {

@@ -37,6 +37,7 @@ use crate::args::prefix_end;
 use crate::args::Args;
 use crate::args::Workload;
 use crate::driver::connect;
+use crate::driver::connect_each;
 use crate::driver::Ui;
 use crate::stats::Hist;
 use crate::stats::Report;
@@ -380,10 +381,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
         hist: Mutex::new(Hist::default()),
     });
 
-    let mut conns = Vec::with_capacity(n_conns);
-    for i in 0..n_conns {
-        conns.push(watch_channel(&args.endpoints[i % args.endpoints.len()]).await?);
-    }
+    let conns = connect_each(&args.endpoints, n_conns, watch_channel).await?;
     let put_client = connect(&args.endpoints[0]).await?;
 
     // Watch phase: create every watcher and wait until all are confirmed.
