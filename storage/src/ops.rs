@@ -366,12 +366,22 @@ enum Check {
 
 /// Checks the puts or the ranges of the chosen branches before any write (etcd's
 /// `checkRequests`, which runs once for puts, then once for ranges).
+///
+/// `deleted` collects, in execution order, the ranges the Txn deletes before the op at hand. A
+/// put with `ignore_value` or `ignore_lease` needs its key to exist where it runs, not only
+/// before the Txn. The server's duplicate-key check refuses a put after a delete of the same
+/// key, except after a from-key delete (`range_end` `"\0"`), in which etcd's interval check,
+/// reproduced there, sees no key. etcd 3.4 checks the flags on the state before the Txn only,
+/// finds the key, and panics when the put fails half way through the apply; every member
+/// applies the same entry, so the whole cluster goes down. fetcd refuses such a Txn before it
+/// writes anything, with the error the put would get on its own.
 fn check_path(
     view: &dyn ReadView,
     req: &TxnRequest,
     path: &[bool],
     at: &mut usize,
     check: Check,
+    deleted: &mut Vec<KeyRange>,
 ) -> Answer<()> {
     let ok = path.get(*at).copied().unwrap_or(false);
     *at += 1;
@@ -380,9 +390,17 @@ fn check_path(
             Some(Request::RequestRange(r)) if check == Check::Ranges => {
                 read_rev(view, r.revision).map(|_| ())
             }
+            Some(Request::RequestDeleteRange(d)) if check == Check::Puts => {
+                deleted.push(KeyRange::new(&d.key, &d.range_end));
+                Ok(())
+            }
             // etcd's `checkRequestPut`: unlike a plain Put, the key before the lease.
             Some(Request::RequestPut(p)) if check == Check::Puts => {
-                if (p.ignore_value || p.ignore_lease) && get_one(view, &p.key)?.is_none() {
+                let needs_prev = p.ignore_value || p.ignore_lease;
+                if needs_prev
+                    && (get_one(view, &p.key)?.is_none()
+                        || deleted.iter().any(|d| d.contains(&p.key)))
+                {
                     Err(KvError::KeyNotFound)
                 } else if p.lease != 0 && !view.lease_exists(p.lease) {
                     Err(KvError::LeaseNotFound)
@@ -390,7 +408,7 @@ fn check_path(
                     Ok(())
                 }
             }
-            Some(Request::RequestTxn(t)) => check_path(view, t, path, at, check)?,
+            Some(Request::RequestTxn(t)) => check_path(view, t, path, at, check, deleted)?,
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -456,7 +474,7 @@ pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnRespons
     let mut path = Vec::new();
     compare_to_path(txn, req, &mut path)?;
     for check in [Check::Puts, Check::Ranges] {
-        if let Err(e) = check_path(txn, req, &path, &mut 0, check)? {
+        if let Err(e) = check_path(txn, req, &path, &mut 0, check, &mut Vec::new())? {
             return Ok(Err(e));
         }
     }

@@ -926,6 +926,70 @@ fn txn_checks_puts_before_ranges_and_keys_before_leases() {
     assert_eq!(s.current_revision(), 2);
 }
 
+/// A from-key delete followed, in the same Txn, by a put that takes its value or lease from the
+/// key it just deleted (etcd 3.4 panics applying this): refused whole, nothing written. A plain
+/// put after the delete, and an `ignore_value` put before it, still go through as in etcd.
+#[test]
+fn txn_refuses_ignore_flags_on_a_key_it_deleted_from() {
+    let (_dir, s) = temp_store();
+    put(&s, "a/1", "x"); // 2
+    put(&s, "a/2", "y"); // 3
+    let from_a1 = || op(Request::RequestDeleteRange(del_req("a/1", "\0")));
+    let keep = |ignore_value: bool| PutRequest {
+        key: "a/2".into(),
+        value: if ignore_value { vec![] } else { b"z".to_vec() },
+        ignore_value,
+        ignore_lease: !ignore_value,
+        ..Default::default()
+    };
+    for ignore_value in [true, false] {
+        // At the outer level ...
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![from_a1(), op(Request::RequestPut(keep(ignore_value)))],
+            failure: vec![],
+        };
+        assert_eq!(txn(&s, t), Err(KvError::KeyNotFound));
+        // ... and with the delete in a nested Txn that runs first.
+        let nested = TxnRequest {
+            compare: vec![],
+            success: vec![from_a1()],
+            failure: vec![],
+        };
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                op(Request::RequestTxn(nested)),
+                op(Request::RequestPut(keep(ignore_value))),
+            ],
+            failure: vec![],
+        };
+        assert_eq!(txn(&s, t), Err(KvError::KeyNotFound));
+    }
+    assert_eq!(s.current_revision(), 3);
+    assert_eq!(get(&s, "a/2", 0).unwrap(), vec![kv("a/2", "y", 3, 3, 1)]);
+
+    // The put first, then the delete: the flags find their key.
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![op(Request::RequestPut(keep(true))), from_a1()],
+        failure: vec![],
+    };
+    assert!(txn(&s, t).unwrap().succeeded);
+    assert_eq!(s.current_revision(), 4);
+    assert_eq!(get(&s, "a/2", 0).unwrap(), vec![]);
+
+    // A plain put after the delete recreates the key in the same revision.
+    put(&s, "a/1", "x"); // 5
+    let t = TxnRequest {
+        compare: vec![],
+        success: vec![from_a1(), op(Request::RequestPut(put_req("a/1", "w")))],
+        failure: vec![],
+    };
+    assert!(txn(&s, t).unwrap().succeeded);
+    assert_eq!(get(&s, "a/1", 0).unwrap(), vec![kv("a/1", "w", 6, 6, 1)]);
+}
+
 #[test]
 fn history_spans_sled_and_writes_still_queued_for_it() {
     // Flushing between rounds leaves the older revisions in sled while the newest may still be

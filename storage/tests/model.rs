@@ -409,9 +409,18 @@ impl Model {
     fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse, KvError> {
         let before = self.states.last().unwrap().clone();
         if txn_writes(t) {
+            // A put that keeps the value or lease needs its key before the Txn and not deleted
+            // by the Txn before it runs (etcd 3.4 panics on the latter).
+            let mut deleted: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
             walk_chosen(&before, t, &mut |r| match r {
+                Request::RequestDeleteRange(d) => {
+                    deleted.push((d.key.clone(), d.range_end.clone()));
+                    Ok(())
+                }
                 Request::RequestPut(p) => {
-                    if (p.ignore_value || p.ignore_lease) && !before.contains_key(&p.key) {
+                    let gone = deleted.iter().any(|(s, e)| in_range(&p.key, s, e));
+                    if (p.ignore_value || p.ignore_lease) && (!before.contains_key(&p.key) || gone)
+                    {
                         Err(KvError::KeyNotFound)
                     } else if p.lease != 0 && !self.leases.contains(&p.lease) {
                         Err(KvError::LeaseNotFound)
