@@ -20,41 +20,59 @@ pub const VERBOSE_ENV: &str = "FETCD_TESTS_VERBOSE";
 /// A client connected to one server that records a normalized [`Observation`] for every
 /// request it makes. The typed methods return the raw etcd-client result too, so a scenario
 /// can additionally assert absolute facts (e.g. "the first write gets revision 2").
+///
+/// Connected to a cluster ([`Session::connect_all`]), each request goes to the next member in
+/// turn, so a scenario's answers must not depend on which member serves them.
 pub struct Session {
     label: String,
-    url: String,
-    client: Client,
+    urls: Vec<String>,
+    clients: Vec<Client>,
+    /// Requests made so far; the next one goes to member `turn % len`.
+    turn: usize,
     observations: Vec<Observation>,
 }
 
 impl Session {
     pub async fn connect(label: impl Into<String>, url: impl Into<String>) -> anyhow::Result<Self> {
-        let url = url.into();
-        let client = crate::etcd::connect(&url).await?;
+        Self::connect_all(label, vec![url.into()]).await
+    }
+
+    /// Connects to every member of a cluster; requests rotate over them.
+    pub async fn connect_all(label: impl Into<String>, urls: Vec<String>) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "a session needs at least one endpoint");
+        let mut clients = Vec::with_capacity(urls.len());
+        for url in &urls {
+            clients.push(crate::etcd::connect(url).await?);
+        }
         Ok(Session {
             label: label.into(),
-            url,
-            client,
+            urls,
+            clients,
+            turn: 0,
             observations: Vec::new(),
         })
     }
 
     pub async fn for_target(target: &Target) -> anyhow::Result<Self> {
-        Self::connect(target.label(), target.client_url()).await
+        Self::connect_all(target.label(), target.client_urls()).await
     }
 
     pub fn label(&self) -> &str {
         &self.label
     }
 
+    /// The endpoint of the member whose turn it is.
     pub fn url(&self) -> &str {
-        &self.url
+        &self.urls[self.turn % self.urls.len()]
     }
 
-    /// The underlying client, for requests the typed helpers don't cover (record the outcome
-    /// yourself with [`Session::record`]).
+    /// The client of the member whose turn it is, for requests the typed helpers don't cover
+    /// (record the outcome yourself with [`Session::record`]); the next request goes to the
+    /// next member.
     pub fn client(&mut self) -> &mut Client {
-        &mut self.client
+        let i = self.turn % self.clients.len();
+        self.turn += 1;
+        &mut self.clients[i]
     }
 
     pub fn observations(&self) -> &[Observation] {
@@ -80,7 +98,7 @@ impl Session {
         value: impl Into<Vec<u8>>,
         options: Option<PutOptions>,
     ) -> Result<PutResponse, Error> {
-        let r = self.client.put(key, value, options).await;
+        let r = self.client().put(key, value, options).await;
         self.record(step, observe::result(&r, observe::put_response));
         r
     }
@@ -91,7 +109,7 @@ impl Session {
         key: impl Into<Vec<u8>>,
         options: Option<GetOptions>,
     ) -> Result<GetResponse, Error> {
-        let r = self.client.get(key, options).await;
+        let r = self.client().get(key, options).await;
         self.record(step, observe::result(&r, observe::get_response));
         r
     }
@@ -102,13 +120,13 @@ impl Session {
         key: impl Into<Vec<u8>>,
         options: Option<DeleteOptions>,
     ) -> Result<DeleteResponse, Error> {
-        let r = self.client.delete(key, options).await;
+        let r = self.client().delete(key, options).await;
         self.record(step, observe::result(&r, observe::delete_response));
         r
     }
 
     pub async fn txn(&mut self, step: &str, txn: Txn) -> Result<TxnResponse, Error> {
-        let r = self.client.txn(txn).await;
+        let r = self.client().txn(txn).await;
         self.record(step, observe::result(&r, observe::txn_response));
         r
     }
@@ -119,7 +137,7 @@ impl Session {
         revision: i64,
         options: Option<CompactionOptions>,
     ) -> Result<CompactionResponse, Error> {
-        let r = self.client.compact(revision, options).await;
+        let r = self.client().compact(revision, options).await;
         self.record(step, observe::result(&r, observe::compaction_response));
         r
     }
@@ -131,7 +149,7 @@ impl Session {
         ttl: i64,
         options: Option<LeaseGrantOptions>,
     ) -> Result<LeaseGrantResponse, Error> {
-        let r = self.client.lease_grant(ttl, options).await;
+        let r = self.client().lease_grant(ttl, options).await;
         self.record(step, observe::result(&r, observe::lease_grant_response));
         r
     }
@@ -141,7 +159,7 @@ impl Session {
         step: &str,
         id: i64,
     ) -> Result<LeaseRevokeResponse, Error> {
-        let r = self.client.lease_revoke(id).await;
+        let r = self.client().lease_revoke(id).await;
         self.record(step, observe::result(&r, observe::lease_revoke_response));
         r
     }
@@ -152,7 +170,7 @@ impl Session {
         id: i64,
         options: Option<LeaseTimeToLiveOptions>,
     ) -> Result<LeaseTimeToLiveResponse, Error> {
-        let r = self.client.lease_time_to_live(id, options).await;
+        let r = self.client().lease_time_to_live(id, options).await;
         self.record(
             step,
             observe::result(&r, observe::lease_time_to_live_response),
@@ -168,8 +186,9 @@ impl Session {
         args: &[&str],
         stdin: Option<&str>,
     ) -> anyhow::Result<EtcdctlOutput> {
-        let out = run_etcdctl(&self.url, args, stdin).await?;
-        self.record(step, normalize(&out, &self.url));
+        let url = self.url().to_owned();
+        let out = run_etcdctl(&url, args, stdin).await?;
+        self.record(step, normalize(&out, &url));
         Ok(out)
     }
 
@@ -181,13 +200,14 @@ impl Session {
         args: &[&str],
         scrub: impl Fn(&str) -> String,
     ) -> anyhow::Result<EtcdctlOutput> {
-        let out = run_etcdctl(&self.url, args, None).await?;
+        let url = self.url().to_owned();
+        let out = run_etcdctl(&url, args, None).await?;
         let scrubbed = EtcdctlOutput {
             status: out.status,
             stdout: scrub(&out.stdout),
             stderr: scrub(&out.stderr),
         };
-        self.record(step, normalize(&scrubbed, &self.url));
+        self.record(step, normalize(&scrubbed, &url));
         Ok(out)
     }
 }

@@ -16,6 +16,9 @@ pub enum TargetKind {
     Etcd,
     /// In-process fetcd (requires the `fetcd` cargo feature).
     Fetcd,
+    /// Three in-process fetcd members in one cluster (requires the `fetcd` cargo feature);
+    /// sessions send each request to the next member.
+    FetcdCluster,
 }
 
 impl TargetKind {
@@ -46,8 +49,15 @@ impl TargetKind {
             TargetKind::Etcd => Inner::Etcd(EtcdProcess::start_with_flags(flags).await?),
             #[cfg(feature = "fetcd")]
             TargetKind::Fetcd => Inner::Fetcd(crate::fetcd::start_fetcd_with_flags(flags).await?),
+            #[cfg(feature = "fetcd")]
+            TargetKind::FetcdCluster => {
+                if !flags.is_empty() {
+                    bail!("flags are not passed to an in-process cluster: {flags:?}");
+                }
+                Inner::Cluster(crate::cluster::Cluster::start(3).await?)
+            }
             #[cfg(not(feature = "fetcd"))]
-            TargetKind::Fetcd => bail!(
+            TargetKind::Fetcd | TargetKind::FetcdCluster => bail!(
                 "the fetcd target needs the `fetcd` cargo feature: \
                  cargo test -p fetcd-tests --features fetcd"
             ),
@@ -63,6 +73,7 @@ impl TargetKind {
         match self {
             TargetKind::Etcd => "etcd",
             TargetKind::Fetcd => "fetcd",
+            TargetKind::FetcdCluster => "fetcd x3",
         }
     }
 }
@@ -71,6 +82,8 @@ enum Inner {
     Etcd(EtcdProcess),
     #[cfg(feature = "fetcd")]
     Fetcd(crate::fetcd::FetcdInstance),
+    #[cfg(feature = "fetcd")]
+    Cluster(crate::cluster::Cluster),
 }
 
 /// A running server plus the label used for it in diffs.
@@ -89,11 +102,23 @@ impl Target {
         self.kind
     }
 
+    /// The client URL of the (first) member.
     pub fn client_url(&self) -> String {
         match &self.inner {
             Inner::Etcd(p) => p.client_url(),
             #[cfg(feature = "fetcd")]
             Inner::Fetcd(f) => f.client_url(),
+            #[cfg(feature = "fetcd")]
+            Inner::Cluster(c) => c.client_url(0),
+        }
+    }
+
+    /// The client URL of every member.
+    pub fn client_urls(&self) -> Vec<String> {
+        match &self.inner {
+            #[cfg(feature = "fetcd")]
+            Inner::Cluster(c) => (0..c.len()).map(|i| c.client_url(i)).collect(),
+            _ => vec![self.client_url()],
         }
     }
 
@@ -106,7 +131,7 @@ impl Target {
         match &self.inner {
             Inner::Etcd(p) => p.log_tail(lines),
             #[cfg(feature = "fetcd")]
-            Inner::Fetcd(_) => {
+            Inner::Fetcd(_) | Inner::Cluster(_) => {
                 let _ = lines;
                 String::new()
             }
@@ -122,6 +147,8 @@ impl Target {
             }
             #[cfg(feature = "fetcd")]
             Inner::Fetcd(f) => f.stop().await,
+            #[cfg(feature = "fetcd")]
+            Inner::Cluster(mut c) => c.stop_all().await,
         }
     }
 }
@@ -137,7 +164,7 @@ pub async fn start_pair_with_flags(flags: &[&str]) -> anyhow::Result<(Target, Ta
     let candidate = TargetKind::candidate()?;
     let candidate_label = match candidate {
         TargetKind::Etcd => "etcd2",
-        TargetKind::Fetcd => "fetcd",
+        other => other.name(),
     };
     let (reference, candidate) = tokio::join!(
         TargetKind::Etcd.start_with_flags("etcd", flags),

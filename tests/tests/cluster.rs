@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use etcd_client::{GetOptions, WatchOptions};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, WatchOptions};
 use fetcd_tests::cluster::Cluster;
 
 fn rev(h: Option<&etcd_client::ResponseHeader>) -> i64 {
@@ -51,12 +51,23 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
             let put = clients[w].put(key.as_str(), val.as_str(), None).await?;
             let put_rev = rev(put.header());
             for (r, reader) in clients.iter_mut().enumerate() {
-                let got = reader.get(key.as_str(), None).await?;
-                ensure!(
-                    got.kvs().first().map(|kv| kv.value()) == Some(val.as_bytes()),
-                    "member {r} read {key} stale after a write through member {w} (leader {leader})"
-                );
-                ensure!(rev(got.header()) >= put_rev);
+                // Alternately a Range, or a Txn of compares only (which etcd would answer from
+                // a follower's own state, without a read index).
+                if (round + r) % 2 == 0 {
+                    let got = reader.get(key.as_str(), None).await?;
+                    ensure!(
+                        got.kvs().first().map(|kv| kv.value()) == Some(val.as_bytes()),
+                        "member {r} read {key} stale after a write through member {w} (leader {leader})"
+                    );
+                    ensure!(rev(got.header()) >= put_rev);
+                } else {
+                    let cmp = Compare::value(key.as_str(), CompareOp::Equal, val.as_str());
+                    let t = reader.txn(Txn::new().when([cmp])).await?;
+                    ensure!(
+                        t.succeeded() && rev(t.header()) >= put_rev,
+                        "member {r}: compares-only Txn stale after a write through member {w}: {t:?}"
+                    );
+                }
             }
             // A serializable read on the member that took the write sees it too: a forwarded
             // write is answered only once applied there.
@@ -309,15 +320,27 @@ async fn leases_work_through_followers_and_survive_a_leader_change() -> Result<(
         .lease_grant(2, Some(LeaseGrantOptions::new().with_id(0x51)))
         .await?;
     ensure!(g.ttl() == 2);
-    b.put("lk", "v", Some(PutOptions::new().with_lease(0x51)))
-        .await?;
-    let t = a
-        .lease_time_to_live(0x51, Some(LeaseTimeToLiveOptions::new().with_keys()))
-        .await?;
-    ensure!(
-        t.granted_ttl() == 2 && t.keys() == [b"lk".to_vec()],
-        "{t:?}"
-    );
+    // TimeToLive through the other follower lists the key at once, with a header revision no
+    // older than the put's (the leader's answer, not the follower's own state).
+    for i in 0..10 {
+        let put = b
+            .put(
+                "lk",
+                format!("v{i}"),
+                Some(PutOptions::new().with_lease(0x51)),
+            )
+            .await?;
+        let t = a
+            .lease_time_to_live(0x51, Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await?;
+        ensure!(
+            t.granted_ttl() == 2
+                && t.keys() == [b"lk".to_vec()]
+                && rev(t.header()) >= rev(put.header()),
+            "put at {}, then {t:?}",
+            rev(put.header())
+        );
+    }
     // Kept alive through a follower for three TTLs.
     let (mut keeper, mut stream) = b.lease_keep_alive(0x51).await?;
     for _ in 0..12 {

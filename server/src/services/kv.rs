@@ -41,17 +41,30 @@ fn unexpected(what: &str) -> Status {
     Status::internal(format!("etcdserver: unexpected answer to {what}"))
 }
 
-/// True if every Range in the Txn (at any depth) is serializable; such a read-only Txn may skip
-/// the read barrier, as in etcd.
+/// True if the client asked for a serializable Txn: it has Ranges (at any depth) and every one
+/// is serializable. Such a read-only Txn may skip the read barrier, as in etcd.
+///
+/// A Txn without any Range (compares only, or nothing at all) is read linearizably. etcd counts
+/// it as serializable, since it has no Range that is not, so a follower answers its compares
+/// from a state that may predate a write already acknowledged to the same client; the client
+/// never asked for that.
 fn txn_serializable(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(&r.failure)
-        .all(|op| match &op.request {
-            Some(OpRequest::RequestRange(r)) => r.serializable,
-            Some(OpRequest::RequestTxn(t)) => txn_serializable(t),
-            _ => true,
-        })
+    /// Whether every Range under `r` is serializable; `ranges` counts them.
+    fn all_serializable(r: &TxnRequest, ranges: &mut usize) -> bool {
+        r.success
+            .iter()
+            .chain(&r.failure)
+            .all(|op| match &op.request {
+                Some(OpRequest::RequestRange(r)) => {
+                    *ranges += 1;
+                    r.serializable
+                }
+                Some(OpRequest::RequestTxn(t)) => all_serializable(t, ranges),
+                _ => true,
+            })
+    }
+    let mut ranges = 0;
+    all_serializable(r, &mut ranges) && ranges > 0
 }
 
 #[tonic::async_trait]

@@ -20,6 +20,7 @@ use fetcd_proto::etcdserverpb::LeaseRevokeResponse;
 use fetcd_proto::etcdserverpb::LeaseStatus;
 use fetcd_proto::etcdserverpb::LeaseTimeToLiveRequest;
 use fetcd_proto::etcdserverpb::LeaseTimeToLiveResponse;
+use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::raftpb::internal_raft_request::Request;
 use fetcd_proto::raftpb::lease_peer_client::LeasePeerClient;
 use fetcd_proto::raftpb::lease_peer_server::LeasePeer;
@@ -349,7 +350,9 @@ impl LeasePeer for LeasePeerService {
         req: GrpcRequest<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.wait_primary().await?;
-        Ok(Response::new(time_to_live_local(&self.node, req.get_ref())))
+        let mut resp = time_to_live_local(&self.node, req.get_ref());
+        resp.header = leader_revision(&self.node);
+        Ok(Response::new(resp))
     }
 
     async fn leases(
@@ -357,6 +360,19 @@ impl LeasePeer for LeasePeerService {
         _req: GrpcRequest<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.wait_primary().await?;
-        Ok(Response::new(leases_local(&self.node)))
+        let mut resp = leases_local(&self.node);
+        resp.header = leader_revision(&self.node);
+        Ok(Response::new(resp))
     }
+}
+
+/// A header with only the leader's revision, for the answer to a forwarded request. The
+/// follower fills in its own ids and term but keeps this revision: the leader has applied every
+/// write acknowledged so far, while the follower may not have yet, and a header older than a
+/// write the client saw acknowledged would look like time going back.
+fn leader_revision(node: &EtcdNode) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision: node.store().current_revision(),
+        ..Default::default()
+    })
 }
