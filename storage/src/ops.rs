@@ -357,6 +357,21 @@ fn compare_to_path(view: &dyn ReadView, req: &TxnRequest, path: &mut Vec<bool>) 
     Ok(())
 }
 
+/// etcd's `checkRequestRange`: a Range inside a Txn is checked with its revision as given.
+/// Unlike a plain Range, which reads a negative revision as the current one, a negative
+/// revision below the compacted revision (-1 before any compaction) is refused as compacted.
+fn check_txn_range(view: &dyn ReadView, rev: i64) -> std::result::Result<(), KvError> {
+    if rev == 0 {
+        Ok(())
+    } else if rev > view.rev() {
+        Err(KvError::FutureRevision)
+    } else if rev < view.compact_rev() {
+        Err(KvError::Compacted)
+    } else {
+        Ok(())
+    }
+}
+
 /// Which requests a pass of [`check_path`] checks.
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Check {
@@ -388,7 +403,7 @@ fn check_path(
     for op in if ok { &req.success } else { &req.failure } {
         let res = match &op.request {
             Some(Request::RequestRange(r)) if check == Check::Ranges => {
-                read_rev(view, r.revision).map(|_| ())
+                check_txn_range(view, r.revision)
             }
             Some(Request::RequestDeleteRange(d)) if check == Check::Puts => {
                 deleted.push(KeyRange::new(&d.key, &d.range_end));

@@ -926,6 +926,28 @@ fn txn_checks_puts_before_ranges_and_keys_before_leases() {
     assert_eq!(s.current_revision(), 2);
 }
 
+/// A negative revision: a plain Range reads it as the current revision; a Range inside a Txn is
+/// checked with it as given (etcd's `checkRequestRange`), so it is compacted below the
+/// compacted revision, which is -1 before any compaction.
+#[test]
+fn negative_range_revisions_in_and_out_of_a_txn() {
+    let (_dir, s) = temp_store();
+    put(&s, "a", "1"); // 2
+    put(&s, "a", "2"); // 3
+    let in_txn = |rev: i64| TxnRequest {
+        compare: vec![],
+        success: vec![op(Request::RequestRange(get_req("a", rev)))],
+        failure: vec![],
+    };
+    assert_eq!(get(&s, "a", -2).unwrap(), vec![kv("a", "2", 2, 3, 2)]);
+    assert!(txn(&s, in_txn(-1)).is_ok());
+    assert_eq!(txn(&s, in_txn(-2)), Err(KvError::Compacted));
+    compact(&s, 2).unwrap();
+    assert_eq!(get(&s, "a", -1).unwrap(), vec![kv("a", "2", 2, 3, 2)]);
+    assert_eq!(txn(&s, in_txn(-1)), Err(KvError::Compacted));
+    assert!(txn(&s, in_txn(0)).is_ok());
+}
+
 /// A from-key delete followed, in the same Txn, by a put that takes its value or lease from the
 /// key it just deleted (etcd 3.4 panics applying this): refused whole, nothing written. A plain
 /// put after the delete, and an `ignore_value` put before it, still go through as in etcd.

@@ -5,8 +5,9 @@
 //!
 //! The scripted scenarios in `differential.rs` pin down what each option does; this test looks
 //! for what no one thought to script: combinations (a limit with a sort and a revision filter, a
-//! Txn whose compare spans a range, a lease revoked under a key a Txn reads) over a small key
-//! space, so that keys collide, are deleted and come back, and revisions get compacted under
+//! Txn whose compare spans a range, a lease revoked under a key a Txn reads), and now and then
+//! input etcd refuses or reads its own way (an empty key, a negative revision or limit), over a
+//! small key space, so that keys collide, are deleted and come back, and revisions get compacted under
 //! later requests. The sequence is a pure function of the seed, so a failure is replayed with
 //! `FETCD_DIFF_SEED=<seed>` (the seeds CI runs are fixed; set `FETCD_DIFF_OPS` for longer runs).
 //!
@@ -71,15 +72,25 @@ impl Rng {
         self.below(100) < percent
     }
 
+    /// One of [`KEYS`], or now and then the empty key (which etcd refuses).
+    fn key(&mut self) -> &'static str {
+        if self.chance(2) {
+            ""
+        } else {
+            self.pick::<&str>(&KEYS)
+        }
+    }
+
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
     }
 
     /// A revision to ask for: mostly recent ones, sometimes 0 (current), compacted or future.
     fn revision(&mut self, current: i64) -> i64 {
-        match self.below(6) {
+        match self.below(7) {
             0 => 0,
             1 => current + 1 + self.below(2) as i64,
+            2 => -1 - self.below(2) as i64,
             _ => 1 + self.below(current.max(1) as u64) as i64,
         }
     }
@@ -98,7 +109,7 @@ enum Span {
 
 impl Span {
     fn random(rng: &mut Rng) -> (&'static str, Span) {
-        let key = *rng.pick(&KEYS);
+        let key = rng.key();
         let span = match rng.below(10) {
             0..=3 => Span::Key,
             4..=5 => Span::Prefix,
@@ -235,7 +246,7 @@ impl Walk {
         let mut what = Vec::new();
         let mut by_key = true;
         if rng.chance(40) {
-            let limit = rng.below(4) as i64;
+            let limit = rng.below(5) as i64 - 1;
             o = o.with_limit(limit);
             what.push(format!("limit {limit}"));
         }
@@ -321,7 +332,7 @@ impl Walk {
     }
 
     fn compare(&mut self) -> (Compare, String) {
-        let key = *self.rng.pick(&KEYS);
+        let key = self.rng.key();
         let (on, op) = *self.rng.pick(&[
             ("=", CompareOp::Equal),
             ("!=", CompareOp::NotEqual),
@@ -375,7 +386,7 @@ impl Walk {
     fn txn_op(&mut self, depth: u32) -> (TxnOp, String) {
         match self.rng.below(if depth > 0 { 7 } else { 6 }) {
             0..=1 => {
-                let key = *self.rng.pick(&KEYS);
+                let key = self.rng.key();
                 let v = self.value();
                 let (o, what, _) = self.put_options(!self.deleted_from_key);
                 (
@@ -460,7 +471,7 @@ async fn one_request(s: &mut Session, walk: &mut Walk, i: usize) -> Result<()> {
     match walk.rng.below(100) {
         // Put.
         0..=27 => {
-            let key = *walk.rng.pick(&KEYS);
+            let key = walk.rng.key();
             let (o, what, ignore_value) = walk.put_options(true);
             let v = if ignore_value && walk.rng.chance(70) {
                 String::new()
