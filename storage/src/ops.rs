@@ -382,21 +382,22 @@ enum Check {
 /// Checks the puts or the ranges of the chosen branches before any write (etcd's
 /// `checkRequests`, which runs once for puts, then once for ranges).
 ///
-/// `deleted` collects, in execution order, the ranges the Txn deletes before the op at hand. A
+/// `deleted` collects, in execution order, the deletes the Txn runs before the op at hand. A
 /// put with `ignore_value` or `ignore_lease` needs its key to exist where it runs, not only
 /// before the Txn. The server's duplicate-key check refuses a put after a delete of the same
 /// key, except after a from-key delete (`range_end` `"\0"`), in which etcd's interval check,
 /// reproduced there, sees no key. etcd 3.4 checks the flags on the state before the Txn only,
-/// finds the key, and panics when the put fails half way through the apply; every member
-/// applies the same entry, so the whole cluster goes down. fetcd refuses such a Txn before it
-/// writes anything, with the error the put would get on its own.
-fn check_path(
+/// finds the key, and fails half way through the apply, which it answers with a panic (a 3.4
+/// server died on it in the randomized differential test); every member applies the same
+/// entry. fetcd refuses such a Txn before it writes anything, with the error the put would get
+/// on its own.
+fn check_path<'r>(
     view: &dyn ReadView,
-    req: &TxnRequest,
+    req: &'r TxnRequest,
     path: &[bool],
     at: &mut usize,
     check: Check,
-    deleted: &mut Vec<KeyRange>,
+    deleted: &mut Vec<&'r DeleteRangeRequest>,
 ) -> Answer<()> {
     let ok = path.get(*at).copied().unwrap_or(false);
     *at += 1;
@@ -406,7 +407,7 @@ fn check_path(
                 check_txn_range(view, r.revision)
             }
             Some(Request::RequestDeleteRange(d)) if check == Check::Puts => {
-                deleted.push(KeyRange::new(&d.key, &d.range_end));
+                deleted.push(d);
                 Ok(())
             }
             // etcd's `checkRequestPut`: unlike a plain Put, the key before the lease.
@@ -414,7 +415,9 @@ fn check_path(
                 let needs_prev = p.ignore_value || p.ignore_lease;
                 if needs_prev
                     && (get_one(view, &p.key)?.is_none()
-                        || deleted.iter().any(|d| d.contains(&p.key)))
+                        || deleted
+                            .iter()
+                            .any(|d| KeyRange::new(&d.key, &d.range_end).contains(&p.key)))
                 {
                     Err(KvError::KeyNotFound)
                 } else if p.lease != 0 && !view.lease_exists(p.lease) {
