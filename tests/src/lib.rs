@@ -42,7 +42,10 @@ pub use etcdctl::{run_etcdctl, EtcdctlOutput};
 #[cfg(feature = "fetcd")]
 pub use fetcd::{start_fetcd, FetcdInstance};
 pub use observe::{expect_grpc_error, grpc_error, Observation};
-pub use session::{run_differential, run_differential_with_flags, run_on_targets, Session};
+pub use session::{
+    run_differential, run_differential_against, run_differential_with_flags, run_on_targets,
+    Session,
+};
 pub use target::{start_pair, start_pair_with_flags, Target, TargetKind};
 
 /// Installs a `tracing` subscriber honoring `RUST_LOG` (idempotent; output captured by libtest).

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::diff::{compare_observations, render_transcript};
 use crate::etcdctl::{normalize, run_etcdctl, EtcdctlOutput};
 use crate::observe::{self, Observation};
-use crate::target::Target;
+use crate::target::{Target, TargetKind};
 
 /// Set to `1` to print both full transcripts (run with `--nocapture`).
 pub const VERBOSE_ENV: &str = "FETCD_TESTS_VERBOSE";
@@ -234,6 +234,39 @@ where
     crate::init_tracing();
     let started = Instant::now();
     let (reference, candidate) = crate::target::start_pair_with_flags(flags).await?;
+    run_and_stop(name, started, reference, candidate, scenario).await
+}
+
+/// Like [`run_differential`], with the candidate given instead of [`TargetKind::candidate`]
+/// (e.g. [`TargetKind::FetcdCluster`]).
+pub async fn run_differential_against<F>(
+    name: &str,
+    candidate: TargetKind,
+    scenario: F,
+) -> anyhow::Result<()>
+where
+    F: AsyncFn(&mut Session) -> anyhow::Result<()>,
+{
+    crate::init_tracing();
+    let started = Instant::now();
+    let (reference, candidate) = tokio::join!(
+        TargetKind::Etcd.start("etcd"),
+        candidate.start(candidate.name())
+    );
+    run_and_stop(name, started, reference?, candidate?, scenario).await
+}
+
+/// Runs `scenario` on both servers, stops them, and reports the comparison (and a failed stop).
+async fn run_and_stop<F>(
+    name: &str,
+    started: Instant,
+    reference: Target,
+    candidate: Target,
+    scenario: F,
+) -> anyhow::Result<()>
+where
+    F: AsyncFn(&mut Session) -> anyhow::Result<()>,
+{
     let boot = started.elapsed();
     let result = run_on_targets(name, &reference, &candidate, scenario).await;
     let ref_log = reference.log_tail(30);

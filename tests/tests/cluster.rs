@@ -51,22 +51,24 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
             let put = clients[w].put(key.as_str(), val.as_str(), None).await?;
             let put_rev = rev(put.header());
             for (r, reader) in clients.iter_mut().enumerate() {
-                // Alternately a Range, or a Txn of compares only (which etcd would answer from
-                // a follower's own state, without a read index).
-                if (round + r) % 2 == 0 {
-                    let got = reader.get(key.as_str(), None).await?;
-                    ensure!(
-                        got.kvs().first().map(|kv| kv.value()) == Some(val.as_bytes()),
-                        "member {r} read {key} stale after a write through member {w} (leader {leader})"
-                    );
-                    ensure!(rev(got.header()) >= put_rev);
-                } else {
-                    let cmp = Compare::value(key.as_str(), CompareOp::Equal, val.as_str());
-                    let t = reader.txn(Txn::new().when([cmp])).await?;
-                    ensure!(
-                        t.succeeded() && rev(t.header()) >= put_rev,
-                        "member {r}: compares-only Txn stale after a write through member {w}: {t:?}"
-                    );
+                // A Range and a Txn of compares only (which etcd would answer from a follower's
+                // own state, without a read index), each first after the write in turn.
+                for txn_first in [(round + r) % 2 == 1, (round + r) % 2 == 0] {
+                    if txn_first {
+                        let cmp = Compare::value(key.as_str(), CompareOp::Equal, val.as_str());
+                        let t = reader.txn(Txn::new().when([cmp])).await?;
+                        ensure!(
+                            t.succeeded() && rev(t.header()) >= put_rev,
+                            "member {r}: compares-only Txn stale after a write through member {w}: {t:?}"
+                        );
+                    } else {
+                        let got = reader.get(key.as_str(), None).await?;
+                        ensure!(
+                            got.kvs().first().map(|kv| kv.value()) == Some(val.as_bytes()),
+                            "member {r} read {key} stale after a write through member {w} (leader {leader})"
+                        );
+                        ensure!(rev(got.header()) >= put_rev);
+                    }
                 }
             }
             // A serializable read on the member that took the write sees it too: a forwarded
