@@ -231,10 +231,7 @@ pub async fn run_differential_with_flags<F>(
 where
     F: AsyncFn(&mut Session) -> anyhow::Result<()>,
 {
-    crate::init_tracing();
-    let started = Instant::now();
-    let (reference, candidate) = crate::target::start_pair_with_flags(flags).await?;
-    run_and_stop(name, started, reference, candidate, scenario).await
+    run_pair(name, TargetKind::candidate()?, flags, scenario).await
 }
 
 /// Like [`run_differential`], with the candidate given instead of [`TargetKind::candidate`]
@@ -247,26 +244,23 @@ pub async fn run_differential_against<F>(
 where
     F: AsyncFn(&mut Session) -> anyhow::Result<()>,
 {
-    crate::init_tracing();
-    let started = Instant::now();
-    let (reference, candidate) = tokio::join!(
-        TargetKind::Etcd.start("etcd"),
-        candidate.start(candidate.name())
-    );
-    run_and_stop(name, started, reference?, candidate?, scenario).await
+    run_pair(name, candidate, &[], scenario).await
 }
 
-/// Runs `scenario` on both servers, stops them, and reports the comparison (and a failed stop).
-async fn run_and_stop<F>(
+/// Starts etcd and `candidate` with `flags`, runs `scenario` on both, stops them, and reports
+/// the comparison (and a failed stop).
+async fn run_pair<F>(
     name: &str,
-    started: Instant,
-    reference: Target,
-    candidate: Target,
+    candidate: TargetKind,
+    flags: &[&str],
     scenario: F,
 ) -> anyhow::Result<()>
 where
     F: AsyncFn(&mut Session) -> anyhow::Result<()>,
 {
+    crate::init_tracing();
+    let started = Instant::now();
+    let (reference, candidate) = crate::target::start_pair_against(candidate, flags).await?;
     let boot = started.elapsed();
     let result = run_on_targets(name, &reference, &candidate, scenario).await;
     let ref_log = reference.log_tail(30);

@@ -161,7 +161,14 @@ pub async fn start_pair() -> anyhow::Result<(Target, Target)> {
 
 /// Like [`start_pair`], both servers started with the same extra flags.
 pub async fn start_pair_with_flags(flags: &[&str]) -> anyhow::Result<(Target, Target)> {
-    let candidate = TargetKind::candidate()?;
+    start_pair_against(TargetKind::candidate()?, flags).await
+}
+
+/// Starts real etcd and the given candidate concurrently, both with `flags`.
+pub async fn start_pair_against(
+    candidate: TargetKind,
+    flags: &[&str],
+) -> anyhow::Result<(Target, Target)> {
     let candidate_label = match candidate {
         TargetKind::Etcd => "etcd2",
         other => other.name(),
