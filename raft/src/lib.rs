@@ -1,7 +1,8 @@
 //! fetcd's consensus layer: openraft glue.
 //!
 //! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
-//! - [`log_store`]: the durable Raft log (raft-log: fdatasync + group commit).
+//! - [`log_store`]: the durable Raft log, on [`wal`]'s pre-zeroed segments (one fdatasync per
+//!   append, which carries a batch of client requests).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
 //! - `snapshot_file`: the snapshot file, written and read as a stream.
 //! - [`network`]: peer RPCs over tonic (replication, votes, snapshots, forwarded writes, read
@@ -25,6 +26,7 @@ pub mod node;
 mod snapshot_file;
 pub mod state_machine;
 pub mod transfer;
+pub(crate) mod wal;
 
 pub use command::ApplyResult;
 pub use command::Command;

@@ -1,9 +1,7 @@
 //! Process-wide Raft metrics, cheap enough for the write path (a few relaxed atomics).
 //!
-//! [`WAL_FSYNC`] times every synced flush of the Raft log: from the flush request to the flush
-//! worker's report that the batch is written and fdatasync'ed (raft-log performs the sync on its
-//! own thread, so the write of the batch is included — etcd's histogram of the same name times
-//! the fsync call alone).
+//! [`WAL_FSYNC`] times every `fdatasync` of the Raft log's write-ahead log segment, the call
+//! alone, as etcd's histogram of the same name does.
 //!
 //! [`peer_round_trips`] times this member's AppendEntries RPCs to each peer, split by whether
 //! they carried entries. openraft 0.9 keeps one AppendEntries in flight per follower and, once

@@ -3,7 +3,7 @@
 //! the server needs — propose a write and wait for a linearizable read point.
 //!
 //! Data directory layout (like etcd's `member/{wal,snap}`):
-//! - `member/raft-log/`: the Raft log (raft-log chunks; fdatasync'd).
+//! - `member/wal/`: the Raft log (pre-zeroed segments; fdatasync'd).
 //! - `member/kv/`: the sled MVCC store (rebuildable from snapshot + log).
 //! - `member/snap/`: the newest state-machine snapshot (fsync'd).
 
@@ -152,6 +152,28 @@ struct Shared {
     pauses: Arc<Pauses>,
 }
 
+/// The Raft log's directory under `member/`.
+const LOG_DIR: &str = "wal";
+
+/// Where fetcd kept its Raft log before `crate::wal` (in the `raft-log` crate's format).
+const OLD_LOG_DIR: &str = "raft-log";
+
+/// Opens the member's Raft log. A log left in the earlier format is refused rather than
+/// ignored: starting from an empty log next to a state machine that applied it would lose the
+/// entries it holds that the state machine does not.
+fn open_log(member: &std::path::Path) -> std::io::Result<LogStore<TypeConfig>> {
+    let old = member.join(OLD_LOG_DIR);
+    if std::fs::read_dir(&old).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(std::io::Error::other(format!(
+            "{} holds a Raft log in the format of fetcd before its own write-ahead log; this \
+             version cannot read it. Take a snapshot with the old version (etcdctl snapshot \
+             save) and restore it with `fetcd snapshot restore`",
+            old.display()
+        )));
+    }
+    LogStore::open(&member.join(LOG_DIR))
+}
+
 /// A running member.
 pub struct RaftNode {
     raft: typ::Raft,
@@ -187,7 +209,7 @@ impl RaftNode {
         // Both read their whole files on a restart (the log's chunks since the last purge, the
         // MVCC store's key tree into the key index): side by side they take the longer's time.
         let (log_store, store) = std::thread::scope(|s| {
-            let log = s.spawn(|| LogStore::<TypeConfig>::open(&member.join("raft-log")));
+            let log = s.spawn(|| open_log(&member));
             let store = KvStore::open_path(&member.join("kv"));
             let log = log
                 .join()
@@ -446,7 +468,7 @@ impl RaftNode {
     pub fn wait_closed(data_dir: &std::path::Path, limit: Duration) -> bool {
         let member = data_dir.join("member");
         let deadline = std::time::Instant::now() + limit;
-        let log = LogStore::<TypeConfig>::wait_closed(&member.join("raft-log"), limit);
+        let log = LogStore::<TypeConfig>::wait_closed(&member.join(LOG_DIR), limit);
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         log && KvStore::wait_closed(&member.join("kv"), left)
     }
@@ -721,4 +743,22 @@ fn is_sole_voter(raft: &typ::Raft, id: NodeId) -> bool {
     let m = raft.metrics().borrow().membership_config.clone();
     let voters: Vec<NodeId> = m.membership().voter_ids().collect();
     voters == [id]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_in_the_old_format_is_refused_not_ignored() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let member = dir.path().join("member");
+        std::fs::create_dir_all(member.join(OLD_LOG_DIR)).expect("mkdir");
+        // An empty directory holds nothing to lose.
+        open_log(&member).expect("open next to an empty old log directory");
+
+        std::fs::write(member.join(OLD_LOG_DIR).join("r-0000000000.wal"), b"x").expect("write");
+        let err = open_log(&member).expect_err("an old log must not be ignored");
+        assert!(err.to_string().contains("raft-log"), "{err}");
+    }
 }

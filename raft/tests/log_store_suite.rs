@@ -225,6 +225,18 @@ fn blank_ent(term: u64, index: u64) -> Entry<TestConfig> {
     }
 }
 
+/// Appends `put_ent(term, i)` for every `i` in `indexes`, as one batch.
+async fn append_puts(
+    store: &mut LogStore<TestConfig>,
+    term: u64,
+    indexes: std::ops::RangeInclusive<u64>,
+) {
+    store
+        .blocking_append(indexes.map(|i| put_ent(term, i)))
+        .await
+        .unwrap();
+}
+
 async fn read_all(store: &mut LogStore<TestConfig>) -> Vec<Entry<TestConfig>> {
     store.try_get_log_entries(..).await.unwrap()
 }
@@ -239,7 +251,7 @@ fn assert_entries(got: &[Entry<TestConfig>], want: impl IntoIterator<Item = Entr
 }
 
 /// Copies the log directory of a store that is still open (so nothing is written on close):
-/// what is in the copy was written by the flush worker before the copy was taken.
+/// what is in the copy was on disk when the copy was taken.
 fn snapshot_dir(from: &Path) -> TempDir {
     let to = TempDir::new().unwrap();
     for f in std::fs::read_dir(from).unwrap() {
@@ -259,10 +271,7 @@ async fn reopen_keeps_vote_entries_purge_and_truncate() {
     {
         let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
         store.blocking_append([blank_ent(1, 0)]).await.unwrap();
-        store
-            .blocking_append((1..=10).map(|i| put_ent(1, i)))
-            .await
-            .unwrap();
+        append_puts(&mut store, 1, 1..=10).await;
         store.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
         store.save_committed(Some(log_id(1, 7))).await.unwrap();
         store.purge(log_id(1, 3)).await.unwrap();
@@ -314,10 +323,7 @@ async fn reopen_after_purging_everything() {
     let dir = TempDir::new().unwrap();
     {
         let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
-        store
-            .blocking_append((1..=5).map(|i| put_ent(1, i)))
-            .await
-            .unwrap();
+        append_puts(&mut store, 1, 1..=5).await;
         store.save_vote(&Vote::new(1, 1)).await.unwrap();
         // Past the last entry, as when the state machine is ahead of the log.
         store.purge(log_id(3, 8)).await.unwrap();
@@ -342,10 +348,7 @@ async fn purge_past_a_stale_tail_hides_it() {
     // Entries 2 and 3 are older than (3,1) and must not be served.
     let dir = TempDir::new().unwrap();
     let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
-    store
-        .blocking_append((1..=3).map(|i| put_ent(1, i)))
-        .await
-        .unwrap();
+    append_puts(&mut store, 1, 1..=3).await;
     store.purge(log_id(3, 1)).await.unwrap();
 
     assert_eq!(
@@ -366,10 +369,7 @@ async fn truncate_before_the_first_entry_removes_everything() {
     // The first entry of a log need not directly follow the purged log id.
     let dir = TempDir::new().unwrap();
     let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
-    store
-        .blocking_append((5..=7).map(|i| put_ent(1, i)))
-        .await
-        .unwrap();
+    append_puts(&mut store, 1, 5..=7).await;
 
     store.truncate(log_id(1, 3)).await.unwrap();
     assert_eq!(
@@ -382,10 +382,7 @@ async fn truncate_before_the_first_entry_removes_everything() {
     assert!(read_all(&mut store).await.is_empty());
 
     // Truncating past the last entry is a no-op.
-    store
-        .blocking_append((1..=3).map(|i| put_ent(1, i)))
-        .await
-        .unwrap();
+    append_puts(&mut store, 1, 1..=3).await;
     store.truncate(log_id(1, 9)).await.unwrap();
     assert_eq!(3, read_all(&mut store).await.len());
 }
@@ -395,13 +392,10 @@ async fn append_callback_fires_after_the_entries_are_written() {
     let dir = TempDir::new().unwrap();
     let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
 
-    // `blocking_append` returns once the `LogFlushed` callback has fired, which the flush worker
-    // does only after it wrote and fdatasync'ed the batch. Look at what is in the files at that
-    // point, without closing `store` (closing writes and syncs everything).
-    store
-        .blocking_append((1..=20).map(|i| put_ent(1, i)))
-        .await
-        .unwrap();
+    // `blocking_append` returns once the `LogFlushed` callback has fired, which happens only
+    // after the batch was written and fdatasync'ed. Look at what is in the files at that point,
+    // without closing `store` (closing writes and syncs everything).
+    append_puts(&mut store, 1, 1..=20).await;
     let copy = snapshot_dir(dir.path());
     let mut reopened = LogStore::<TestConfig>::open(copy.path()).unwrap();
     assert_entries(
@@ -421,37 +415,66 @@ async fn append_callback_fires_after_the_entries_are_written() {
     drop(store);
 }
 
-#[tokio::test]
-async fn torn_tail_is_truncated_on_reopen() {
-    let dir = TempDir::new().unwrap();
-    {
-        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
-        store
-            .blocking_append((1..=5).map(|i| put_ent(1, i)))
-            .await
-            .unwrap();
-    }
-
-    // Cut the last record (entry 5) short, as a crash in the middle of a write would.
-    let mut wal_files: Vec<_> = std::fs::read_dir(dir.path())
+/// The newest segment file of a log directory.
+fn last_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|f| f.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "wal"))
         .collect();
-    wal_files.sort();
-    let last = wal_files.last().unwrap();
-    let len = std::fs::metadata(last).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(last).unwrap();
-    f.set_len(len - 3).unwrap();
-    drop(f);
+    segments.sort();
+    segments.pop().unwrap()
+}
 
+/// Where the written part of a segment ends (segments are zero-filled beforehand).
+fn written_end(data: &[u8]) -> usize {
+    data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+/// An entry whose record spans several 512-byte sectors.
+fn big_ent(term: u64, index: u64) -> Entry<TestConfig> {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Put {
+            key: format!("k{index}"),
+            value: "y".repeat(3000),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_on_reopen() {
+    let dir = TempDir::new().unwrap();
+    let torn_from;
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        append_puts(&mut store, 1, 1..=4).await;
+        let before = written_end(&std::fs::read(last_segment(dir.path())).unwrap());
+        store.blocking_append([big_ent(1, 5)]).await.unwrap();
+        torn_from = before;
+    }
+
+    // A crash during the write of entry 5: its sectors after the first never reached the disk.
+    let seg = last_segment(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let end = written_end(&data);
+    assert!(end - torn_from > 2048, "entry 5 spans several sectors");
+    let first_unwritten = (torn_from / 512 + 1) * 512;
+    data[first_unwritten..end].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        assert_entries(&read_all(&mut store).await, (1..=4).map(|i| put_ent(1, i)));
+        assert_eq!(
+            Some(log_id(1, 4)),
+            store.get_log_state().await.unwrap().last_log_id
+        );
+        // What is written over the torn record is shorter than it was.
+        store.blocking_append([put_ent(2, 5)]).await.unwrap();
+    }
+    // The torn record's leftovers behind the new one were cleared: the log reopens as written.
     let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
-    assert_entries(&read_all(&mut store).await, (1..=4).map(|i| put_ent(1, i)));
-    assert_eq!(
-        Some(log_id(1, 4)),
-        store.get_log_state().await.unwrap().last_log_id
-    );
-    store.blocking_append([put_ent(2, 5)]).await.unwrap();
     assert_entries(
         &read_all(&mut store).await,
         (1..=4).map(|i| put_ent(1, i)).chain([put_ent(2, 5)]),
@@ -459,43 +482,132 @@ async fn torn_tail_is_truncated_on_reopen() {
 }
 
 #[tokio::test]
-async fn entries_survive_chunk_rotation_and_cache_eviction() {
-    // Tiny chunks and cache, so that most reads go to closed chunk files.
+async fn a_damaged_record_that_is_not_a_torn_write_fails_the_open() {
+    let dir = TempDir::new().unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        append_puts(&mut store, 1, 1..=5).await;
+    }
+    // One flipped byte inside the records, every sector still written: that is not a crash,
+    // and dropping the entries after it would lose acknowledged writes.
+    let seg = last_segment(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let end = written_end(&data);
+    data[end / 2] ^= 0x40;
+    std::fs::write(&seg, &data).unwrap();
+
+    let err = LogStore::<TestConfig>::open(dir.path()).unwrap_err();
+    assert_eq!(std::io::ErrorKind::InvalidData, err.kind(), "{err}");
+}
+
+#[tokio::test]
+async fn a_stale_record_behind_the_tail_is_not_replayed() {
+    // Records written but never synced can reach the disk out of order: a crash may keep a
+    // later record and lose an earlier one. The later one must not come back once the log has
+    // moved on, even when what replaced the lost one is exactly as long.
+    let dir = TempDir::new().unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        append_puts(&mut store, 1, 1..=3).await;
+    }
+    let seg = last_segment(dir.path());
+    let synced = std::fs::read(&seg).unwrap();
+    let synced_end = written_end(&synced);
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        store.blocking_append([put_ent(1, 4)]).await.unwrap();
+        store.blocking_append([put_ent(1, 5)]).await.unwrap();
+    }
+    let later = std::fs::read(&seg).unwrap();
+    let later_end = written_end(&later);
+    // Entry 4's record is lost, entry 5's survived.
+    let mut crashed = later.clone();
+    // A record is [u32 LE body length][u32 checksum][body].
+    let body_len = u32::from_le_bytes(later[synced_end..synced_end + 4].try_into().unwrap());
+    let four_len = 8 + body_len as usize;
+    assert!(synced_end + four_len < later_end);
+    crashed[synced_end..synced_end + four_len].fill(0);
+    std::fs::write(&seg, &crashed).unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+        assert_entries(&read_all(&mut store).await, (1..=3).map(|i| put_ent(1, i)));
+        // The leader of term 2 replaces entry 4 with one of the same size.
+        store.blocking_append([put_ent(2, 4)]).await.unwrap();
+    }
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_entries(
+        &read_all(&mut store).await,
+        (1..=3).map(|i| put_ent(1, i)).chain([put_ent(2, 4)]),
+    );
+}
+
+#[tokio::test]
+async fn entries_survive_segment_rotation_and_cache_eviction() {
+    // Tiny segments and cache, so that most reads go to the segment files.
     let config = LogStoreConfig {
-        chunk_max_records: 8,
-        chunk_max_size: 4096,
-        log_cache_max_items: 4,
-        log_cache_capacity: 1024,
-        ..LogStoreConfig::default()
+        segment_size: 4096,
+        cache_bytes: 1024,
     };
     let dir = TempDir::new().unwrap();
-    let chunks_before_purge;
+    let segments_before_purge;
     {
         let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
-        for i in 1..=100 {
+        // In the first segment only: it is removed by the purge below, and they must not be.
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        for i in 1..=300 {
             store.blocking_append([put_ent(1, i)]).await.unwrap();
         }
+        store.save_committed(Some(log_id(1, 290))).await.unwrap();
         assert_entries(
             &read_all(&mut store).await,
-            (1..=100).map(|i| put_ent(1, i)),
+            (1..=300).map(|i| put_ent(1, i)),
         );
-        chunks_before_purge = wal_file_count(dir.path());
-        assert!(chunks_before_purge > 5, "{chunks_before_purge} chunk files");
-        store.purge(log_id(1, 60)).await.unwrap();
-        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        segments_before_purge = wal_file_count(dir.path());
+        assert!(
+            segments_before_purge > 5,
+            "{segments_before_purge} segments"
+        );
+        store.purge(log_id(1, 200)).await.unwrap();
+        // Segments holding only purged entries are gone as soon as the purge returns.
+        assert!(wal_file_count(dir.path()) < segments_before_purge);
+        assert_entries(
+            &read_all(&mut store).await,
+            (201..=300).map(|i| put_ent(1, i)),
+        );
     }
-    // Chunks holding only purged entries were unlinked after the purge record was synced.
-    assert!(wal_file_count(dir.path()) < chunks_before_purge);
 
     let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
     assert_entries(
         &read_all(&mut store).await,
-        (61..=100).map(|i| put_ent(1, i)),
+        (201..=300).map(|i| put_ent(1, i)),
     );
     assert_eq!(
-        Some(log_id(1, 60)),
+        Some(log_id(1, 200)),
         store.get_log_state().await.unwrap().last_purged_log_id
     );
+    assert_eq!(Some(Vote::new(1, 1)), store.read_vote().await.unwrap());
+    assert_eq!(Some(log_id(1, 290)), store.read_committed().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_damaged_segment_file_fails_a_read_instead_of_returning_garbage() {
+    let config = LogStoreConfig {
+        segment_size: 1 << 20,
+        cache_bytes: 0,
+    };
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+    append_puts(&mut store, 1, 1..=3).await;
+    store.blocking_append([put_ent(1, 4)]).await.unwrap();
+    // Entries 1-3 are read from the file (only the newest payload stays cached).
+    assert_eq!(4, read_all(&mut store).await.len());
+    let seg = last_segment(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let at = data.iter().position(|&b| b == b'v').unwrap();
+    data[at] = b'w';
+    std::fs::write(&seg, &data).unwrap();
+    let err = store.try_get_log_entries(1..2).await.unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
 }
 
 fn wal_file_count(dir: &Path) -> usize {
@@ -522,10 +634,7 @@ async fn committed_is_stored_only_when_it_advances_within_the_log() {
         "beyond an empty log"
     );
 
-    store
-        .blocking_append((1..=5).map(|i| put_ent(1, i)))
-        .await
-        .unwrap();
+    append_puts(&mut store, 1, 1..=5).await;
     store.save_committed(Some(log_id(1, 4))).await.unwrap();
     store.save_committed(Some(log_id(1, 3))).await.unwrap();
     store.save_committed(Some(log_id(1, 9))).await.unwrap();
@@ -544,7 +653,7 @@ async fn second_open_of_the_same_dir_fails() {
 #[tokio::test]
 async fn open_creates_missing_directories() {
     let dir = TempDir::new().unwrap();
-    let path = dir.path().join("a").join("raft-log");
+    let path = dir.path().join("a").join("wal");
     let mut store = LogStore::<TestConfig>::open(&path).unwrap();
     store.blocking_append([put_ent(1, 1)]).await.unwrap();
     assert_eq!(1, read_all(&mut store).await.len());

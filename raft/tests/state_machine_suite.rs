@@ -1,4 +1,4 @@
-//! openraft's storage conformance suite against fetcd's real pair: the raft-log `LogStore` and the
+//! openraft's storage conformance suite against fetcd's real pair: the `LogStore` on its write-ahead log and the
 //! `StateMachine` over the sled MVCC store.
 #![allow(clippy::unwrap_used)]
 
@@ -31,7 +31,7 @@ impl StoreBuilder<TypeConfig, LogStore<TypeConfig>, Arc<StateMachine>, TempDir> 
         &self,
     ) -> Result<(TempDir, LogStore<TypeConfig>, Arc<StateMachine>), StorageError<NodeId>> {
         let dir = TempDir::new().map_err(io)?;
-        let log = LogStore::open(&dir.path().join("raft-log")).map_err(io)?;
+        let log = LogStore::open(&dir.path().join("wal")).map_err(io)?;
         let store = Arc::new(KvStore::open_path(&dir.path().join("kv")).map_err(io)?);
         let sm = StateMachine::open(store, &dir.path().join("snap")).map_err(io)?;
         Ok((dir, log, sm))

@@ -72,7 +72,7 @@ async fn etcd_environment_variables_configure_it_and_sigterm_stops_it() {
             .contains("too many operations in txn request"),
         "{err}"
     );
-    assert!(dir.path().join("member").join("raft-log").is_dir());
+    assert!(dir.path().join("member").join("wal").is_dir());
 
     // SIGTERM: a clean, zero-status exit.
     let status = Command::new("kill")
