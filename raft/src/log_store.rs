@@ -262,7 +262,11 @@ impl<C: RaftTypeConfig> State<C> {
     }
 
     fn truncate_from(&mut self, index: u64) {
-        if self.entries.last_key_value().is_none_or(|(&last, _)| last < index) {
+        if self
+            .entries
+            .last_key_value()
+            .is_none_or(|(&last, _)| last < index)
+        {
             return;
         }
         drop(self.entries.split_off(&index));
