@@ -40,7 +40,8 @@
 //!   thread of its own would only add two thread wake-ups to every write; the leader's client
 //!   requests are batched into one entry before (see `RaftNode`'s batcher), which is the group
 //!   commit. A failed write or sync fails this call and every later write (a failed fsync is
-//!   never retried).
+//!   never retried). When syncs are slow, the worker thread's other tasks move to another
+//!   thread for the wait ([`LogStoreConfig::slow_sync`]).
 //! - [`save_vote`](RaftLogStorage::save_vote) returns once the vote is synced.
 //! - [`save_committed`](RaftLogStorage::save_committed) and
 //!   [`truncate`](RaftLogStorage::truncate) are written with the next write and durable with
@@ -63,12 +64,14 @@ use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::time::Duration;
+use std::time::Instant;
 
 use openraft::storage::LogFlushed;
 use openraft::storage::LogState;
@@ -116,6 +119,15 @@ pub struct LogStoreConfig {
     ///
     /// Default: 4 MiB.
     pub cache_bytes: usize,
+
+    /// Syncs are done on the calling thread (see the module documentation). Once they take
+    /// this long on average (a busy or networked disk), a sync on a multi-threaded tokio
+    /// runtime first hands the worker's other tasks to another thread (`block_in_place`), as
+    /// Go's scheduler does around etcd's blocking fsync; a quicker sync is cheaper to wait out
+    /// than that hand-off.
+    ///
+    /// Default: 1 ms.
+    pub slow_sync: Duration,
 }
 
 impl Default for LogStoreConfig {
@@ -123,6 +135,7 @@ impl Default for LogStoreConfig {
         Self {
             segment_size: 16 * 1024 * 1024,
             cache_bytes: 4 * 1024 * 1024,
+            slow_sync: Duration::from_millis(1),
         }
     }
 }
@@ -149,6 +162,9 @@ struct Shared<C: RaftTypeConfig> {
     state: Mutex<State<C>>,
     files: wal::Files,
     syncs: Arc<SyncGauge>,
+    /// Moving average of the syncs' durations, in µs.
+    sync_us: AtomicU64,
+    slow_sync_us: u64,
 }
 
 /// Appends whose fdatasync has not completed yet.
@@ -423,6 +439,8 @@ impl<C: RaftTypeConfig> LogStore<C> {
                 state: Mutex::new(state),
                 files,
                 syncs: Arc::default(),
+                sync_us: AtomicU64::new(0),
+                slow_sync_us: u64::try_from(config.slow_sync.as_micros()).unwrap_or(u64::MAX),
             }),
         })
     }
@@ -443,6 +461,25 @@ impl<C: RaftTypeConfig> LogStore<C> {
         // The state is only changed after the write it reflects succeeded, by code that does not
         // panic half way; a poisoned lock still holds a consistent state.
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what is pushed and syncs it; see [`LogStoreConfig::slow_sync`].
+    fn sync(&self, wal: &mut Wal) -> io::Result<()> {
+        let slow = self.shared.sync_us.load(Ordering::Relaxed) >= self.shared.slow_sync_us;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let started = Instant::now();
+        let res = if slow && multi_thread {
+            tokio::task::block_in_place(|| wal.flush(true))
+        } else {
+            wal.flush(true)
+        };
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let avg = self.shared.sync_us.load(Ordering::Relaxed);
+        self.shared
+            .sync_us
+            .store(avg - avg / 4 + took / 4, Ordering::Relaxed);
+        res
     }
 
     /// Pushes a record, first starting a new segment (headed by the log's state) if it does
@@ -548,7 +585,7 @@ where
         let body = record(VOTE, vote).map_err(err)?;
         let mut wal = self.wal().map_err(err)?;
         self.push(&mut wal, &body).map_err(err)?;
-        wal.flush(true).map_err(err)?;
+        self.sync(&mut wal).map_err(err)?;
         self.state().vote = Some(vote.clone());
         Ok(())
     }
@@ -623,7 +660,7 @@ where
             locs.push(self.push(&mut wal, body).map_err(err)?);
         }
         self.shared.syncs.started();
-        let synced = wal.flush(true);
+        let synced = self.sync(&mut wal);
         self.shared.syncs.finished();
         if let Err(e) = synced {
             callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
@@ -671,7 +708,7 @@ where
         // Remove (-oo, log_id.index]. Past the last entry, `last` becomes `log_id`.
         let body = record(PURGE, &log_id).map_err(err)?;
         self.push(&mut wal, &body).map_err(err)?;
-        wal.flush(true).map_err(err)?;
+        self.sync(&mut wal).map_err(err)?;
 
         // Segments before the first one still holding a live entry are no longer needed: the
         // purge record is durable, and later segments start with the log's state.

@@ -481,6 +481,36 @@ async fn torn_tail_is_truncated_on_reopen() {
     );
 }
 
+/// Syncs that count as slow hand the worker's other tasks away first (`block_in_place`), which
+/// tokio allows only on a multi-threaded runtime: both kinds of runtime must keep working.
+async fn writes_with_every_sync_counted_slow() {
+    let config = LogStoreConfig {
+        slow_sync: std::time::Duration::ZERO,
+        ..LogStoreConfig::default()
+    };
+    let dir = TempDir::new().unwrap();
+    {
+        let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+        append_puts(&mut store, 1, 1..=3).await;
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        append_puts(&mut store, 1, 4..=5).await;
+        store.purge(log_id(1, 2)).await.unwrap();
+    }
+    let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+    assert_entries(&read_all(&mut store).await, (3..=5).map(|i| put_ent(1, i)));
+    assert_eq!(Some(Vote::new(1, 1)), store.read_vote().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_syncs_on_a_multi_threaded_runtime() {
+    writes_with_every_sync_counted_slow().await;
+}
+
+#[tokio::test]
+async fn slow_syncs_on_a_current_thread_runtime() {
+    writes_with_every_sync_counted_slow().await;
+}
+
 #[tokio::test]
 async fn a_damaged_record_that_is_not_a_torn_write_fails_the_open() {
     let dir = TempDir::new().unwrap();
@@ -547,6 +577,7 @@ async fn entries_survive_segment_rotation_and_cache_eviction() {
     let config = LogStoreConfig {
         segment_size: 4096,
         cache_bytes: 1024,
+        ..LogStoreConfig::default()
     };
     let dir = TempDir::new().unwrap();
     let segments_before_purge;
@@ -594,6 +625,7 @@ async fn a_damaged_segment_file_fails_a_read_instead_of_returning_garbage() {
     let config = LogStoreConfig {
         segment_size: 1 << 20,
         cache_bytes: 0,
+        ..LogStoreConfig::default()
     };
     let dir = TempDir::new().unwrap();
     let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
@@ -728,6 +760,7 @@ async fn random_operations_and_reopens_match_a_model() {
     let config = LogStoreConfig {
         segment_size: 4096,
         cache_bytes: 2048,
+        ..LogStoreConfig::default()
     };
     let seeds: u64 = std::env::var("FETCD_WAL_SEEDS")
         .ok()
