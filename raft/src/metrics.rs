@@ -106,6 +106,10 @@ impl Histogram {
 /// Durations of the Raft log's synced flushes (see the module documentation).
 pub static WAL_FSYNC: Histogram = Histogram::new(&FSYNC_BUCKETS);
 
+/// Bytes written to the Raft log's segments, records only (not the zero-filling of new
+/// segments): etcd's `etcd_disk_wal_write_bytes_total`, for disk-bandwidth dashboards.
+pub static WAL_WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
+
 /// Round trips of the AppendEntries RPCs a peer answered, `[with entries, empty]`, per target
 /// member (see the module documentation).
 #[derive(Debug)]

@@ -39,6 +39,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::thread::JoinHandle;
@@ -253,6 +254,7 @@ impl Wal {
         if !self.pending.is_empty() {
             self.active_file
                 .write_all_at(&self.pending, self.pending_at)?;
+            crate::metrics::WAL_WRITE_BYTES.fetch_add(self.pending.len() as u64, Ordering::Relaxed);
             self.pending_at += self.pending.len() as u64;
             self.pending.clear();
         }

@@ -4,7 +4,8 @@
 //! - `etcd_server_has_leader`, `etcd_server_leader_changes_seen_total`,
 //!   `etcd_server_proposals_committed_total`, `etcd_server_proposals_applied_total`;
 //! - `etcd_mvcc_db_total_size_in_bytes` (the member's on-disk size, as the quota sees it);
-//! - `etcd_disk_wal_fsync_duration_seconds` (see `fetcd_raft::metrics`);
+//! - `etcd_disk_wal_fsync_duration_seconds` and `etcd_disk_wal_write_bytes_total` (see
+//!   `fetcd_raft::metrics`);
 //! - `fetcd_raft_append_entries_round_trip_seconds{To="<member id, hex>",kind="entries"|"empty"}`:
 //!   this member's AppendEntries round trips to each peer, by whether they carried entries
 //!   (fetcd's own: etcd streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
@@ -260,6 +261,15 @@ pub fn render(node: &EtcdNode) -> String {
         "Total size of the underlying database physically allocated in bytes.",
         "gauge",
         node.quota().db_size(raft).to_string(),
+    );
+    gauge(
+        "etcd_disk_wal_write_bytes_total",
+        "Total number of bytes written in WAL.",
+        // etcd declares this total a gauge; a scraper sees the same type from both.
+        "gauge",
+        fetcd_raft::metrics::WAL_WRITE_BYTES
+            .load(Ordering::Relaxed)
+            .to_string(),
     );
     let name = "etcd_disk_wal_fsync_duration_seconds";
     let _ = writeln!(

@@ -70,6 +70,7 @@ async fn http_endpoints_on_client_and_metrics_ports() {
         assert!(metric(&text, "etcd_server_proposals_applied_total") >= 2.0);
         assert!(metric(&text, "etcd_mvcc_db_total_size_in_bytes") > 0.0);
         assert!(metric(&text, "etcd_disk_wal_fsync_duration_seconds_count") >= 1.0);
+        assert!(metric(&text, "etcd_disk_wal_write_bytes_total") > 0.0);
         assert!(text.contains(r#"grpc_server_started_total{grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#), "{text}");
         assert!(text.contains(r#"grpc_server_handled_total{grpc_code="OK",grpc_method="Put",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#), "{text}");
         assert!(text.contains(r#"grpc_server_handled_total{grpc_code="OutOfRange",grpc_method="Range",grpc_service="etcdserverpb.KV",grpc_type="unary"} 1"#), "{text}");
