@@ -134,6 +134,22 @@ impl Wal {
             }
         }
         seqs.sort_unstable();
+        // Segments are only ever removed oldest first, so a gap in the numbers is a removal a
+        // crash interrupted (or a file system that kept some unlinks and lost others): what is
+        // before it was meant to be gone. It is removed rather than replayed; replaying it
+        // would end in the same state (the purge record that removed it comes later) but walk
+        // through entries with a hole in them on the way.
+        if let Some(gap) = seqs.windows(2).rposition(|w| w[1] != w[0] + 1) {
+            for &old in &seqs[..=gap] {
+                tracing::info!(
+                    segment = format!("{old:016x}"),
+                    "removing a wal segment left behind an interrupted purge"
+                );
+                std::fs::remove_file(segment_path(dir, old))?;
+            }
+            sync_dir(dir)?;
+            seqs.drain(..=gap);
+        }
 
         let mut files = BTreeMap::new();
         let mut end = None;
