@@ -11,6 +11,11 @@
 //! later requests. The sequence is a pure function of the seed, so a failure is replayed with
 //! `FETCD_DIFF_SEED=<seed>` (the seeds CI runs are fixed; set `FETCD_DIFF_OPS` for longer runs).
 //!
+//! `random_watch_streams_match_etcd` adds the Watch protocol: between such requests, watches are
+//! created on one stream (random spans and filters, from now, a past or a future revision,
+//! sometimes under an id the client chose, which may be taken), canceled (live and unknown ids)
+//! and asked for progress; every watch's responses are compared.
+//!
 //! Absolute checks (which fail even if both servers agree): header revisions never go back,
 //! a write that changes something bumps the revision by exactly one, an unsorted range is in key
 //! order, returned kvs are consistent (create <= mod <= header, version >= 1), and a watcher
@@ -185,6 +190,8 @@ struct Walk {
     rev: i64,
     /// The last compaction the generator asked for.
     compacted: i64,
+    /// No compaction above this revision (see `random_stream_scenario`).
+    compact_cap: i64,
     values: u64,
     /// The Txn being generated has deleted from a key (`range_end` `"\0"`) before this point.
     /// A later put with `ignore_value` or `ignore_lease` of a key after it makes etcd 3.4 panic
@@ -529,7 +536,9 @@ async fn one_request(s: &mut Session, walk: &mut Walk, i: usize) -> Result<()> {
         }
         // Compact, at a revision that may be old, current, already compacted or future.
         88..=90 => {
-            let r = (walk.compacted + walk.rng.below(8) as i64 - 2).clamp(1, walk.rev + 1);
+            let r = (walk.compacted + walk.rng.below(8) as i64 - 2)
+                .clamp(1, walk.rev + 1)
+                .min(walk.compact_cap);
             let mut o = CompactionOptions::new();
             if walk.rng.chance(50) {
                 o = o.with_physical();
@@ -655,17 +664,9 @@ fn ops_per_seed() -> usize {
         .unwrap_or(DEFAULT_OPS)
 }
 
-async fn random_scenario(s: &mut Session, seed: u64, serializable: bool) -> Result<()> {
-    let mut walk = Walk {
-        rng: Rng(seed),
-        rev: 1,
-        compacted: 0,
-        values: 0,
-        deleted_from_key: false,
-        serializable,
-        problems: Vec::new(),
-    };
-    // Leases exist before the first put that names them, most of the time.
+/// A fresh generator for `seed`, with the leases the requests name granted first (so they
+/// exist before the first put that names them, most of the time).
+async fn start_walk(s: &mut Session, seed: u64, serializable: bool) -> Result<Walk> {
     for id in &LEASES[..2] {
         s.lease_grant(
             &format!("lease grant {id}"),
@@ -674,6 +675,20 @@ async fn random_scenario(s: &mut Session, seed: u64, serializable: bool) -> Resu
         )
         .await?;
     }
+    Ok(Walk {
+        rng: Rng(seed),
+        rev: 1,
+        compacted: 0,
+        compact_cap: i64::MAX,
+        values: 0,
+        deleted_from_key: false,
+        serializable,
+        problems: Vec::new(),
+    })
+}
+
+async fn random_scenario(s: &mut Session, seed: u64, serializable: bool) -> Result<()> {
+    let mut walk = start_walk(s, seed, serializable).await?;
     // Live watchers see every request below as it happens (and fall behind and catch up if
     // their stream's flow-control window fills before they are drained).
     let mut live = Vec::new();
@@ -736,6 +751,252 @@ async fn random_requests_through_three_members_match_one_etcd() -> Result<()> {
             &format!("random seed {seed}, 3 members"),
             TargetKind::FetcdCluster,
             async |s: &mut Session| random_scenario(s, seed, false).await,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+// --- many watches on one stream, created and canceled between the requests ------------------
+
+/// What one watch stream has said, by watch: its control responses (created, canceled; the
+/// header left out) and its events, flattened, in the order they came; and the revisions of the
+/// progress responses. A watch is its id and the how-manyeth creation of that id it is (a
+/// client may reuse the id of a canceled watch).
+#[derive(Default)]
+struct StreamLog {
+    by_watch: std::collections::BTreeMap<(i64, u32), Vec<serde_json::Value>>,
+    generation: std::collections::BTreeMap<i64, u32>,
+    /// The first revision each watch may report, and the last one it did.
+    bounds: std::collections::BTreeMap<(i64, u32), (i64, i64)>,
+    /// Watches the test canceled.
+    canceled: std::collections::BTreeSet<(i64, u32)>,
+    progress: Vec<i64>,
+}
+
+impl StreamLog {
+    fn watch(&self, id: i64) -> (i64, u32) {
+        (id, self.generation.get(&id).copied().unwrap_or(0))
+    }
+
+    fn take(&mut self, walk: &mut Walk, r: &fetcd_proto::etcdserverpb::WatchResponse) {
+        if r.created {
+            *self.generation.entry(r.watch_id).or_default() += 1;
+        }
+        let watch = self.watch(r.watch_id);
+        let entry = self.by_watch.entry(watch).or_default();
+        if r.created || r.canceled {
+            let mut v = w::watch_response(r);
+            if let Some(o) = v.as_object_mut() {
+                o.remove("header");
+                o.remove("events");
+            }
+            entry.push(v);
+        } else if r.events.is_empty() && r.watch_id == -1 {
+            self.progress
+                .push(r.header.as_ref().map_or(0, |h| h.revision));
+        }
+        for e in &r.events {
+            let rev = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            let (start, last) = self.bounds.get(&watch).copied().unwrap_or((0, 0));
+            if rev < start || rev < last {
+                walk.problems.push(format!(
+                    "watch {watch:?}: event at revision {rev} after {last} (start {start})"
+                ));
+            }
+            self.bounds.insert(watch, (start, rev));
+            entry.push(w::event(e));
+        }
+    }
+
+    /// Records every watch's history. Of a watch the test canceled, only its control
+    /// responses: whether events still queued for it when the cancel arrives go out first is a
+    /// matter of timing (etcd 3.4's send loop may hold them back for good).
+    fn record(&self, s: &mut Session) {
+        for (watch, history) in &self.by_watch {
+            let history: Vec<_> = if self.canceled.contains(watch) {
+                history
+                    .iter()
+                    .filter(|v| v.get("created").is_some())
+                    .cloned()
+                    .collect()
+            } else {
+                history.clone()
+            };
+            s.record(format!("stream: watch {watch:?}"), json!(history));
+        }
+        s.record("stream: progress revisions", json!(self.progress));
+    }
+}
+
+/// Reads the stream until a response satisfies `done` (recording everything on the way), or
+/// until it has been quiet for [`WATCH_QUIET`] when `done` is `None`.
+async fn read_stream(
+    conn: &mut w::WatchConn,
+    walk: &mut Walk,
+    log: &mut StreamLog,
+    step: &str,
+    done: Option<&dyn Fn(&fetcd_proto::etcdserverpb::WatchResponse) -> bool>,
+) {
+    let wait = if done.is_some() {
+        Duration::from_secs(10)
+    } else {
+        WATCH_QUIET
+    };
+    loop {
+        match conn.recv_within(wait).await {
+            Received::Response(r) => {
+                log.take(walk, &r);
+                if done.is_some_and(|d| d(&r)) {
+                    return;
+                }
+            }
+            Received::Nothing if done.is_none() => return,
+            other => {
+                walk.problems
+                    .push(format!("{step}: the stream ended: {}", other.to_value()));
+                return;
+            }
+        }
+    }
+}
+
+/// Random KV requests with, between them, watches created on one stream (on random spans, from
+/// now, a past or a future revision, sometimes with an id the client chose, which may be taken),
+/// canceled (live ids and unknown ones) and progress requests. Each create, cancel of a live
+/// watch and progress request waits for its answer before the next request, so what a watch
+/// from "now" sees does not depend on timing; everything the stream says is compared per watch.
+async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
+    // Its own sequence, not the KV-only scenario's with watch requests in between.
+    let mut walk = start_walk(s, seed ^ 0x5754_4348, true).await?;
+    let mut log = StreamLog::default();
+    let mut conn = s
+        .watch_open("open the stream", w::progress_request())
+        .await?;
+    read_stream(
+        &mut conn,
+        &mut walk,
+        &mut log,
+        "first progress",
+        Some(&|r| r.watch_id == -1),
+    )
+    .await;
+    let mut live: Vec<i64> = Vec::new();
+    for i in 0..ops_per_seed() / 2 {
+        let roll = walk.rng.below(100);
+        if roll < 65 {
+            one_request(s, &mut walk, i).await?;
+            continue;
+        }
+        if roll < 85 {
+            let (key, span) = Span::random(&mut walk.rng);
+            let mut req = span.watch(key);
+            req.start_revision = match walk.rng.below(10) {
+                0..=4 => 0,
+                5..=7 => 1 + walk.rng.below(walk.rev.max(1) as u64) as i64,
+                _ => walk.rev + 1 + walk.rng.below(3) as i64,
+            };
+            req.prev_kv = walk.rng.chance(50);
+            if walk.rng.chance(15) {
+                req.filters.push(FilterType::Noput as i32);
+            } else if walk.rng.chance(15) {
+                req.filters.push(FilterType::Nodelete as i32);
+            }
+            if walk.rng.chance(25) {
+                req.watch_id = 1 + walk.rng.below(8) as i64;
+            }
+            let step = format!(
+                "#{i} stream: watch id {} {} from {} prev_kv={} filters={:?}",
+                req.watch_id,
+                span.describe(key),
+                req.start_revision,
+                req.prev_kv,
+                req.filters
+            );
+            let from_past = (1..=walk.rev).contains(&req.start_revision);
+            let start = if req.start_revision == 0 {
+                walk.rev + 1
+            } else {
+                req.start_revision
+            };
+            conn.create(req).await?;
+            let created = std::cell::Cell::new(None);
+            read_stream(
+                &mut conn,
+                &mut walk,
+                &mut log,
+                &step,
+                Some(&|r| {
+                    let ours = r.created;
+                    if ours {
+                        created.set(Some((r.watch_id, r.canceled)));
+                    }
+                    ours
+                }),
+            )
+            .await;
+            s.record(step, json!({ "created": created.get() }));
+            if let Some((id, false)) = created.get() {
+                log.bounds.insert(log.watch(id), (start, 0));
+                if from_past {
+                    // etcd 3.4 replays history to such a watch up to 100 ms later, and cancels
+                    // it if a compaction passed its start meanwhile; fetcd replays at once. So
+                    // nothing is compacted above its start from now on, and it is not canceled.
+                    walk.compact_cap = walk.compact_cap.min(start);
+                } else {
+                    live.push(id);
+                }
+            }
+        } else if roll < 95 {
+            let known = !live.is_empty() && walk.rng.chance(70);
+            let id = if known {
+                live.remove(walk.rng.below(live.len() as u64) as usize)
+            } else {
+                100 + walk.rng.below(5) as i64
+            };
+            conn.cancel(id).await?;
+            if known {
+                log.canceled.insert(log.watch(id));
+                let step = format!("#{i} stream: cancel {id}");
+                read_stream(
+                    &mut conn,
+                    &mut walk,
+                    &mut log,
+                    &step,
+                    Some(&|r| r.canceled && r.watch_id == id),
+                )
+                .await;
+            }
+        } else {
+            conn.request_progress().await?;
+            let step = format!("#{i} stream: progress");
+            read_stream(
+                &mut conn,
+                &mut walk,
+                &mut log,
+                &step,
+                Some(&|r| r.watch_id == -1 && !r.created),
+            )
+            .await;
+        }
+    }
+    read_stream(&mut conn, &mut walk, &mut log, "end", None).await;
+    conn.close_send();
+    log.record(s);
+    ensure!(
+        walk.problems.is_empty(),
+        "seed {seed}: {}",
+        walk.problems.join("\n")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_watch_streams_match_etcd() -> Result<()> {
+    for seed in seeds() {
+        run_differential(
+            &format!("random watch stream seed {seed}"),
+            async |s: &mut Session| random_stream_scenario(s, seed).await,
         )
         .await?;
     }
