@@ -82,9 +82,8 @@ pub(crate) struct Wal {
     offset: u64,
     /// The last record's checksum.
     chain: u32,
-    /// Records encoded but not yet written, starting at `pending_at`.
+    /// Records encoded but not yet written: the last `pending.len()` bytes before `offset`.
     pending: Vec<u8>,
-    pending_at: u64,
     /// The zero-filling of segment `active + 1`.
     next: Option<JoinHandle<io::Result<()>>>,
     /// A write or sync failed: nothing more may be written (a failed fsync is not retried).
@@ -155,10 +154,7 @@ impl Wal {
         let mut end = None;
         for (i, &seq) in seqs.iter().enumerate() {
             let last = i + 1 == seqs.len();
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(segment_path(dir, seq))?;
+            let file = open_segment(dir, seq)?;
             let (offset, chain) = scan(&file, seq, last, &mut replay)?;
             files.insert(seq, Arc::new(file));
             if last {
@@ -171,11 +167,7 @@ impl Wal {
             None => {
                 prepare_segment(dir, 0, segment_size)?;
                 activate_segment(dir, 0)?;
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(segment_path(dir, 0))?;
-                files.insert(0, Arc::new(file));
+                files.insert(0, Arc::new(open_segment(dir, 0)?));
                 (0, 0, chain_seed(0))
             }
         };
@@ -193,7 +185,6 @@ impl Wal {
             offset,
             chain,
             pending: Vec::new(),
-            pending_at: offset,
             next: None,
             failed: false,
             _lock: lock,
@@ -235,9 +226,7 @@ impl Wal {
                     format!("wal record of {} bytes", body.len()),
                 )
             })?;
-        let mut h = crc32fast::Hasher::new_with_initial(self.chain);
-        h.update(body);
-        let crc = h.finalize();
+        let crc = checksum(self.chain, body);
         let loc = Loc {
             seq: self.active,
             off: self.offset,
@@ -268,10 +257,10 @@ impl Wal {
 
     fn write_pending(&mut self, sync: bool) -> io::Result<()> {
         if !self.pending.is_empty() {
+            let len = self.pending.len() as u64;
             self.active_file
-                .write_all_at(&self.pending, self.pending_at)?;
-            crate::metrics::WAL_WRITE_BYTES.fetch_add(self.pending.len() as u64, Ordering::Relaxed);
-            self.pending_at += self.pending.len() as u64;
+                .write_all_at(&self.pending, self.offset - len)?;
+            crate::metrics::WAL_WRITE_BYTES.fetch_add(len, Ordering::Relaxed);
             self.pending.clear();
         }
         if sync {
@@ -297,17 +286,11 @@ impl Wal {
             prepare_segment(&self.dir, seq, self.segment_size)?;
         }
         activate_segment(&self.dir, seq)?;
-        let file = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(segment_path(&self.dir, seq))?,
-        );
+        let file = Arc::new(open_segment(&self.dir, seq)?);
         write_lock(&self.files).insert(seq, file.clone());
         self.active = seq;
         self.active_file = file;
         self.offset = 0;
-        self.pending_at = 0;
         self.chain = chain_seed(seq);
         self.prepare_next();
         Ok(())
@@ -464,13 +447,7 @@ fn torn(
         offset = off,
         "wal ends with a record torn by a crash; truncating it"
     );
-    let zeros = vec![0u8; ZERO_BLOCK];
-    let mut at = off;
-    while at < data.len() {
-        let n = (data.len() - at).min(ZERO_BLOCK);
-        file.write_all_at(&zeros[..n], at as u64)?;
-        at += n;
-    }
+    write_zeros(file, off as u64, data.len() as u64)?;
     file.sync_data()?;
     Ok((off as u64, chain))
 }
@@ -507,14 +484,27 @@ fn prepare_segment(dir: &Path, seq: u64, size: u64) -> io::Result<()> {
         .truncate(true)
         .write(true)
         .open(&path)?;
+    write_zeros(&file, 0, size)?;
+    file.sync_all()
+}
+
+/// Writes zeros over `[from, to)` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     let zeros = vec![0u8; ZERO_BLOCK];
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(ZERO_BLOCK as u64) as usize;
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZERO_BLOCK as u64) as usize;
         file.write_all_at(&zeros[..n], at)?;
         at += n as u64;
     }
-    file.sync_all()
+    Ok(())
+}
+
+fn open_segment(dir: &Path, seq: u64) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(segment_path(dir, seq))
 }
 
 /// Renames the prepared `<seq>.wal.tmp` to `<seq>.wal` durably.
