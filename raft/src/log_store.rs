@@ -52,8 +52,8 @@
 //!
 //! # Memory
 //!
-//! Every live entry's log id and location stay in memory (about 80 bytes each); payloads only in
-//! a cache of the newest entries ([`LogStoreConfig::cache_bytes`]). Older ones are read back
+//! Every live entry's log id and location stay in memory (48 bytes each, plus the map's
+//! overhead); payloads only in a cache of the newest entries ([`LogStoreConfig::cache_bytes`]). Older ones are read back
 //! with `pread` and checked against their checksum, which a follower needs only when it is more
 //! than the cache behind.
 
@@ -365,8 +365,9 @@ fn record<T: Serialize>(kind: u8, value: &T) -> io::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// An entry record's body: kind, u32 length of the log id, log id, payload.
-fn entry_record<C>(entry: &Entry<C>) -> io::Result<Vec<u8>>
+/// An entry record's body (kind, u32 length of the log id, log id, payload), and where the
+/// payload starts in it.
+fn entry_record<C>(entry: &Entry<C>) -> io::Result<(Vec<u8>, usize)>
 where
     C: RaftTypeConfig,
     EntryPayload<C>: Serialize,
@@ -377,9 +378,10 @@ where
     let mut body = vec![ENTRY];
     body.extend_from_slice(&id_len.to_le_bytes());
     body.extend_from_slice(&log_id);
+    let payload_at = body.len();
     bincode::serialize_into(&mut body, &entry.payload)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    Ok(body)
+    Ok((body, payload_at))
 }
 
 /// The log id and the payload bytes of an entry record's fields (after the kind).
@@ -640,10 +642,10 @@ where
         // Encode before touching the log, so that a failure writes nothing.
         let mut records = Vec::new();
         for entry in entries {
-            let body = entry_record(&entry).map_err(|e| {
+            let (body, payload_at) = entry_record(&entry).map_err(|e| {
                 sto_err(ErrorSubject::Log(entry.log_id.clone()), ErrorVerb::Write, e)
             })?;
-            records.push((entry.log_id, body));
+            records.push((entry.log_id, body, payload_at));
         }
 
         let err = |e| sto_err(ErrorSubject::Logs, ErrorVerb::Write, e);
@@ -652,11 +654,11 @@ where
         // openraft does not normally append there, but its storage test suite does after
         // purging to the state machine's last applied log id.
         if let Some(purged) = self.state().purged_index() {
-            records.retain(|(log_id, _)| log_id.index > purged);
+            records.retain(|(log_id, _, _)| log_id.index > purged);
         }
 
         let mut locs = Vec::with_capacity(records.len());
-        for (_, body) in &records {
+        for (_, body, _) in &records {
             locs.push(self.push(&mut wal, body).map_err(err)?);
         }
         self.shared.syncs.started();
@@ -668,11 +670,8 @@ where
         }
         {
             let mut state = self.state();
-            for ((log_id, body), loc) in records.into_iter().zip(locs) {
-                let payload = split_entry::<C::NodeId>(&body[1..])
-                    .map(|(_, p)| Arc::<[u8]>::from(p))
-                    .map_err(err)?;
-                state.insert(log_id, loc, payload);
+            for ((log_id, body, payload_at), loc) in records.into_iter().zip(locs) {
+                state.insert(log_id, loc, body[payload_at..].into());
             }
         }
         drop(wal);

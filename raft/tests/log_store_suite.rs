@@ -473,7 +473,8 @@ async fn torn_tail_is_truncated_on_reopen() {
         // What is written over the torn record is shorter than it was.
         store.blocking_append([put_ent(2, 5)]).await.unwrap();
     }
-    // The torn record's leftovers behind the new one were cleared: the log reopens as written.
+    // Whatever is left of the torn record behind the new one does not come back or stop the
+    // reopen. (That a leftover can never pass for a record is `a_stale_record_behind_...`.)
     let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
     assert_entries(
         &read_all(&mut store).await,
