@@ -6,8 +6,8 @@
 //! # Why our own segment files
 //!
 //! Two costs of an append-only file showed up on every Raft log write (docs/benchmarks.md):
-//! - an `fdatasync` after a write that grows a file also writes the inode (ext4 measured
-//!   0.105–0.13 ms per 4 KiB append + sync, 0.074 ms for an overwrite of blocks already
+//! - an `fdatasync` after a write that grows a file also writes the inode (on ext4 here, a
+//!   4 KiB append + sync took about 0.06 ms longer than an overwrite of blocks already
 //!   written), so segments are zero-filled before use, as etcd's WAL preallocates its own;
 //! - handing each write to a flush thread and back costs two thread wake-ups, while openraft
 //!   0.9's core awaits the sync of each append anyway, so the write is synced by the caller.
