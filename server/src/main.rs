@@ -106,14 +106,41 @@ fn snapshot_main(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
 /// per batch instead of one per response (4x fewer under 64 writers; server CPU per put about
 /// 15 % lower). Needs `--cfg tokio_unstable` (set in `.cargo/config.toml`); a build without it
 /// keeps the LIFO slot and behaves the same otherwise.
+///
+/// The runtime's workers: see [`worker_threads`].
 fn main() -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let env = std::env::var(WORKER_THREADS_ENV).ok();
+    let workers = worker_threads(cores, env.as_deref())?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.worker_threads(workers);
     rt.enable_all();
     #[cfg(tokio_unstable)]
     rt.disable_lifo_slot();
     rt.build()
         .context("starting the tokio runtime")?
         .block_on(async_main())
+}
+
+/// The variable tokio itself reads for its worker count; fetcd keeps that meaning.
+const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// One tokio worker fewer than the machine has cores (at least one), unless
+/// `TOKIO_WORKER_THREADS` sets the count. fetcd's busiest threads are not all workers: the
+/// persister writes every applied revision into sled (about a fifth of a put's CPU), and the
+/// kernel's network and disk work runs on the same cores. With a worker on every core, workers
+/// were preempted mid-request and woke each other across cores; on two cores shared with the
+/// bench client, one worker instead of two gave 12 % more puts and 30 % more ranges per second at
+/// about a fifth less CPU per request (docs/benchmarks.md). On large machines the one core held
+/// back is small change.
+fn worker_threads(cores: usize, env: Option<&str>) -> anyhow::Result<usize> {
+    match env {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => anyhow::bail!("{WORKER_THREADS_ENV} must be a positive integer, not {v:?}"),
+        },
+        None => Ok(cores.saturating_sub(1).max(1)),
+    }
 }
 
 async fn async_main() -> anyhow::Result<()> {
@@ -132,4 +159,28 @@ async fn async_main() -> anyhow::Result<()> {
     tracing::info!(signal = sig, "shutting down");
     server.shutdown().await.context("shut down fetcd")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads;
+
+    #[test]
+    fn one_core_is_left_to_the_persister_and_the_kernel() -> anyhow::Result<()> {
+        assert_eq!(worker_threads(1, None)?, 1);
+        assert_eq!(worker_threads(2, None)?, 1);
+        assert_eq!(worker_threads(16, None)?, 15);
+        Ok(())
+    }
+
+    #[test]
+    fn tokio_worker_threads_overrides_and_must_be_a_count() -> anyhow::Result<()> {
+        assert_eq!(worker_threads(2, Some("2"))?, 2);
+        assert_eq!(worker_threads(16, Some(" 4 "))?, 4);
+        for bad in ["0", "", "two", "-1"] {
+            let err = worker_threads(2, Some(bad)).expect_err(bad).to_string();
+            assert!(err.contains("TOKIO_WORKER_THREADS"), "{bad}: {err}");
+        }
+        Ok(())
+    }
 }
