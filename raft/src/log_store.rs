@@ -468,14 +468,8 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// Writes what is pushed and syncs it; see [`LogStoreConfig::slow_sync`].
     fn sync(&self, wal: &mut Wal) -> io::Result<()> {
         let slow = self.shared.sync_us.load(Ordering::Relaxed) >= self.shared.slow_sync_us;
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let started = Instant::now();
-        let res = if slow && multi_thread {
-            tokio::task::block_in_place(|| wal.flush(true))
-        } else {
-            wal.flush(true)
-        };
+        let res = crate::off_worker_if(slow, || wal.flush(true));
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let avg = self.shared.sync_us.load(Ordering::Relaxed);
         self.shared

@@ -320,12 +320,14 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
                 batch.extend(ops.into_iter().map(|op| (op, marker.clone())));
             }
         }
-        let results = self
-            .store
-            .apply(batch)
-            .map_err(|e| match applied.last_applied {
-                Some(l) => StorageIOError::apply(l, &e),
-                None => StorageIOError::write_state_machine(&e),
+        let long = batch.iter().any(|(op, _)| op.may_take_long());
+        let store = &self.store;
+        let results =
+            crate::off_worker_if(long, || store.apply(batch)).map_err(|e| {
+                match applied.last_applied {
+                    Some(l) => StorageIOError::apply(l, &e),
+                    None => StorageIOError::write_state_machine(&e),
+                }
             })?;
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
         let mut results = results.into_iter();

@@ -155,6 +155,20 @@ pub enum WriteOp {
     Noop,
 }
 
+impl WriteOp {
+    /// Whether applying this may touch many keys (a DeleteRange over a span, a Txn with a long
+    /// read or such a delete, a lease revoke with its attached keys): the caller may want to run
+    /// it where a long hold of the thread blocks nothing else.
+    pub fn may_take_long(&self) -> bool {
+        match self {
+            WriteOp::DeleteRange(d) => !d.range_end.is_empty(),
+            WriteOp::Txn(t) => ops::txn_may_take_long(t),
+            WriteOp::LeaseRevoke(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// The answer to one [`WriteOp`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum WriteResponse {

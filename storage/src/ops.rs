@@ -486,6 +486,30 @@ pub fn is_txn_read_only(req: &TxnRequest) -> bool {
         })
 }
 
+/// Ranges over more keys than this, or with no limit, may read for long: a full range over a
+/// million keys reads and encodes every one of them.
+pub const LONG_RANGE_KEYS: i64 = 1000;
+
+/// Whether a Range may read many keys: a span (not one key) with no limit or a large one. A
+/// `count_only` range over a span still walks the key index.
+pub fn range_may_take_long(r: &RangeRequest) -> bool {
+    !r.range_end.is_empty() && (r.limit <= 0 || r.limit > LONG_RANGE_KEYS)
+}
+
+/// Whether a Txn may take long: a Range that may ([`range_may_take_long`]) or a DeleteRange over
+/// a span in any branch, at any depth.
+pub fn txn_may_take_long(req: &TxnRequest) -> bool {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .any(|op| match &op.request {
+            Some(Request::RequestRange(r)) => range_may_take_long(r),
+            Some(Request::RequestDeleteRange(d)) => !d.range_end.is_empty(),
+            Some(Request::RequestTxn(t)) => txn_may_take_long(t),
+            Some(Request::RequestPut(_)) | None => false,
+        })
+}
+
 /// Txn (etcd's `applierV3backend.Txn`): compares, checks, then executes one branch at one
 /// revision.
 pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnResponse> {
@@ -575,5 +599,82 @@ pub(crate) fn lease_checkpoint(
     }
     LeaseCheckpointResponse {
         header: Some(header(txn.rev())),
+    }
+}
+
+#[cfg(test)]
+mod long_tests {
+    use fetcd_proto::etcdserverpb::RequestOp;
+
+    use super::*;
+    use crate::WriteOp;
+
+    fn range(key: &str, end: &str, limit: i64) -> RangeRequest {
+        RangeRequest {
+            key: key.into(),
+            range_end: end.into(),
+            limit,
+            ..Default::default()
+        }
+    }
+
+    fn op(r: Request) -> RequestOp {
+        RequestOp { request: Some(r) }
+    }
+
+    #[test]
+    fn spans_without_a_small_limit_may_take_long() {
+        assert!(!range_may_take_long(&range("a", "", 0)), "one key");
+        assert!(range_may_take_long(&range("a", "b", 0)), "a span, no limit");
+        assert!(range_may_take_long(&range("\0", "\0", 0)), "every key");
+        assert!(!range_may_take_long(&range("a", "b", 500)), "a page");
+        assert!(!range_may_take_long(&range("a", "b", LONG_RANGE_KEYS)));
+        assert!(range_may_take_long(&range("a", "b", LONG_RANGE_KEYS + 1)));
+        let count = RangeRequest {
+            count_only: true,
+            ..range("a", "b", 0)
+        };
+        assert!(
+            range_may_take_long(&count),
+            "count_only still walks the span"
+        );
+    }
+
+    #[test]
+    fn a_txn_or_write_is_long_if_any_part_is() {
+        let span_delete = DeleteRangeRequest {
+            key: "a".into(),
+            range_end: "b".into(),
+            ..Default::default()
+        };
+        let one_delete = DeleteRangeRequest {
+            key: "a".into(),
+            ..Default::default()
+        };
+        let nested = |r: Request| TxnRequest {
+            success: vec![op(Request::RequestRange(range("k", "", 0)))],
+            failure: vec![op(Request::RequestTxn(TxnRequest {
+                failure: vec![op(r)],
+                ..Default::default()
+            }))],
+            ..Default::default()
+        };
+        assert!(txn_may_take_long(&nested(Request::RequestRange(range(
+            "a", "b", 0
+        )))));
+        assert!(txn_may_take_long(&nested(Request::RequestDeleteRange(
+            span_delete.clone()
+        ))));
+        assert!(!txn_may_take_long(&nested(Request::RequestDeleteRange(
+            one_delete.clone()
+        ))));
+        assert!(!txn_may_take_long(&nested(Request::RequestRange(range(
+            "a", "b", 10
+        )))));
+
+        assert!(WriteOp::DeleteRange(span_delete).may_take_long());
+        assert!(!WriteOp::DeleteRange(one_delete).may_take_long());
+        assert!(!WriteOp::Put(PutRequest::default()).may_take_long());
+        assert!(WriteOp::LeaseRevoke(Default::default()).may_take_long());
     }
 }

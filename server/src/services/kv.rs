@@ -77,12 +77,12 @@ impl Kv for KvService {
         let r = req.into_inner();
         validate::range(&r)?;
         self.node.read_barrier(r.serializable).await?;
-        let mut resp = self
-            .node
-            .store()
-            .range_encoded(&r)
-            .map_err(|e| status::storage_error(&e))?
-            .map_err(|e| status::kv_error(&e))?;
+        let store = self.node.store();
+        let mut resp = fetcd_raft::off_worker_if(fetcd_storage::range_may_take_long(&r), || {
+            store.range_encoded(&r)
+        })
+        .map_err(|e| status::storage_error(&e))?
+        .map_err(|e| status::kv_error(&e))?;
         self.node.fill_header(&mut resp.header);
         Ok(Response::new(resp))
     }
@@ -123,10 +123,9 @@ impl Kv for KvService {
         if fetcd_storage::is_txn_read_only(&r) {
             // Reads need no log entry: a read point is enough (etcd does the same).
             self.node.read_barrier(txn_serializable(&r)).await?;
-            let mut resp = self
-                .node
-                .store()
-                .read_txn(&r)
+            let store = self.node.store();
+            let long = fetcd_storage::txn_may_take_long(&r);
+            let mut resp = fetcd_raft::off_worker_if(long, || store.read_txn(&r))
                 .map_err(|e| status::storage_error(&e))?
                 .map_err(|e| status::kv_error(&e))?;
             self.node.fill_header(&mut resp.header);
