@@ -156,14 +156,15 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
-    /// Whether applying this may touch many keys (a DeleteRange over a span, a Txn with a long
-    /// read or such a delete, a lease revoke with its attached keys): the caller may want to run
+    /// Whether applying this may hold its thread for long: it may touch many keys (a
+    /// DeleteRange over a span, a Txn with a long read or such a delete, a lease revoke with its
+    /// attached keys), or it waits for the persister (a compaction). The caller may want to run
     /// it where a long hold of the thread blocks nothing else.
     pub fn may_take_long(&self) -> bool {
         match self {
             WriteOp::DeleteRange(d) => !d.range_end.is_empty(),
             WriteOp::Txn(t) => ops::txn_may_take_long(t),
-            WriteOp::LeaseRevoke(_) => true,
+            WriteOp::LeaseRevoke(_) | WriteOp::Compaction(_) => true,
             _ => false,
         }
     }

@@ -676,5 +676,9 @@ mod long_tests {
         assert!(!WriteOp::DeleteRange(one_delete).may_take_long());
         assert!(!WriteOp::Put(PutRequest::default()).may_take_long());
         assert!(WriteOp::LeaseRevoke(Default::default()).may_take_long());
+        assert!(
+            WriteOp::Compaction(Default::default()).may_take_long(),
+            "a compaction waits for the persister"
+        );
     }
 }

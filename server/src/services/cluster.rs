@@ -46,10 +46,9 @@ impl ClusterService {
 
     /// The members now, Raft membership joined with the recorded attributes.
     fn members(&self) -> Result<Vec<Member>, Status> {
-        let attrs = self
-            .node
-            .store()
-            .members()
+        // Waits for the persister to write what is queued (see `KvStore::members`).
+        let store = self.node.store();
+        let attrs = fetcd_raft::off_worker_if(true, || store.members())
             .map_err(|e| status::storage_error(&e))?;
         Ok(self
             .node
