@@ -92,60 +92,61 @@ mod tests {
 
     use super::off_worker_if;
 
-    /// Waits (holding its thread) until `flag` is set, for at most a few seconds.
-    fn wait_for(flag: &AtomicBool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if flag.load(Ordering::Acquire) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
-    }
-
-    #[test]
-    fn long_work_leaves_the_only_worker_to_the_other_tasks() {
+    /// On a runtime with one worker, runs `off_worker_if(long, ..)` from a task on that worker,
+    /// with another task queued behind it; the work waits (holding its thread) up to `wait` for
+    /// the other task to run. Returns whether it ran meanwhile: only possible if the worker's
+    /// queue was handed to another thread.
+    fn other_task_ran_during(long: bool, wait: Duration) -> bool {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
             .expect("runtime");
-        // On the worker itself: the other task is queued there, and an inline wait would keep
-        // the only worker from ever running it.
-        let ran = rt.block_on(async {
-            tokio::spawn(async {
+        rt.block_on(async move {
+            tokio::spawn(async move {
                 let flag = Arc::new(AtomicBool::new(false));
                 let other = {
                     let flag = flag.clone();
                     tokio::spawn(async move { flag.store(true, Ordering::Release) })
                 };
-                let ran = off_worker_if(true, || wait_for(&flag));
+                let ran = off_worker_if(long, || {
+                    let deadline = Instant::now() + wait;
+                    while Instant::now() < deadline && !flag.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    flag.load(Ordering::Acquire)
+                });
                 other.await.expect("join");
                 ran
             })
             .await
             .expect("join")
-        });
+        })
+    }
+
+    #[test]
+    fn long_work_leaves_the_only_worker_to_the_other_tasks() {
         assert!(
-            ran,
+            other_task_ran_during(true, Duration::from_secs(5)),
             "the other task did not run while the long work held its thread"
         );
     }
 
     #[test]
-    fn short_work_and_current_thread_runtimes_run_inline() {
+    fn short_work_runs_inline() {
+        assert!(
+            !other_task_ran_during(false, Duration::from_millis(200)),
+            "short work was handed off the worker"
+        );
+    }
+
+    #[test]
+    fn long_work_on_a_current_thread_runtime_runs_inline() {
+        // `block_in_place` panics on a current-thread runtime.
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         let here = std::thread::current().id();
         let there = rt.block_on(async { off_worker_if(true, || std::thread::current().id()) });
         assert_eq!(here, there);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .expect("runtime");
-        let flag = AtomicBool::new(false);
-        let v = rt.block_on(async { off_worker_if(false, || flag.load(Ordering::Acquire)) });
-        assert!(!v);
     }
 }

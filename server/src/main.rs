@@ -130,9 +130,9 @@ const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
 /// persister writes every applied revision into sled (about a fifth of a put's CPU), and the
 /// kernel's network and disk work runs on the same cores. With a worker on every core, workers
 /// were preempted mid-request and woke each other across cores; on two cores shared with the
-/// bench client, one worker instead of two gave 12 % more puts and 30 % more ranges per second at
-/// about a fifth less CPU per request (docs/benchmarks.md). On large machines the one core held
-/// back is small change.
+/// bench client, one worker instead of two gave ~12 % more puts and ~35 % more ranges per second
+/// at 15–22 % less server CPU per request (docs/benchmarks.md). On large machines the one core
+/// held back is small change.
 fn worker_threads(cores: usize, env: Option<&str>) -> anyhow::Result<usize> {
     match env {
         Some(v) => match v.trim().parse::<usize>() {

@@ -162,7 +162,7 @@ impl WriteOp {
     /// it where a long hold of the thread blocks nothing else.
     pub fn may_take_long(&self) -> bool {
         match self {
-            WriteOp::DeleteRange(d) => !d.range_end.is_empty(),
+            WriteOp::DeleteRange(d) => ops::delete_may_take_long(d),
             WriteOp::Txn(t) => ops::txn_may_take_long(t),
             WriteOp::LeaseRevoke(_) | WriteOp::Compaction(_) => true,
             _ => false,

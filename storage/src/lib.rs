@@ -49,7 +49,6 @@ pub use lease::MAX_LEASE_TTL;
 pub use ops::is_txn_read_only;
 pub use ops::range_may_take_long;
 pub use ops::txn_may_take_long;
-pub use ops::LONG_RANGE_KEYS;
 pub use revision::Revision;
 pub use watch::SendOutcome;
 pub use watch::SharedEvent;

@@ -488,7 +488,7 @@ pub fn is_txn_read_only(req: &TxnRequest) -> bool {
 
 /// Ranges over more keys than this, or with no limit, may read for long: a full range over a
 /// million keys reads and encodes every one of them.
-pub const LONG_RANGE_KEYS: i64 = 1000;
+const LONG_RANGE_KEYS: i64 = 1000;
 
 /// Whether a Range may read many keys: a span (not one key) with no limit or a large one. A
 /// `count_only` range over a span still walks the key index.
@@ -496,15 +496,20 @@ pub fn range_may_take_long(r: &RangeRequest) -> bool {
     !r.range_end.is_empty() && (r.limit <= 0 || r.limit > LONG_RANGE_KEYS)
 }
 
-/// Whether a Txn may take long: a Range that may ([`range_may_take_long`]) or a DeleteRange over
-/// a span in any branch, at any depth.
+/// Whether a DeleteRange may touch many keys: any span may.
+pub(crate) fn delete_may_take_long(d: &DeleteRangeRequest) -> bool {
+    !d.range_end.is_empty()
+}
+
+/// Whether a Txn may take long: a Range or DeleteRange that may ([`range_may_take_long`],
+/// [`delete_may_take_long`]) in any branch, at any depth.
 pub fn txn_may_take_long(req: &TxnRequest) -> bool {
     req.success
         .iter()
         .chain(&req.failure)
         .any(|op| match &op.request {
             Some(Request::RequestRange(r)) => range_may_take_long(r),
-            Some(Request::RequestDeleteRange(d)) => !d.range_end.is_empty(),
+            Some(Request::RequestDeleteRange(d)) => delete_may_take_long(d),
             Some(Request::RequestTxn(t)) => txn_may_take_long(t),
             Some(Request::RequestPut(_)) | None => false,
         })
