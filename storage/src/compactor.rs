@@ -14,12 +14,15 @@
 //!   store's writer), holding the store's history lock exclusively, so a snapshot or HashKV
 //!   walking the history never sees half of it. Deletions go in batches with a pause between
 //!   them, as etcd's do, so their disk writes do not pile up in front of the Raft log's fsyncs.
+//!   They start only once no Range that read below the compaction revision is still loading
+//!   its values (see [`ReadPins`]).
 //!
 //! A crash before a compaction finished leaves `scheduled > finished` in sled, and opening the
 //! store finishes it. A snapshot install replaces the trees under the history lock and bumps the
 //! store's epoch: compactions decided before it are skipped (what the index kept was about the
 //! old contents), and the install finishes the one its own data carries.
 
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -64,6 +67,59 @@ impl Default for CompactionPacing {
 /// How many keys' index entries are compacted per hold of the index lock (~0.3 ms).
 const INDEX_CHUNK: usize = 1024;
 
+/// The read revisions of the Ranges still loading values after they let go of the key index
+/// (etcd's reads keep a bolt read transaction open as long). The compaction thread deletes the
+/// revisions up to its compaction revision only once no read below that revision is pinned, so
+/// a long Range neither holds writers behind the index lock nor finds its values gone.
+#[derive(Default)]
+pub(crate) struct ReadPins {
+    /// Pinned read revision → how many reads hold it.
+    held: Mutex<BTreeMap<i64, usize>>,
+    released: Condvar,
+}
+
+impl ReadPins {
+    /// Keeps what a read at `rev` needs until the pin is dropped. Call it under the key index
+    /// lock after checking `rev` against the compaction revision: a compaction decided later
+    /// then finds the pin when it runs.
+    pub(crate) fn pin(&self, rev: i64) -> ReadPin<'_> {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(rev)
+            .or_default() += 1;
+        ReadPin { pins: self, rev }
+    }
+
+    /// Returns once no read below `rev` is pinned.
+    pub(crate) fn wait_none_below(&self, rev: i64) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while held.first_key_value().is_some_and(|(r, _)| *r < rev) {
+            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A read revision pinned by [`ReadPins::pin`].
+pub(crate) struct ReadPin<'a> {
+    pins: &'a ReadPins,
+    rev: i64,
+}
+
+impl Drop for ReadPin<'_> {
+    fn drop(&mut self) {
+        let mut held = self.pins.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::btree_map::Entry::Occupied(mut e) = held.entry(self.rev) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                self.pins.released.notify_all();
+            }
+        }
+    }
+}
+
 /// One decided compaction.
 struct Job {
     rev: i64,
@@ -89,14 +145,15 @@ pub(crate) struct Compactor {
 }
 
 impl Compactor {
-    /// Starts the thread that compacts `index` and deletes compacted revisions from `trees`,
-    /// taking `history` exclusively while it does, and skipping jobs decided before the last
-    /// change of `epoch`.
+    /// Starts the thread that compacts `index` and deletes compacted revisions from `trees`
+    /// once `pins` holds no older read, taking `history` exclusively while it does, and
+    /// skipping jobs decided before the last change of `epoch`.
     pub(crate) fn start(
         trees: SharedTrees,
         index: Arc<RwLock<IndexState>>,
         history: Arc<RwLock<()>>,
         epoch: Arc<AtomicU64>,
+        pins: Arc<ReadPins>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let pacing: Arc<Mutex<CompactionPacing>> = Arc::default();
@@ -122,6 +179,7 @@ impl Compactor {
                                 took = ?started.elapsed(),
                                 "index compaction finished"
                             );
+                            pins.wait_none_below(job.rev);
                             let pacing = *paced.lock().unwrap_or_else(|p| p.into_inner());
                             let trees = trees.read().unwrap_or_else(|p| p.into_inner());
                             if let Err(e) = delete_compacted(&trees, job.rev, &keep, pacing) {
@@ -274,20 +332,12 @@ pub(crate) fn delete_compacted(
 mod tests {
     use fetcd_proto::etcdserverpb::CompactionRequest;
     use fetcd_proto::etcdserverpb::DeleteRangeRequest;
-    use fetcd_proto::etcdserverpb::PutRequest;
 
     use super::*;
+    use crate::kvstore::testing::put;
+    use crate::kvstore::testing::store;
     use crate::kvstore::KvStore;
     use crate::kvstore::WriteOp;
-
-    fn put(s: &KvStore, key: &str, value: &str) {
-        let req = PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        };
-        s.apply([(WriteOp::Put(req), b"ci".to_vec())]).unwrap();
-    }
 
     fn revs(s: &KvStore, key: &str) -> Vec<Vec<i64>> {
         let st = s.read_index();
@@ -304,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_write_publishes_its_key_compacted_while_the_compaction_thread_has_not_run() {
-        let s = KvStore::open(sled::Config::new().temporary(true).open().unwrap()).unwrap();
+        let s = store();
         put(&s, "a", "1"); // 2
         put(&s, "a", "2"); // 3
         let del = DeleteRangeRequest {

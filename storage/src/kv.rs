@@ -100,11 +100,6 @@ pub(crate) trait ReadView {
     fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool);
     /// Loads the stored key-value written at `rev`.
     fn load(&self, rev: Revision) -> Result<KeyValue, StorageError>;
-    /// Loads the stored key-value written at `rev`, encoded (as a Range response carries it).
-    fn load_encoded(&self, rev: Revision) -> Result<bytes::Bytes, StorageError> {
-        use prost::Message;
-        Ok(self.load(rev)?.encode_to_vec().into())
-    }
     /// Whether lease `id` exists in this view (a put may only attach a key to one that does).
     fn lease_exists(&self, id: i64) -> bool;
 }

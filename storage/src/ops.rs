@@ -37,6 +37,7 @@ use crate::kvstore::WriteTxn;
 use crate::lease::Lease;
 use crate::lease::LeaseStamp;
 use crate::lease::MAX_LEASE_TTL;
+use crate::revision::Revision;
 use crate::KvError;
 use crate::Result;
 
@@ -172,14 +173,46 @@ fn returns_stored(req: &RangeRequest) -> bool {
         && matches!(sort_order, SortOrder::None | SortOrder::Ascend)
 }
 
-/// [`range`] answered with the stored encodings of its key-values, which a list page copies
-/// into its response as they are. Ranges that sort, filter or strip values go through [`range`].
-pub(crate) fn range_encoded(
-    view: &dyn ReadView,
-    req: &RangeRequest,
-) -> Answer<EncodedRangeResponse> {
+/// A Range answered with the stored encodings of its key-values (which a list page copies into
+/// its response as they are), in two steps: what the key index says, under its lock, then the
+/// values, which for a large range take far longer and need no lock (see
+/// [`crate::KvStore::range_encoded`]).
+pub(crate) enum RangePlan {
+    /// Answered already: from the index alone, or through [`range`] for Ranges that sort,
+    /// filter or strip values.
+    Answered(EncodedRangeResponse),
+    /// The stored key-values of `revs`, in order, complete `resp`.
+    Load {
+        /// The revision read at, which the history must keep until the values are loaded.
+        rev: i64,
+        revs: Vec<Revision>,
+        resp: EncodedRangeResponse,
+    },
+}
+
+impl RangePlan {
+    /// The response, with each value loaded by `load`.
+    pub(crate) fn load(
+        self,
+        mut load: impl FnMut(Revision) -> Result<bytes::Bytes>,
+    ) -> Result<EncodedRangeResponse> {
+        match self {
+            RangePlan::Answered(resp) => Ok(resp),
+            RangePlan::Load { revs, mut resp, .. } => {
+                resp.kvs = revs
+                    .into_iter()
+                    .map(&mut load)
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(resp)
+            }
+        }
+    }
+}
+
+/// The first step of an encoded Range: checks the request and walks the key index.
+pub(crate) fn plan_range_encoded(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangePlan> {
     if !returns_stored(req) {
-        return Ok(range(view, req)?.map(EncodedRangeResponse::from));
+        return Ok(range(view, req)?.map(|r| RangePlan::Answered(r.into())));
     }
     let rev = match read_rev(view, req.revision) {
         Ok(r) => r,
@@ -197,15 +230,15 @@ pub(crate) fn range_encoded(
     if more {
         revs.truncate(req.limit as usize);
     }
-    let kvs = revs
-        .iter()
-        .map(|v| view.load_encoded(v.modified))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Ok(EncodedRangeResponse {
-        header: Some(header(view.rev())),
-        kvs,
-        more,
-        count: count as i64,
+    Ok(Ok(RangePlan::Load {
+        rev,
+        revs: revs.into_iter().map(|v| v.modified).collect(),
+        resp: EncodedRangeResponse {
+            header: Some(header(view.rev())),
+            kvs: Vec::new(),
+            more,
+            count: count as i64,
+        },
     }))
 }
 
