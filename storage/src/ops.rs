@@ -70,12 +70,8 @@ fn range_keys(
     range: &KeyRange,
     rev: i64,
     limit: usize,
-    count_only: bool,
 ) -> Result<(Vec<KeyValue>, usize)> {
-    let (revs, count) = visible_revisions(view, range, rev, if count_only { 1 } else { limit });
-    if count_only {
-        return Ok((Vec::new(), count));
-    }
+    let (revs, count) = visible_revisions(view, range, rev, limit);
     let mut kvs = Vec::with_capacity(revs.len());
     for v in revs {
         kvs.push(view.load(v.modified)?);
@@ -85,166 +81,181 @@ fn range_keys(
 
 /// Range with etcd's server-side options (limit + `more`, filters, sort, keys/count only).
 pub(crate) fn range(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangeResponse> {
+    match plan_range(view, req)? {
+        Ok(plan) => Ok(Ok(plan.finish(|rev| view.load(rev))?)),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// A Range in two steps: what the key index says, under its lock, then the stored key-values,
+/// which for a large range take far longer and need no lock (see
+/// [`crate::KvStore::range_encoded`]).
+pub(crate) struct RangePlan<'r> {
+    req: &'r RangeRequest,
+    /// The revision read at, which the history must keep until the values are loaded.
+    pub(crate) rev: i64,
+    /// The revisions to load: the visible ones of the range's keys in key order, as many as
+    /// the answer needs (one beyond the limit tells whether there is `more`).
+    pub(crate) revs: Vec<Revision>,
+    count: usize,
+    /// The store's revision, for the header.
+    current: i64,
+}
+
+/// The first step of a Range: checks the request and walks the key index.
+pub(crate) fn plan_range<'r>(view: &dyn ReadView, req: &'r RangeRequest) -> Answer<RangePlan<'r>> {
     let rev = match read_rev(view, req.revision) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
-    let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
     let filtered = req.min_mod_revision != 0
         || req.max_mod_revision != 0
         || req.min_create_revision != 0
         || req.max_create_revision != 0;
-    // Sorting or filtering needs every key; otherwise fetch one extra to learn `more`.
-    let limit = if sort_order != SortOrder::None || filtered || req.limit <= 0 {
+    let sorted = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None) != SortOrder::None;
+    let limit = if req.count_only {
+        1
+    } else if filtered || sorted || req.limit <= 0 {
+        // Filtering or sorting needs every key. A non-key target with no order sorts too, but
+        // only the limit + 1 first keys: etcd's quirk.
         0
     } else {
         req.limit as usize + 1
     };
     let range = KeyRange::new(&req.key, &req.range_end);
-    let (mut kvs, count) = range_keys(view, &range, rev, limit, req.count_only)?;
-
-    if req.max_mod_revision != 0 {
-        kvs.retain(|kv| kv.mod_revision <= req.max_mod_revision);
-    }
-    if req.min_mod_revision != 0 {
-        kvs.retain(|kv| kv.mod_revision >= req.min_mod_revision);
-    }
-    if req.max_create_revision != 0 {
-        kvs.retain(|kv| kv.create_revision <= req.max_create_revision);
-    }
-    if req.min_create_revision != 0 {
-        kvs.retain(|kv| kv.create_revision >= req.min_create_revision);
-    }
-
-    // Keys come out ascending; a non-key target with no order means ascending, as in etcd.
-    let order = if sort_target != SortTarget::Key && sort_order == SortOrder::None {
-        SortOrder::Ascend
-    } else {
-        sort_order
-    };
-    if order != SortOrder::None {
-        let cmp = |a: &KeyValue, b: &KeyValue| match sort_target {
-            SortTarget::Key => a.key.cmp(&b.key),
-            SortTarget::Version => a.version.cmp(&b.version),
-            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-            SortTarget::Value => a.value.cmp(&b.value),
-        };
-        // Stable, and descending flips the comparison rather than the result, so ties keep key
-        // order both ways, as etcd's `sort.Sort(sort.Reverse(..))` (an insertion sort for the
-        // small results clients compare) leaves them.
-        if order == SortOrder::Descend {
-            kvs.sort_by(|a, b| cmp(b, a));
+    let (revs, count) = visible_revisions(view, &range, rev, limit);
+    Ok(Ok(RangePlan {
+        req,
+        rev,
+        revs: if req.count_only {
+            Vec::new()
         } else {
-            kvs.sort_by(cmp);
-        }
-    }
-
-    let mut more = false;
-    if req.limit > 0 && kvs.len() > req.limit as usize {
-        kvs.truncate(req.limit as usize);
-        more = true;
-    }
-    if req.keys_only {
-        for kv in &mut kvs {
-            kv.value.clear();
-        }
-    }
-    Ok(Ok(RangeResponse {
-        header: Some(header(view.rev())),
-        kvs,
-        more,
-        count: count as i64,
+            revs.into_iter().map(|v| v.modified).collect()
+        },
+        count,
+        current: view.rev(),
     }))
 }
 
-/// Whether a Range returns the stored key-values as they are: in key order, whole, unfiltered.
-fn returns_stored(req: &RangeRequest) -> bool {
-    let sort_order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
-    let sort_target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
-    !req.keys_only
-        && !req.count_only
-        && req.min_mod_revision == 0
-        && req.max_mod_revision == 0
-        && req.min_create_revision == 0
-        && req.max_create_revision == 0
-        && sort_target == SortTarget::Key
-        && matches!(sort_order, SortOrder::None | SortOrder::Ascend)
+/// The sort a Range asks for: a non-key target with no order means ascending, as in etcd.
+fn sort_of(req: &RangeRequest) -> (SortOrder, SortTarget) {
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    if target != SortTarget::Key && order == SortOrder::None {
+        (SortOrder::Ascend, target)
+    } else {
+        (order, target)
+    }
 }
 
-/// A Range answered with the stored encodings of its key-values (which a list page copies into
-/// its response as they are), in two steps: what the key index says, under its lock, then the
-/// values, which for a large range take far longer and need no lock (see
-/// [`crate::KvStore::range_encoded`]).
-pub(crate) enum RangePlan {
-    /// Answered already: from the index alone, or through [`range`] for Ranges that sort,
-    /// filter or strip values.
-    Answered(EncodedRangeResponse),
-    /// The stored key-values of `revs`, in order, complete `resp`.
-    Load {
-        /// The revision read at, which the history must keep until the values are loaded.
-        rev: i64,
-        revs: Vec<Revision>,
-        resp: EncodedRangeResponse,
-    },
+/// Whether a Range's answer may be in another order than the keys'.
+fn reorders(req: &RangeRequest) -> bool {
+    !matches!(
+        sort_of(req),
+        (SortOrder::None | SortOrder::Ascend, SortTarget::Key)
+    )
 }
 
-impl RangePlan {
-    /// The response, with each value loaded by `load`.
-    pub(crate) fn load(
+impl RangePlan<'_> {
+    /// The response, with each key-value loaded by `load`, then filtered, sorted and cut to
+    /// the limit.
+    pub(crate) fn finish(
         self,
-        mut load: impl FnMut(Revision) -> Result<bytes::Bytes>,
-    ) -> Result<EncodedRangeResponse> {
-        match self {
-            RangePlan::Answered(resp) => Ok(resp),
-            RangePlan::Load { revs, mut resp, .. } => {
-                resp.kvs = revs
-                    .into_iter()
-                    .map(&mut load)
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(resp)
+        mut load: impl FnMut(Revision) -> Result<KeyValue>,
+    ) -> Result<RangeResponse> {
+        let req = self.req;
+        let mut kvs = self
+            .revs
+            .into_iter()
+            .map(&mut load)
+            .collect::<Result<Vec<_>>>()?;
+        if req.max_mod_revision != 0 {
+            kvs.retain(|kv| kv.mod_revision <= req.max_mod_revision);
+        }
+        if req.min_mod_revision != 0 {
+            kvs.retain(|kv| kv.mod_revision >= req.min_mod_revision);
+        }
+        if req.max_create_revision != 0 {
+            kvs.retain(|kv| kv.create_revision <= req.max_create_revision);
+        }
+        if req.min_create_revision != 0 {
+            kvs.retain(|kv| kv.create_revision >= req.min_create_revision);
+        }
+        let (order, target) = sort_of(req);
+        if order != SortOrder::None {
+            let cmp = |a: &KeyValue, b: &KeyValue| match target {
+                SortTarget::Key => a.key.cmp(&b.key),
+                SortTarget::Version => a.version.cmp(&b.version),
+                SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                SortTarget::Value => a.value.cmp(&b.value),
+            };
+            // Stable, and descending flips the comparison rather than the result, so ties keep
+            // key order both ways, as etcd's `sort.Sort(sort.Reverse(..))` (an insertion sort
+            // for the small results clients compare) leaves them.
+            if order == SortOrder::Descend {
+                kvs.sort_by(|a, b| cmp(b, a));
+            } else {
+                kvs.sort_by(cmp);
             }
         }
-    }
-}
-
-/// The first step of an encoded Range: checks the request and walks the key index.
-pub(crate) fn plan_range_encoded(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangePlan> {
-    if !returns_stored(req) {
-        return Ok(range(view, req)?.map(|r| RangePlan::Answered(r.into())));
-    }
-    let rev = match read_rev(view, req.revision) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    // One key beyond the limit tells whether there is `more`; its value is not loaded.
-    let limit = if req.limit > 0 {
-        req.limit as usize + 1
-    } else {
-        0
-    };
-    let range = KeyRange::new(&req.key, &req.range_end);
-    let (mut revs, count) = visible_revisions(view, &range, rev, limit);
-    let more = req.limit > 0 && revs.len() > req.limit as usize;
-    if more {
-        revs.truncate(req.limit as usize);
-    }
-    Ok(Ok(RangePlan::Load {
-        rev,
-        revs: revs.into_iter().map(|v| v.modified).collect(),
-        resp: EncodedRangeResponse {
-            header: Some(header(view.rev())),
-            kvs: Vec::new(),
+        let mut more = false;
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value.clear();
+            }
+        }
+        Ok(RangeResponse {
+            header: Some(header(self.current)),
+            kvs,
             more,
-            count: count as i64,
-        },
-    }))
+            count: self.count as i64,
+        })
+    }
+
+    /// The response with the stored encodings of its key-values, which a list page copies into
+    /// its response as they are (loaded by `load_encoded`); Ranges that filter or strip values
+    /// go through [`RangePlan::finish`] with `load`.
+    pub(crate) fn finish_encoded(
+        mut self,
+        load_encoded: impl FnMut(Revision) -> Result<bytes::Bytes>,
+        load: impl FnMut(Revision) -> Result<KeyValue>,
+    ) -> Result<EncodedRangeResponse> {
+        let req = self.req;
+        let stored = !req.keys_only
+            && !req.count_only
+            && req.min_mod_revision == 0
+            && req.max_mod_revision == 0
+            && req.min_create_revision == 0
+            && req.max_create_revision == 0
+            && !reorders(req);
+        if !stored {
+            return Ok(self.finish(load)?.into());
+        }
+        let more = req.limit > 0 && self.revs.len() > req.limit as usize;
+        if more {
+            self.revs.truncate(req.limit as usize);
+        }
+        Ok(EncodedRangeResponse {
+            header: Some(header(self.current)),
+            kvs: self
+                .revs
+                .into_iter()
+                .map(load_encoded)
+                .collect::<Result<Vec<_>>>()?,
+            more,
+            count: self.count as i64,
+        })
+    }
 }
 
 /// The key-value of `key` visible now, if any.
 fn get_one(view: &dyn ReadView, key: &[u8]) -> Result<Option<KeyValue>> {
-    let (mut kvs, _) = range_keys(view, &KeyRange::Single(key.to_vec()), view.rev(), 1, false)?;
+    let (mut kvs, _) = range_keys(view, &KeyRange::Single(key.to_vec()), view.rev(), 1)?;
     Ok(kvs.pop())
 }
 
@@ -296,7 +307,7 @@ pub(crate) fn delete_range(
 ) -> Answer<DeleteRangeResponse> {
     let range = KeyRange::new(&req.key, &req.range_end);
     let prev_kvs = if req.prev_kv {
-        range_keys(txn, &range, txn.rev(), 0, false)?.0
+        range_keys(txn, &range, txn.rev(), 0)?.0
     } else {
         Vec::new()
     };
@@ -312,7 +323,7 @@ pub(crate) fn delete_range(
 /// missing key compares as an empty key-value, except that a value compare on it always fails.
 fn compare(view: &dyn ReadView, c: &Compare) -> Result<bool> {
     let range = KeyRange::new(&c.key, &c.range_end);
-    let (kvs, _) = range_keys(view, &range, view.rev(), 0, false)?;
+    let (kvs, _) = range_keys(view, &range, view.rev(), 0)?;
     let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
     if kvs.is_empty() {
         if target == CompareTarget::Value {
