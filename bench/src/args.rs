@@ -35,6 +35,11 @@ pub(crate) enum Workload {
     /// latency percentiles and max are the write stall expiry causes. Reports how long after the
     /// deadline the last key was gone.
     LeaseExpiry,
+    /// Write stall under full lists: `--total` keys of `--val-size` bytes under one prefix,
+    /// then one client lists the whole prefix 5 times, each in one response (a LIST without a
+    /// limit), while one writer puts at `--put-rate` (default 200/s); ops are the writer's
+    /// puts, so the latency max is the longest a list held a write up.
+    ListStall,
     /// A replay of kube-apiserver's request mix on `/registry/...`: paginated lists, gets, CAS
     /// updates, event creates with shared leases, counts, health reads, plus one watch per
     /// resource prefix and a compactor in the background.

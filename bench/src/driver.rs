@@ -62,6 +62,34 @@ pub(crate) async fn connect(endpoint: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("connect {endpoint}"))
 }
 
+/// One put of a workload's probe writer (whose latency witnesses what the workload does to
+/// writes), timed into `rec`.
+pub(crate) async fn probe_put(writer: &mut Client, key: &str, i: u64, rec: &mut Recorder) {
+    let started = Instant::now();
+    let r = writer
+        .put(key, format!("{i}"), None)
+        .await
+        .map(|_| ())
+        .map_err(anyhow::Error::from);
+    rec.op(started.elapsed(), r);
+}
+
+/// A bare gRPC connection, for workloads that call etcd's services directly to decode only
+/// what they check.
+pub(crate) async fn grpc_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    tonic::transport::Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connect {endpoint}"))
+}
+
 /// `n` connections, round-robin over the endpoints.
 pub(crate) async fn connect_all(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Client>> {
     connect_each(endpoints, n, connect).await

@@ -48,6 +48,7 @@ const STANDARD: &[(&str, &str, &str, u64)] = &[
     ("lease-keepalive", "lease keepalive, 64 streams", "lease-keepalive --clients 64 --conns 8", 200_000),
     ("lease-grant-revoke", "lease grant+revoke, 64 clients", "lease-grant-revoke --clients 64 --conns 8", 30_000),
     ("lease-expiry", "10,000 leases expiring (writer latency)", "lease-expiry --clients 32 --conns 8 --lease-ttl 5", 10_000),
+    ("list-stall", "writes during full lists (writer latency)", "list-stall --conns 8 --val-size 256", 100_000),
     ("kube", "kube-apiserver mix, 32 clients", "kube --clients 32 --conns 8 --kube-objects 1000", 20_000),
 ];
 
@@ -216,6 +217,13 @@ const TARGETS: &[Target] = &[
     Target {
         label: "lease expiry: writer max stall",
         case: "lease-expiry",
+        metric: Metric::Max,
+        better: Better::Lower,
+        goal: 1.0,
+    },
+    Target {
+        label: "full lists: writer max stall",
+        case: "list-stall",
         metric: Metric::Max,
         better: Better::Lower,
         goal: 1.0,

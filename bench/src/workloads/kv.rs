@@ -248,3 +248,107 @@ pub(crate) async fn run(args: &Args, workload: Workload, ui: &Ui) -> anyhow::Res
     report.extra = extra;
     Ok(report)
 }
+
+/// `etcdserverpb.RangeResponse` with its key-values left encoded (the list's check needs only
+/// their number), so the client's decoding does not bound the list.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ListResponse {
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    kvs: Vec<bytes::Bytes>,
+    #[prost(bool, tag = "3")]
+    more: bool,
+    #[prost(int64, tag = "4")]
+    count: i64,
+}
+
+/// How many times `list-stall` lists the whole prefix.
+const STALL_LISTS: usize = 5;
+
+/// `list-stall`: see [`Workload::ListStall`].
+pub(crate) async fn list_stall(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use fetcd_proto::etcdserverpb::RangeRequest;
+
+    use crate::args::prefix_end;
+    use crate::driver::grpc_channel;
+    use crate::driver::probe_put;
+    use crate::driver::scheduled_offset;
+
+    let prefix: Arc<[u8]> = Arc::from(&b"fetcd-bench/list/"[..]);
+    let n = args.total;
+    let conns = connect_all(&args.endpoints, args.conns).await?;
+    let p = prefix.clone();
+    preload(
+        &conns,
+        n,
+        move |i| [&p[..], format!("{i:08}").as_bytes()].concat(),
+        args.val_size,
+        ui,
+    )
+    .await?;
+
+    let channel = grpc_channel(&args.endpoints[0]).await?;
+    let req = RangeRequest {
+        key: prefix.to_vec(),
+        range_end: prefix_end(&prefix),
+        ..Default::default()
+    };
+    let lister = tokio::spawn(async move {
+        // A whole list in one response is far over tonic's default 4 MiB, as it is over
+        // etcd's Go client's; the apiserver raises that limit too.
+        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+        let mut took = Vec::with_capacity(STALL_LISTS);
+        for _ in 0..STALL_LISTS {
+            grpc.ready().await?;
+            let codec = tonic_prost::ProstCodec::<RangeRequest, ListResponse>::default();
+            let path =
+                tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Range");
+            let started = Instant::now();
+            let resp = grpc
+                .unary(tonic::Request::new(req.clone()), path, codec)
+                .await?
+                .into_inner();
+            took.push(started.elapsed());
+            anyhow::ensure!(
+                resp.kvs.len() as u64 == n && resp.count as u64 == n && !resp.more,
+                "a list returned {} key-values (count {}, more {}) of {n}",
+                resp.kvs.len(),
+                resp.count,
+                resp.more
+            );
+        }
+        anyhow::Ok(took)
+    });
+
+    let mut writer = conns[0].clone();
+    let rate = args.put_rate.unwrap_or(200);
+    let mut rec = Recorder::default();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while !lister.is_finished() {
+        if let Some(at) = scheduled_offset(i, rate) {
+            tokio::time::sleep_until((started + at).into()).await;
+        }
+        probe_put(&mut writer, "fetcd-bench/list-stall-probe", i, &mut rec).await;
+        i += 1;
+    }
+    let elapsed = started.elapsed();
+    let mut took = lister.await.context("list task")??;
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = took.get(took.len() / 2).copied().unwrap_or_default();
+    let mut report = Report::from_recorder("list-stall".into(), 1, i, elapsed.as_secs_f64(), rec);
+    report.extra.insert("keys".into(), n.into());
+    report
+        .extra
+        .insert("list_ms_median".into(), ms(median).into());
+    report.note = Some(format!(
+        "{STALL_LISTS} lists of {n} keys took {:.0} ms at the median; writer max latency {:.1} ms",
+        ms(median),
+        report.latency.max_ms()
+    ));
+    Ok(report)
+}

@@ -10,6 +10,7 @@ use crate::args::Args;
 use crate::args::Workload;
 use crate::driver::closed_loop;
 use crate::driver::connect_all;
+use crate::driver::probe_put;
 use crate::driver::ClientOp;
 use crate::driver::Ui;
 use crate::stats::Recorder;
@@ -164,13 +165,7 @@ pub(crate) async fn expiry(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
     let give_up = Instant::now() + Duration::from_secs(args.lease_ttl.max(0) as u64 + 120);
     let mut i = 0u64;
     while Instant::now() < give_up {
-        let t = Instant::now();
-        let r = writer
-            .put("fetcd-bench/lease-expiry-probe", format!("{i}"), None)
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from);
-        rec.op(t.elapsed(), r);
+        probe_put(&mut writer, "fetcd-bench/lease-expiry-probe", i, &mut rec).await;
         i += 1;
         if last_count_check.elapsed() >= Duration::from_millis(100) {
             last_count_check = Instant::now();

@@ -22,6 +22,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
         Workload::Watch | Workload::WatchLatency => watch::run(args, ui).await,
         Workload::LeaseKeepalive | Workload::LeaseGrantRevoke => lease::run(args, w, ui).await,
         Workload::LeaseExpiry => lease::expiry(args, ui).await,
+        Workload::ListStall => kv::list_stall(args, ui).await,
         Workload::Kube => kube::run(args, ui).await,
     }
 }

@@ -38,6 +38,7 @@ use crate::args::Args;
 use crate::args::Workload;
 use crate::driver::connect;
 use crate::driver::connect_each;
+use crate::driver::grpc_channel;
 use crate::driver::Ui;
 use crate::stats::Hist;
 use crate::stats::Report;
@@ -137,22 +138,6 @@ struct RevisionAndValue {
     mod_revision: i64,
     #[prost(bytes = "bytes", tag = "5")]
     value: Bytes,
-}
-
-/// A connection for watch streams (the etcd `Watch` service called directly, see
-/// [`EventsResponse`]).
-async fn watch_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    tonic::transport::Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connect {endpoint}"))
 }
 
 fn create_request(key: &[u8], prefix: bool) -> WatchRequest {
@@ -381,7 +366,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
         hist: Mutex::new(Hist::default()),
     });
 
-    let conns = connect_each(&args.endpoints, n_conns, watch_channel).await?;
+    let conns = connect_each(&args.endpoints, n_conns, grpc_channel).await?;
     let put_client = connect(&args.endpoints[0]).await?;
 
     // Watch phase: create every watcher and wait until all are confirmed.
