@@ -93,13 +93,25 @@ pub(crate) fn range(view: &dyn ReadView, req: &RangeRequest) -> Answer<RangeResp
 pub(crate) struct RangePlan<'r> {
     req: &'r RangeRequest,
     /// The revision read at, which the history must keep until the values are loaded.
-    pub(crate) rev: i64,
+    rev: i64,
     /// The revisions to load: the visible ones of the range's keys in key order, as many as
     /// the answer needs (one beyond the limit tells whether there is `more`).
-    pub(crate) revs: Vec<Revision>,
+    revs: Vec<Revision>,
     count: usize,
     /// The store's revision, for the header.
     current: i64,
+}
+
+/// A read whose index walks are done and whose values are still to be loaded.
+pub(crate) trait ReadPlan {
+    /// The lowest revision it reads at (`None` if none) and how many values it loads.
+    fn reads(&self) -> (Option<i64>, usize);
+}
+
+impl ReadPlan for RangePlan<'_> {
+    fn reads(&self) -> (Option<i64>, usize) {
+        (Some(self.rev), self.revs.len())
+    }
 }
 
 /// The first step of a Range: checks the request and walks the key index.
@@ -518,6 +530,119 @@ fn execute(
     }))
 }
 
+/// A Txn that only reads, in two steps like a [`RangePlan`]: the compares, checks and index
+/// walks of the branch taken, then the values of its Ranges.
+pub(crate) struct ReadTxnPlan<'r> {
+    succeeded: bool,
+    ops: Vec<PlannedOp<'r>>,
+    /// The store's revision, for the header.
+    current: i64,
+}
+
+/// One operation of a [`ReadTxnPlan`]'s branch.
+enum PlannedOp<'r> {
+    Range(RangePlan<'r>),
+    Txn(ReadTxnPlan<'r>),
+}
+
+/// The first step of a Txn that only reads (see [`is_txn_read_only`]): the same compares and
+/// checks as [`txn`], then the index walks of the Ranges of the branch taken.
+pub(crate) fn plan_read_txn<'r>(
+    view: &dyn ReadView,
+    req: &'r TxnRequest,
+) -> Answer<ReadTxnPlan<'r>> {
+    if !is_txn_read_only(req) {
+        return Err(crate::StorageError::Corrupt(
+            "a writing Txn reached the read-only path".into(),
+        ));
+    }
+    let mut path = Vec::new();
+    compare_to_path(view, req, &mut path)?;
+    if let Err(e) = check_path(view, req, &path, &mut 0, Check::Ranges, &mut Vec::new())? {
+        return Ok(Err(e));
+    }
+    plan_branch(view, req, &path, &mut 0)
+}
+
+fn plan_branch<'r>(
+    view: &dyn ReadView,
+    req: &'r TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+) -> Answer<ReadTxnPlan<'r>> {
+    let ok = path.get(*at).copied().unwrap_or(false);
+    *at += 1;
+    let mut ops = Vec::new();
+    for op in if ok { &req.success } else { &req.failure } {
+        let planned = match &op.request {
+            Some(Request::RequestRange(r)) => plan_range(view, r)?.map(PlannedOp::Range),
+            Some(Request::RequestTxn(t)) => plan_branch(view, t, path, at)?.map(PlannedOp::Txn),
+            Some(Request::RequestPut(_)) | Some(Request::RequestDeleteRange(_)) => {
+                return Err(crate::StorageError::Corrupt(
+                    "a writing Txn reached the read-only path".into(),
+                ))
+            }
+            None => continue,
+        };
+        match planned {
+            Ok(p) => ops.push(p),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    Ok(Ok(ReadTxnPlan {
+        succeeded: ok,
+        ops,
+        current: view.rev(),
+    }))
+}
+
+impl ReadPlan for ReadTxnPlan<'_> {
+    fn reads(&self) -> (Option<i64>, usize) {
+        self.ops.iter().fold((None, 0), |(low, n), op| {
+            let (rev, values) = match op {
+                PlannedOp::Range(r) => r.reads(),
+                PlannedOp::Txn(t) => t.reads(),
+            };
+            (low.into_iter().chain(rev).min(), n + values)
+        })
+    }
+}
+
+impl ReadTxnPlan<'_> {
+    /// The response, with each key-value loaded by `load`.
+    pub(crate) fn finish(
+        self,
+        load: &mut dyn FnMut(Revision) -> Result<KeyValue>,
+    ) -> Result<TxnResponse> {
+        let current = self.current;
+        let mut resp = self.finish_nested(load)?;
+        resp.header = Some(header(current));
+        Ok(resp)
+    }
+
+    fn finish_nested(
+        self,
+        load: &mut dyn FnMut(Revision) -> Result<KeyValue>,
+    ) -> Result<TxnResponse> {
+        let mut responses = Vec::with_capacity(self.ops.len());
+        for op in self.ops {
+            let resp = match op {
+                PlannedOp::Range(r) => Response::ResponseRange(r.finish(&mut *load)?),
+                PlannedOp::Txn(t) => Response::ResponseTxn(t.finish_nested(load)?),
+            };
+            responses.push(ResponseOp {
+                response: Some(resp),
+            });
+        }
+        Ok(TxnResponse {
+            // Nested Txns carry an empty header, as in etcd; `finish` sets the outer one.
+            header: Some(ResponseHeader::default()),
+            succeeded: self.succeeded,
+            responses,
+        })
+    }
+}
+
 /// True if no branch of `req` (at any depth) writes.
 pub fn is_txn_read_only(req: &TxnRequest) -> bool {
     req.success
@@ -568,11 +693,6 @@ pub(crate) fn txn(txn: &mut WriteTxn<'_>, req: &TxnRequest) -> Answer<TxnRespons
         if let Err(e) = check_path(txn, req, &path, &mut 0, check, &mut Vec::new())? {
             return Ok(Err(e));
         }
-    }
-    if !txn.writable() && !is_txn_read_only(req) {
-        return Err(crate::StorageError::Corrupt(
-            "a writing Txn reached the read-only path".into(),
-        ));
     }
     let mut resp = match execute(txn, req, &path, &mut 0)? {
         Ok(r) => r,
