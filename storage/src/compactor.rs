@@ -179,7 +179,11 @@ impl Compactor {
                                 took = ?started.elapsed(),
                                 "index compaction finished"
                             );
-                            pins.wait_none_below(job.rev);
+                            // Writes publish their keys compacted at the newest decided
+                            // revision, which may be past this job's: then `keep` lacks what
+                            // reads below that revision still load.
+                            let decided = index.read().unwrap_or_else(|p| p.into_inner()).compact;
+                            pins.wait_none_below(decided.max(job.rev));
                             let pacing = *paced.lock().unwrap_or_else(|p| p.into_inner());
                             let trees = trees.read().unwrap_or_else(|p| p.into_inner());
                             if let Err(e) = delete_compacted(&trees, job.rev, &keep, pacing) {

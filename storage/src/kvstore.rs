@@ -1642,6 +1642,29 @@ mod range_tests {
         }
     }
 
+    /// Applies a compaction at `rev`, which must be accepted.
+    fn compact(s: &KvStore, rev: i64) {
+        let req = CompactionRequest {
+            revision: rev,
+            physical: false,
+        };
+        s.apply([(WriteOp::Compaction(req), b"ci".to_vec())])
+            .unwrap()
+            .pop()
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Whether revision `rev` is still in sled.
+    fn stored(s: &KvStore, rev: i64) -> bool {
+        s.flush().unwrap();
+        s.trees()
+            .key
+            .get(Revision::new(rev, 0).to_bytes(false))
+            .unwrap()
+            .is_some()
+    }
+
     /// Ranges `req` with `race` run once, after the first index walk; returns the answer and
     /// the number of walks.
     fn range_racing(
@@ -1791,44 +1814,58 @@ mod range_tests {
         put(&s, "a", "1"); // 2
         fill(&s, "1"); // 3..=102
         put(&s, "a", "2"); // 103: revision 2 is garbage once compacted at 103
-        let stored = |rev: i64| {
-            s.flush().unwrap();
-            s.trees()
-                .key
-                .get(Revision::new(rev, 0).to_bytes(false))
-                .unwrap()
-                .is_some()
-        };
         let (resp, _) = range_racing(&s, &all(102), || {
-            let req = CompactionRequest {
-                revision: 103,
-                physical: false,
-            };
-            s.apply([(WriteOp::Compaction(req), b"ci".to_vec())])
-                .unwrap()
-                .pop()
-                .unwrap()
-                .unwrap();
+            compact(&s, 103);
             // Give the compaction thread the time it takes to delete revision 2 if nothing
             // holds it back.
             for _ in 0..50 {
-                if !stored(2) {
+                if !stored(&s, 2) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            assert!(stored(2), "revision 2 deleted under a Range reading it");
+            assert!(stored(&s, 2), "revision 2 deleted under a Range reading it");
         });
         let got = kvs(&resp);
         assert_eq!(got.len(), UNLOCKED_LOAD_FROM + 1);
         assert_eq!(got.first(), Some(&("a".into(), "1".into(), 2)));
         // Once the Range is done the compaction goes on, and later Ranges at 102 are refused.
         s.wait_compaction(103);
-        assert!(!stored(2));
+        assert!(!stored(&s, 2));
         assert!(matches!(
             s.range_encoded(&all(102)).unwrap(),
             Err(KvError::Compacted)
         ));
+    }
+
+    #[test]
+    fn a_compaction_run_after_a_later_one_was_decided_keeps_what_a_range_reads() {
+        let s = store();
+        put(&s, "a", "1"); // 2
+        fill(&s, "1"); // 3..=102
+        put(&s, "a", "2"); // 103
+        put(&s, "b", "1"); // 104
+        let (resp, _) = range_racing(&s, &all(102), || {
+            // Both compactions are decided before the thread runs the first: the Range at
+            // 102 is not below 50, but it is below 104.
+            let history = s.read_history();
+            compact(&s, 50);
+            compact(&s, 104);
+            // Published compacted at 104, `a` no longer lists revision 2, so the thread's
+            // walk for 50 does not keep it.
+            put(&s, "a", "3"); // 105
+            drop(history);
+            for _ in 0..50 {
+                if !stored(&s, 2) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(stored(&s, 2), "revision 2 deleted under a Range reading it");
+        });
+        assert_eq!(kvs(&resp).first(), Some(&("a".into(), "1".into(), 2)));
+        s.wait_compaction(104);
+        assert!(!stored(&s, 2));
     }
 
     #[test]

@@ -1271,3 +1271,124 @@ fn a_crash_in_the_middle_of_a_defragmentation_leaves_one_whole_store() {
     std::fs::write(path.join("CURRENT"), b"gen-7\n").unwrap();
     assert!(KvStore::open_path(&path).is_err());
 }
+
+// --- large reads racing writes and compactions -----------------------------------------------
+
+/// Large Ranges load their values without the index lock while writes publish and compactions
+/// delete history (see `KvStore::range`): whatever they return must still be one revision's
+/// state, each key with the value written at its `mod_revision`.
+#[test]
+fn large_ranges_stay_consistent_under_writes_and_compactions() {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::Ordering;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use std::time::Instant;
+
+    const KEYS: usize = 300;
+    let (_dir, s) = temp_store();
+    s.set_compaction_pacing(fetcd_storage::CompactionPacing {
+        batch_limit: 16,
+        sleep: Duration::ZERO,
+    });
+    // Every value names its key and the write: what a revision must hold, by revision.
+    let written = Mutex::new(HashMap::new());
+    let mut n = 0u64;
+    let mut write = |s: &KvStore, k: usize| {
+        let (key, value) = (format!("k{k:03}"), format!("k{k:03}@{n}"));
+        n += 1;
+        let rev = put(s, &key, &value);
+        written.lock().unwrap().insert(rev, (key, value));
+    };
+    for k in 0..KEYS {
+        write(&s, k);
+    }
+    let stop = AtomicBool::new(false);
+    let seen = Mutex::new(Vec::new());
+    let (mut reads, mut compacted) = (0u32, 0u32);
+    std::thread::scope(|scope| {
+        let rangers: Vec<_> = (0..2)
+            .map(|t| {
+                let (s, stop, seen) = (&s, &stop, &seen);
+                scope.spawn(move || {
+                    let (mut reads, mut compacted) = (0u32, 0u32);
+                    let mut i = 0i64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        // The current revision, or one up to 40 back (often compacted away)
+                        // but not before every key was written.
+                        let rev = if i % 2 == 0 {
+                            0
+                        } else {
+                            (s.current_revision() - i % 41).max(KEYS as i64 + 1)
+                        };
+                        let req = RangeRequest {
+                            keys_only: t == 1 && i % 3 == 0,
+                            ..all_req(rev)
+                        };
+                        let resp = match range(s, &req) {
+                            Ok(r) => r,
+                            Err(KvError::Compacted) => {
+                                compacted += 1;
+                                continue;
+                            }
+                            Err(e) => panic!("range at {rev}: {e}"),
+                        };
+                        reads += 1;
+                        let at = if rev == 0 {
+                            resp.header.unwrap().revision
+                        } else {
+                            rev
+                        };
+                        assert_eq!(resp.kvs.len(), KEYS, "range at {at}");
+                        assert_eq!(resp.count as usize, KEYS, "range at {at}");
+                        let mut kvs = Vec::with_capacity(KEYS);
+                        for kv in resp.kvs {
+                            assert!(kv.mod_revision <= at, "{kv:?} in a range at {at}");
+                            let value = (!req.keys_only).then(|| kv.value.to_vec());
+                            kvs.push((kv.mod_revision, kv.key, value));
+                        }
+                        seen.lock().unwrap().push(kvs);
+                    }
+                    (reads, compacted)
+                })
+            })
+            .collect();
+        let (s, stop) = (&s, &stop);
+        let compactor = scope.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let rev = s.current_revision() - 20;
+                if rev > s.compact_revision() {
+                    compact(s, rev).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let until = Instant::now() + Duration::from_millis(1500);
+        let mut k = 0;
+        while Instant::now() < until {
+            write(s, k % KEYS);
+            k += 7;
+        }
+        stop.store(true, Ordering::Relaxed);
+        compactor.join().unwrap();
+        for r in rangers {
+            let (r, c) = r.join().unwrap();
+            reads += r;
+            compacted += c;
+        }
+    });
+    assert!(reads > 10, "only {reads} ranges answered");
+    assert!(compacted > 0, "no range raced a compaction");
+    let written = written.into_inner().unwrap();
+    for kvs in seen.into_inner().unwrap() {
+        for (rev, key, value) in kvs {
+            let (k, v) = &written[&rev];
+            assert_eq!(&key, k.as_bytes(), "key at revision {rev}");
+            if let Some(value) = value {
+                assert_eq!(&value, v.as_bytes(), "value at revision {rev}");
+            }
+        }
+    }
+}
