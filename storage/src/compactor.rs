@@ -14,8 +14,8 @@
 //!   store's writer), holding the store's history lock exclusively, so a snapshot or HashKV
 //!   walking the history never sees half of it. Deletions go in batches with a pause between
 //!   them, as etcd's do, so their disk writes do not pile up in front of the Raft log's fsyncs.
-//!   They start only once no Range that read below the compaction revision is still loading
-//!   its values (see [`ReadPins`]).
+//!   They start only once no Range that read below the newest decided compaction revision is
+//!   still loading its values (see [`ReadPins`]).
 //!
 //! A crash before a compaction finished leaves `scheduled > finished` in sled, and opening the
 //! store finishes it. A snapshot install replaces the trees under the history lock and bumps the
@@ -68,9 +68,10 @@ impl Default for CompactionPacing {
 const INDEX_CHUNK: usize = 1024;
 
 /// The read revisions of the Ranges still loading values after they let go of the key index
-/// (etcd's reads keep a bolt read transaction open as long). The compaction thread deletes the
-/// revisions up to its compaction revision only once no read below that revision is pinned, so
-/// a long Range neither holds writers behind the index lock nor finds its values gone.
+/// (etcd's reads keep a bolt read transaction open as long). The compaction thread deletes
+/// compacted revisions only once no read below the newest decided compaction revision is
+/// pinned, so a long Range neither holds writers behind the index lock nor finds its values
+/// gone.
 #[derive(Default)]
 pub(crate) struct ReadPins {
     /// Pinned read revision → how many reads hold it.
