@@ -3,7 +3,6 @@
 use fetcd_proto::mvccpb::KeyValue;
 
 use crate::key_index::KeyIndex;
-use crate::key_index::VisibleRevision;
 use crate::revision::Revision;
 use crate::StorageError;
 
@@ -104,20 +103,21 @@ pub(crate) trait ReadView {
     fn lease_exists(&self, id: i64) -> bool;
 }
 
-/// Keys of `range` visible at `at_rev`: up to `limit` of them (0 = all) and the total count.
+/// The revisions holding the values of the keys of `range` visible at `at_rev`, in key order:
+/// up to `limit` of them (0 = all), and how many keys are visible.
 pub(crate) fn visible_revisions(
     view: &dyn ReadView,
     range: &KeyRange,
     at_rev: i64,
     limit: usize,
-) -> (Vec<VisibleRevision>, usize) {
+) -> (Vec<Revision>, usize) {
     let mut revs = Vec::new();
     let mut count = 0usize;
     view.for_each_key(range, &mut |_, ki| {
         if let Some(v) = ki.get(at_rev) {
             count += 1;
             if limit == 0 || revs.len() < limit {
-                revs.push(v);
+                revs.push(v.modified);
             }
         }
         true

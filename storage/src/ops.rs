@@ -73,8 +73,8 @@ fn range_keys(
 ) -> Result<(Vec<KeyValue>, usize)> {
     let (revs, count) = visible_revisions(view, range, rev, limit);
     let mut kvs = Vec::with_capacity(revs.len());
-    for v in revs {
-        kvs.push(view.load(v.modified)?);
+    for rev in revs {
+        kvs.push(view.load(rev)?);
     }
     Ok((kvs, count))
 }
@@ -120,14 +120,10 @@ pub(crate) fn plan_range<'r>(view: &dyn ReadView, req: &'r RangeRequest) -> Answ
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    let filtered = req.min_mod_revision != 0
-        || req.max_mod_revision != 0
-        || req.min_create_revision != 0
-        || req.max_create_revision != 0;
     let sorted = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None) != SortOrder::None;
     let limit = if req.count_only {
         1
-    } else if filtered || sorted || req.limit <= 0 {
+    } else if filters(req) || sorted || req.limit <= 0 {
         // Filtering or sorting needs every key. A non-key target with no order sorts too, but
         // only the limit + 1 first keys: etcd's quirk.
         0
@@ -139,11 +135,7 @@ pub(crate) fn plan_range<'r>(view: &dyn ReadView, req: &'r RangeRequest) -> Answ
     Ok(Ok(RangePlan {
         req,
         rev,
-        revs: if req.count_only {
-            Vec::new()
-        } else {
-            revs.into_iter().map(|v| v.modified).collect()
-        },
+        revs: if req.count_only { Vec::new() } else { revs },
         count,
         current: view.rev(),
     }))
@@ -158,6 +150,14 @@ fn sort_of(req: &RangeRequest) -> (SortOrder, SortTarget) {
     } else {
         (order, target)
     }
+}
+
+/// Whether a Range drops key-values by their revisions.
+fn filters(req: &RangeRequest) -> bool {
+    req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0
 }
 
 /// Whether a Range's answer may be in another order than the keys'.
@@ -238,14 +238,7 @@ impl RangePlan<'_> {
         load: impl FnMut(Revision) -> Result<KeyValue>,
     ) -> Result<EncodedRangeResponse> {
         let req = self.req;
-        let stored = !req.keys_only
-            && !req.count_only
-            && req.min_mod_revision == 0
-            && req.max_mod_revision == 0
-            && req.min_create_revision == 0
-            && req.max_create_revision == 0
-            && !reorders(req);
-        if !stored {
+        if req.keys_only || req.count_only || filters(req) || reorders(req) {
             return Ok(self.finish(load)?.into());
         }
         let more = req.limit > 0 && self.revs.len() > req.limit as usize;
