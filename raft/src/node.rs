@@ -445,29 +445,43 @@ impl RaftNode {
         self.network.channel(&addr).ok().map(|c| (leader, c))
     }
 
-    /// Makes a membership change on the leader (this member or, forwarded, another).
+    /// Makes a membership change on the leader (this member or, forwarded, another). Once it
+    /// succeeds, this member knows it too: the answer lists the members as this member knows
+    /// them, and etcd answers with the membership after the change.
     pub async fn change_membership(
         &self,
         change: MembershipChange,
     ) -> Result<Result<(), MembershipError>, ProposeError> {
+        let leaves = matches!(change, MembershipChange::Remove { id } if id == self.config.node_id);
         let fut = async {
             self.pauses.wait_released().await;
             let leader = leader_of(&self.raft).await?;
             if leader == self.config.node_id {
-                return Ok(crate::membership::apply(&self.raft, change).await);
+                return Ok((crate::membership::apply(&self.raft, change).await, false));
             }
             let addr = peer_addr(&self.raft, leader).ok_or(ProposeError::NoLeader)?;
-            self.network
+            let res = self
+                .network
                 .change_membership(&addr, &change)
                 .await
                 .map_err(|e| {
                     tracing::debug!(error = %e, "membership change to the leader failed");
                     ProposeError::Timeout
-                })
+                })?;
+            Ok((res, true))
         };
-        tokio::time::timeout(self.config.request_timeout, fut)
+        let (res, forwarded) = tokio::time::timeout(self.config.request_timeout, fut)
             .await
-            .unwrap_or(Err(ProposeError::Timeout))
+            .unwrap_or(Err(ProposeError::Timeout))?;
+        if forwarded && res.is_ok() && !leaves {
+            // The leader answered once the change was committed; this member may not have it
+            // yet. A member that was removed learns nothing more, so it does not wait. The
+            // change is made either way, so a failed wait must not report it as failed.
+            if let Err(e) = self.read_barrier().await {
+                tracing::warn!(error = %e, "membership changed; this member's view of it may lag");
+            }
+        }
+        Ok(res)
     }
 
     /// The members of the cluster as Raft knows them.
