@@ -56,8 +56,7 @@ impl RaftNode {
             term: m.current_term,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            is_learner: membership.get_node(&id).is_some()
-                && !membership.voter_ids().any(|v| v == id),
+            is_learner: crate::membership::is_learner_in(membership, id),
         }
     }
 

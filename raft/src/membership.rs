@@ -99,6 +99,14 @@ pub fn members(raft: &typ::Raft) -> Vec<RaftMember> {
         .collect()
 }
 
+/// True if `id` is in `membership` without a vote.
+pub(crate) fn is_learner_in(
+    membership: &openraft::Membership<NodeId, BasicNode>,
+    id: NodeId,
+) -> bool {
+    membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id)
+}
+
 fn failed<E: std::fmt::Display>(e: E) -> MembershipError {
     MembershipError::Failed(e.to_string())
 }

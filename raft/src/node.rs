@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
@@ -211,6 +213,8 @@ pub struct RaftNode {
     pub(crate) pauses: Arc<Pauses>,
     /// One leader transfer at a time.
     pub(crate) transferring: tokio::sync::Mutex<()>,
+    /// Whether this member is a learner now ([`track_learner`]).
+    learner: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -331,6 +335,8 @@ impl RaftNode {
         tokio::spawn(run_batcher(shared.clone(), rx));
         let (reads, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
         tokio::spawn(run_read_index(shared, rx));
+        let learner = Arc::new(AtomicBool::new(false));
+        tokio::spawn(track_learner(raft.clone(), config.node_id, learner.clone()));
         Ok(RaftNode {
             raft,
             state_machine,
@@ -340,6 +346,7 @@ impl RaftNode {
             network,
             pauses,
             transferring: tokio::sync::Mutex::new(()),
+            learner,
         })
     }
 
@@ -487,6 +494,12 @@ impl RaftNode {
     /// The members of the cluster as Raft knows them.
     pub fn members(&self) -> Vec<crate::membership::RaftMember> {
         crate::membership::members(&self.raft)
+    }
+
+    /// True if this member is a learner now: a member that does not vote, which serves clients
+    /// only what etcd lets a learner serve. Cheap enough to ask on every request.
+    pub fn is_learner(&self) -> bool {
+        self.learner.load(Ordering::Relaxed)
     }
 
     /// True if this member is the leader now.
@@ -770,6 +783,20 @@ pub(crate) fn peer_addr(raft: &typ::Raft, id: NodeId) -> Option<String> {
         .membership()
         .get_node(&id)
         .map(|n| n.addr.clone())
+}
+
+/// Keeps `learner` equal to whether member `id` is in the membership without a vote, as the
+/// membership changes, until the Raft instance shuts down.
+async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
+    let mut rx = raft.metrics();
+    loop {
+        let is_learner =
+            crate::membership::is_learner_in(rx.borrow().membership_config.membership(), id);
+        learner.store(is_learner, Ordering::Relaxed);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Waits (bounded by the caller's timeout) until some member leads.

@@ -21,6 +21,7 @@ pub mod coalesce;
 pub mod config;
 pub mod corrupt;
 pub mod http;
+pub mod learner;
 pub mod lessor;
 pub mod limits;
 pub mod metrics;
@@ -499,7 +500,8 @@ async fn serve(
     tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
-        .layer(metrics::GrpcMetricsLayer::new(node))
+        .layer(metrics::GrpcMetricsLayer::new(node.clone()))
+        .layer(learner::LearnerGateLayer::new(node))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             accept_stream(listener).map(|c| {

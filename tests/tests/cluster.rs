@@ -472,11 +472,32 @@ async fn member_list_add_learner_snapshot_catch_up_promote_remove() -> Result<()
     );
     c.join(new).await?;
     wait_count(&c, new, "s/", 300).await?;
-    let r = c.client(new).await?.get("s/000", None).await?;
+    let mut learner = c.client(new).await?;
+    let r = learner
+        .get("s/000", Some(GetOptions::new().with_serializable()))
+        .await?;
     ensure!(
         r.header().unwrap().member_id() == new_id,
         "the joined member has the id it was added under"
     );
+    // A learner serves serializable reads and Status only, as etcd's.
+    learner.status().await?;
+    let refused: [(&str, Result<(), etcd_client::Error>); 4] = [
+        ("get", learner.get("s/000", None).await.map(drop)),
+        ("put", learner.put("s/x", "x", None).await.map(drop)),
+        ("member list", learner.member_list().await.map(drop)),
+        ("lease grant", learner.lease_grant(10, None).await.map(drop)),
+    ];
+    for (what, r) in refused {
+        match r {
+            Err(etcd_client::Error::GRpcStatus(st)) => ensure!(
+                st.code() == tonic::Code::Unavailable
+                    && st.message() == "etcdserver: rpc not supported for learner",
+                "{what} on a learner: {st:?}"
+            ),
+            other => anyhow::bail!("{what} on a learner: {other:?}"),
+        }
+    }
 
     // The same peer URL again, an invalid one: etcd's errors.
     let e = cl.member_add([url.clone()], None).await.unwrap_err();
@@ -522,6 +543,26 @@ async fn member_list_add_learner_snapshot_catch_up_promote_remove() -> Result<()
     );
     cl.put("s/after-promote", "y", None).await?;
     wait_count(&c, new, "s/", 301).await?;
+    // Promoted, it serves everything once it has the promotion (it may still be on its way):
+    // a linearizable read sees the write above.
+    let mut promoted = c.client(new).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        match promoted.get("s/after-promote", None).await {
+            Err(e) if e.to_string().contains("not supported for learner") => {
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "still a learner: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => break r?,
+        }
+    };
+    ensure!(
+        r.kvs().len() == 1,
+        "a promoted member serves linearizable reads"
+    );
 
     // Remove it again; the cluster keeps working; unknown ids are refused.
     let r = cl.member_remove(new_id).await?;

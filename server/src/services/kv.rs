@@ -75,6 +75,9 @@ impl Kv for KvService {
         req: GrpcRequest<RangeRequest>,
     ) -> Result<Response<EncodedRangeResponse>, Status> {
         let r = req.into_inner();
+        if !r.serializable && self.node.raft().is_learner() {
+            return Err(crate::learner::not_for_learner());
+        }
         validate::range(&r)?;
         self.node.read_barrier(r.serializable).await?;
         let store = self.node.store();
