@@ -64,11 +64,7 @@ pub struct LearnerGate<S> {
 
 /// True for a gRPC call a learner must refuse.
 fn refused_for_learner(req: &http::Request<Body>) -> bool {
-    let is_grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    is_grpc && !LEARNER_PATHS.contains(&req.uri().path())
+    crate::metrics::is_grpc(req) && !LEARNER_PATHS.contains(&req.uri().path())
 }
 
 impl<S> tower::Service<http::Request<Body>> for LearnerGate<S>

@@ -367,13 +367,16 @@ pub struct GrpcMetrics<S> {
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
+/// True for a gRPC call (as opposed to etcd's HTTP endpoints on the same port).
+pub(crate) fn is_grpc(req: &http::Request<Body>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// The method of a gRPC request (path `/pkg.Service/Method`); `None` for anything else.
 fn method_of(req: &http::Request<Body>) -> Option<Method> {
-    let is_grpc = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !is_grpc {
+    if !is_grpc(req) {
         return None;
     }
     let (service, method) = req.uri().path().strip_prefix('/')?.split_once('/')?;
