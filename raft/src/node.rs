@@ -719,18 +719,17 @@ impl Lockstep {
             return false;
         }
         let elapsed = now.saturating_duration_since(self.since);
-        if self.capped {
-            if elapsed < LOCKSTEP_RECHECK {
-                return true;
-            }
-            self.capped = false;
-            self.since = now;
-            self.formed = 0;
-            self.full = 0;
-        } else if elapsed >= LOCKSTEP_WINDOW {
-            self.since = now;
-            self.formed = 0;
-            self.full = 0;
+        let window = if self.capped {
+            LOCKSTEP_RECHECK
+        } else {
+            LOCKSTEP_WINDOW
+        };
+        if self.capped && elapsed < window {
+            return true;
+        }
+        if elapsed >= window {
+            // The cap is lifted to look again, or the count starts over.
+            *self = Lockstep::new(now);
         }
         self.formed += 1;
         // "Nearly every writer": at least 7/8 of them.
