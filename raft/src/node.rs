@@ -448,8 +448,14 @@ impl RaftNode {
         if leader == self.config.node_id {
             return None;
         }
-        let addr = peer_addr(&self.raft, leader)?;
-        self.network.channel(&addr).ok().map(|c| (leader, c))
+        self.peer_channel(leader).map(|c| (leader, c))
+    }
+
+    /// A channel to the peer port of member `id` (voter or learner), shared with replication,
+    /// for the peer services beside Raft's; `None` if it is not a member.
+    pub fn peer_channel(&self, id: NodeId) -> Option<tonic::transport::Channel> {
+        let addr = peer_addr(&self.raft, id)?;
+        self.network.channel(&addr).ok()
     }
 
     /// Makes a membership change on the leader (this member or, forwarded, another). Once it

@@ -13,12 +13,11 @@
 use std::time::Duration;
 
 use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
-use fetcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use fetcd_proto::etcdserverpb::AlarmRequest;
 use fetcd_proto::etcdserverpb::AlarmType;
 use fetcd_proto::etcdserverpb::HashKvRequest;
-use fetcd_proto::etcdserverpb::Member;
 use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::maintenance_peer_client::MaintenancePeerClient;
 use fetcd_storage::HashKv;
 
 use crate::node::EtcdNode;
@@ -40,8 +39,7 @@ pub enum CorruptError {
     Local(String),
 }
 
-/// Compares this member's HashKV with each peer's (through the peers' client URLs) at this
-/// member's current revision.
+/// Compares this member's HashKV with each peer's at this member's current revision.
 pub async fn check_initial_hash_kv(node: &EtcdNode) -> Result<(), CorruptError> {
     let mismatched = compare_with_peers(node).await?;
     if mismatched.is_empty() {
@@ -117,51 +115,44 @@ async fn local_hash_kv(node: &EtcdNode) -> Result<HashKv, CorruptError> {
 }
 
 /// The ids of the peers whose hash at this member's revision, with the same compaction, differs
-/// from this member's. Peers that cannot answer for that revision are skipped with a warning.
+/// from this member's. Every other member is asked, learners too, through its peer port (etcd
+/// asks its peers' `/members/hashkv` the same way). Peers that cannot answer for that revision
+/// are skipped with a warning.
 async fn compare_with_peers(node: &EtcdNode) -> Result<Vec<u64>, CorruptError> {
     let me = node.raft().id();
     let local = local_hash_kv(node).await?;
-    let peers: Vec<Member> = node
-        .store()
-        .members()
-        .map_err(|e| CorruptError::Local(e.to_string()))?;
     let mut mismatched = Vec::new();
-    for peer in peers.iter().filter(|m| m.id != me) {
-        let Some(url) = peer.client_ur_ls.first() else {
-            tracing::warn!(peer = %format!("{:x}", peer.id), "corruption check: peer has no client URL yet, skipped");
-            continue;
-        };
-        match peer_hash_kv(url, local.hash_revision).await {
+    for peer in node.raft().members().iter().filter(|m| m.id != me) {
+        let (id, url) = (format!("{:x}", peer.id), &peer.peer_url);
+        match peer_hash_kv(node, peer.id, local.hash_revision).await {
             Ok((hash, compact_revision)) => {
                 if compact_revision != local.compact_revision {
-                    tracing::warn!(peer = %url, compact_revision, local_compact_revision = local.compact_revision, "corruption check: peer compacted elsewhere, skipped");
+                    tracing::warn!(peer = %id, %url, compact_revision, local_compact_revision = local.compact_revision, "corruption check: peer compacted elsewhere, skipped");
                 } else if hash != local.hash {
-                    tracing::error!(peer = %url, revision = local.hash_revision, local_hash = local.hash, peer_hash = hash, "corruption check: hash mismatch");
+                    tracing::error!(peer = %id, %url, revision = local.hash_revision, local_hash = local.hash, peer_hash = hash, "corruption check: hash mismatch");
                     mismatched.push(peer.id);
                 } else {
-                    tracing::debug!(peer = %url, revision = local.hash_revision, "corruption check: hash matches");
+                    tracing::debug!(peer = %id, revision = local.hash_revision, "corruption check: hash matches");
                 }
             }
             Err(e) => {
-                tracing::warn!(peer = %url, error = %e, "corruption check: cannot fetch the peer's hash, skipped");
+                tracing::warn!(peer = %id, %url, error = %e, "corruption check: cannot fetch the peer's hash, skipped");
             }
         }
     }
     Ok(mismatched)
 }
 
-/// The peer's `(hash, compact_revision)` at `revision`.
-async fn peer_hash_kv(url: &str, revision: i64) -> Result<(u32, i64), String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(PEER_TIMEOUT)
-        .timeout(PEER_TIMEOUT)
-        .connect()
+/// Member `id`'s `(hash, compact_revision)` at `revision`, asked on its peer port.
+async fn peer_hash_kv(node: &EtcdNode, id: u64, revision: i64) -> Result<(u32, i64), String> {
+    let channel = node
+        .raft()
+        .peer_channel(id)
+        .ok_or_else(|| "not a member".to_string())?;
+    let mut client = MaintenancePeerClient::new(channel);
+    let r = tokio::time::timeout(PEER_TIMEOUT, client.hash_kv(HashKvRequest { revision }))
         .await
-        .map_err(|e| e.to_string())?;
-    let r = MaintenanceClient::new(channel)
-        .hash_kv(HashKvRequest { revision })
-        .await
+        .map_err(|_| "timed out".to_string())?
         .map_err(|s| s.message().to_string())?
         .into_inner();
     Ok((r.hash, r.compact_revision))

@@ -57,10 +57,12 @@ use crate::services::cluster::ClusterService;
 use crate::services::kv::KvService;
 use crate::services::lease::LeasePeerService;
 use crate::services::lease::LeaseService;
+use crate::services::maintenance::MaintenancePeerService;
 use crate::services::maintenance::MaintenanceService;
 use crate::services::unimplemented::Unimplemented;
 use crate::services::watch::WatchService;
 use fetcd_proto::raftpb::lease_peer_server::LeasePeerServer;
+use fetcd_proto::raftpb::maintenance_peer_server::MaintenancePeerServer;
 
 /// gRPC's framing allowance on top of `--max-request-bytes`, as etcd's `grpcOverheadBytes`:
 /// requests up to the limit reach the server's own size check and get etcd's error text.
@@ -442,7 +444,8 @@ async fn serve_metrics(
         .await
 }
 
-/// Serves the peer port: Raft's RPCs and the lease requests followers hand to the leader.
+/// Serves the peer port: Raft's RPCs, the lease requests followers hand to the leader, and the
+/// hashes members ask of each other.
 async fn serve_peers(
     node: Arc<EtcdNode>,
     listeners: Vec<TcpListener>,
@@ -455,7 +458,10 @@ async fn serve_peers(
     let raft = node.raft().peer_service();
     tonic::transport::Server::builder()
         .add_service(raft)
-        .add_service(LeasePeerServer::new(LeasePeerService::new(node)))
+        .add_service(LeasePeerServer::new(LeasePeerService::new(node.clone())))
+        .add_service(MaintenancePeerServer::new(MaintenancePeerService::new(
+            node,
+        )))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })

@@ -12,6 +12,7 @@ use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
 use fetcd_proto::etcdserverpb::maintenance_server::Maintenance;
 use fetcd_proto::etcdserverpb::AlarmType;
 use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::maintenance_peer_server::MaintenancePeer;
 use fetcd_proto::status as msg;
 use fetcd_raft::maintenance::TransferError;
 use fetcd_storage::WriteResponse;
@@ -70,6 +71,53 @@ impl MaintenanceService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// This member's HashKV at `rev` (0: its current revision), for clients and for peers.
+async fn hash_kv(node: &EtcdNode, rev: i64) -> Result<pb::HashKvResponse, Status> {
+    let store = node.store().clone();
+    let h = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+        .await
+        .map_err(join_error)?
+        .map_err(|e| status::storage_error(&e))?
+        .map_err(|e| status::kv_error(&e))?;
+    let mut header = Some(pb::ResponseHeader {
+        revision: h.current_revision,
+        ..Default::default()
+    });
+    node.fill_header(&mut header);
+    Ok(pb::HashKvResponse {
+        header,
+        hash: h.hash,
+        compact_revision: h.compact_revision,
+        hash_revision: h.hash_revision,
+    })
+}
+
+/// The peer-port side of Maintenance: what members ask of each other (etcd's peer handler), so
+/// that a learner, which refuses HashKV on its client port, is still checked for corruption.
+#[derive(Debug, Clone)]
+pub struct MaintenancePeerService {
+    node: Arc<EtcdNode>,
+}
+
+impl MaintenancePeerService {
+    /// The peer-port maintenance service of `node`.
+    pub fn new(node: Arc<EtcdNode>) -> Self {
+        MaintenancePeerService { node }
+    }
+}
+
+#[tonic::async_trait]
+impl MaintenancePeer for MaintenancePeerService {
+    async fn hash_kv(
+        &self,
+        req: GrpcRequest<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
+        hash_kv(&self.node, req.into_inner().revision)
+            .await
+            .map(Response::new)
+    }
+}
 
 fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("etcdserver: {e}"))
@@ -182,24 +230,9 @@ impl Maintenance for MaintenanceService {
         &self,
         req: GrpcRequest<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        let rev = req.into_inner().revision;
-        let store = self.node.store().clone();
-        let h = tokio::task::spawn_blocking(move || store.hash_kv(rev))
+        hash_kv(&self.node, req.into_inner().revision)
             .await
-            .map_err(join_error)?
-            .map_err(|e| status::storage_error(&e))?
-            .map_err(|e| status::kv_error(&e))?;
-        let mut header = Some(pb::ResponseHeader {
-            revision: h.current_revision,
-            ..Default::default()
-        });
-        self.node.fill_header(&mut header);
-        Ok(Response::new(pb::HashKvResponse {
-            header,
-            hash: h.hash,
-            compact_revision: h.compact_revision,
-            hash_revision: h.hash_revision,
-        }))
+            .map(Response::new)
     }
 
     /// Streams one consistent copy of the store (see [`crate::snapshot`]) in 32 KiB chunks. The
