@@ -12,11 +12,14 @@
 //! - [`transfer`]: the pauses and peer steps that make a leader transfer possible on openraft.
 //! - [`metrics`]: the Raft log's fsync histogram.
 //! - [`node`]: one member — opens the stores, bootstraps, proposes, serves read barriers.
+//! - `fault` (feature `fault-injection`, tests only): cut or slow links between members.
 //!
 //! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
 //! `InternalRaftRequest`s and returns storage answers.
 
 pub mod command;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod log_store;
 pub mod maintenance;
 pub mod membership;

@@ -115,6 +115,12 @@ impl Network {
 
     /// The channel to the peer at `addr` (its peer URL), created lazily and then shared.
     pub fn channel(&self, addr: &str) -> Result<Channel, TransportError> {
+        #[cfg(feature = "fault-injection")]
+        if crate::fault::get(self.id, addr) == Some(crate::fault::Fault::Cut) {
+            return Err(TransportError::Unreachable(tonic::Status::unavailable(
+                "fault injection: link cut",
+            )));
+        }
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         Ok(match channels.get(addr) {
             Some(c) => c.clone(),
@@ -132,6 +138,17 @@ impl Network {
         })
     }
 
+    /// Waits out the test-only delay on the link to `addr`, if one is set (a cut is applied
+    /// by [`channel`](Self::channel)); nothing without the `fault-injection` feature.
+    async fn delay(&self, addr: &str) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(crate::fault::Fault::Delay(d)) = crate::fault::get(self.id, addr) {
+            tokio::time::sleep(d).await;
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = addr;
+    }
+
     /// A Raft peer client for the peer at `addr`.
     pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, TransportError> {
         let channel = self.channel(addr)?;
@@ -147,6 +164,7 @@ impl Network {
         addr: &str,
         batch: InternalRaftBatch,
     ) -> Result<Result<(u64, CommandResponse), PeerError>, TransportError> {
+        self.delay(addr).await;
         let mut c = self.client(addr)?;
         let resp = c
             .forward(batch)
@@ -161,6 +179,7 @@ impl Network {
         addr: &str,
         change: &MembershipChange,
     ) -> Result<Result<(), MembershipError>, TransportError> {
+        self.delay(addr).await;
         let mut c = self.client(addr)?;
         let msg = PeerMessage {
             data: bincode::serialize(change)?,
@@ -178,6 +197,7 @@ impl Network {
         addr: &str,
         step: &TransferStep,
     ) -> Result<Result<(), StepError>, TransportError> {
+        self.delay(addr).await;
         let mut c = self.client(addr)?;
         let msg = PeerMessage {
             data: bincode::serialize(step)?,
@@ -188,6 +208,7 @@ impl Network {
 
     /// Asks the leader at `addr` for a read index (it confirms its leadership first).
     pub async fn read_index(&self, addr: &str) -> Result<Result<u64, PeerError>, TransportError> {
+        self.delay(addr).await;
         let mut c = self.client(addr)?;
         let resp = c
             .read_index(PeerMessage { data: Vec::new() })
@@ -239,6 +260,8 @@ impl PeerClient {
             .net
             .client(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        // A slow link holds the request before it leaves; the RPC's own timeout is for the peer.
+        self.net.delay(&self.addr).await;
         let call = async {
             match action {
                 RPCTypes::AppendEntries => c.append_entries(msg).await,

@@ -187,6 +187,57 @@ impl Cluster {
         self.server(i).map(|s| s.node().raft().id())
     }
 
+    /// Member `i`'s peer URL, as the membership names it.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.slots[i].peer_port)
+    }
+
+    /// Sets (or with `None` lifts) the test-only fault on the link from member `from` to member
+    /// `to`: one direction, every peer request `from` makes to `to` (see `fetcd_raft::fault`).
+    pub fn set_link(
+        &self,
+        from: usize,
+        to: usize,
+        fault: Option<fetcd_raft::fault::Fault>,
+    ) -> anyhow::Result<()> {
+        let id = self
+            .member_id(from)
+            .with_context(|| format!("member {from} is not running"))?;
+        match fault {
+            Some(f) => fetcd_raft::fault::set(id, &self.peer_url(to), f),
+            None => fetcd_raft::fault::heal(id, &self.peer_url(to)),
+        }
+        Ok(())
+    }
+
+    /// Cuts every link between the members in `side` and the other running members, both ways:
+    /// a network partition.
+    pub fn partition(&self, side: &[usize]) -> anyhow::Result<()> {
+        self.links_across(side, Some(fetcd_raft::fault::Fault::Cut))
+    }
+
+    /// Lifts what [`partition`](Self::partition) set for `side`.
+    pub fn heal(&self, side: &[usize]) -> anyhow::Result<()> {
+        self.links_across(side, None)
+    }
+
+    fn links_across(
+        &self,
+        side: &[usize],
+        fault: Option<fetcd_raft::fault::Fault>,
+    ) -> anyhow::Result<()> {
+        let running: Vec<usize> = (0..self.len())
+            .filter(|i| self.slots[*i].server.is_some())
+            .collect();
+        for &a in running.iter().filter(|i| side.contains(i)) {
+            for &b in running.iter().filter(|i| !side.contains(i)) {
+                self.set_link(a, b, fault)?;
+                self.set_link(b, a, fault)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Waits (bounded) until every running member's Status names the member with id `leader` as
     /// the leader.
     pub async fn wait_leader_everywhere(&self, leader: u64) -> anyhow::Result<()> {

@@ -1,0 +1,257 @@
+//! Three-member clusters under network faults (the `fetcd_raft::fault` hooks): a member cut off
+//! from the others, a leader cut off from the majority, a slow link. What must hold is what
+//! kube-apiserver relies on: no stale answer on a linearizable path, no acknowledged write lost,
+//! and answers that reflect a change once it is acknowledged.
+#![cfg(feature = "fetcd")]
+
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use etcd_client::GetOptions;
+use fetcd_raft::fault::Fault;
+use fetcd_tests::cluster::Cluster;
+
+/// How long a request on the minority side may take to fail: the server's request timeout (7 s,
+/// etcd's default for a 1 s election timeout) and some slack.
+const MINORITY_LIMIT: Duration = Duration::from_secs(15);
+
+fn serializable() -> Option<GetOptions> {
+    Some(GetOptions::new().with_serializable())
+}
+
+/// The value of `key` at member `i`, read serializably (from its own state).
+async fn local_value(c: &Cluster, i: usize, key: &str) -> Result<Option<String>> {
+    let r = c.client(i).await?.get(key, serializable()).await?;
+    Ok(match r.kvs().first() {
+        Some(kv) => Some(kv.value_str()?.to_string()),
+        None => None,
+    })
+}
+
+/// Waits (bounded) until member `i` has `key` = `value` in its own state.
+async fn wait_local(c: &Cluster, i: usize, key: &str, value: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local_value(c, i, key).await?.as_deref() != Some(value) {
+        ensure!(
+            Instant::now() < deadline,
+            "member {i} never had {key}={value}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The gRPC code of a failed request, or a description of why it did not fail in time.
+fn code_of<T: std::fmt::Debug>(
+    r: std::result::Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>,
+) -> Result<tonic::Code> {
+    match r {
+        Err(_) => bail!("no answer within {MINORITY_LIMIT:?}"),
+        Ok(Ok(v)) => bail!("answered on the minority side: {v:?}"),
+        Ok(Err(etcd_client::Error::GRpcStatus(st))) => Ok(st.code()),
+        Ok(Err(e)) => bail!("not a gRPC status: {e}"),
+    }
+}
+
+/// A follower cut off from the leader and the other follower keeps its old state: serializable
+/// reads show it, but a linearizable read there must fail (Unavailable, in bounded time) rather
+/// than answer with it, and so must a write. Healed, it catches up and serves the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_follower_never_serves_a_stale_linearizable_read() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_ready().await?;
+    let f = (0..3).find(|i| *i != leader).context("a follower")?;
+    let mut lc = cluster.client(leader).await?;
+    lc.put("k", "v1", None).await?;
+    wait_local(&cluster, f, "k", "v1").await?;
+
+    cluster.partition(&[f])?;
+    lc.put("k", "v2", None).await?;
+    let mut fc = cluster.client(f).await?;
+    let read = tokio::time::timeout(MINORITY_LIMIT, fc.get("k", None)).await;
+    let code = code_of(read).context("linearizable read on the cut-off follower")?;
+    ensure!(
+        code == tonic::Code::Unavailable,
+        "read failed with {code:?}"
+    );
+    ensure!(
+        local_value(&cluster, f, "k").await?.as_deref() == Some("v1"),
+        "the cut-off follower learned v2: the partition did not hold"
+    );
+    let write = tokio::time::timeout(MINORITY_LIMIT, fc.put("k", "v3", None)).await;
+    let code = code_of(write).context("write on the cut-off follower")?;
+    ensure!(
+        code == tonic::Code::Unavailable,
+        "write failed with {code:?}"
+    );
+
+    cluster.heal(&[f])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match fc.get("k", None).await {
+            Ok(r) => {
+                let v = r.kvs().first().map(|kv| kv.value().to_vec());
+                ensure!(
+                    v.as_deref() == Some(&b"v2"[..]),
+                    "after healing the follower read {v:?}"
+                );
+                break;
+            }
+            Err(e) => ensure!(Instant::now() < deadline, "never served after healing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// A leader cut off from both followers: writes through it fail in bounded time, the majority
+/// elects another leader and goes on, and once healed every member holds every acknowledged
+/// write, agrees on the write the old leader could not commit (present everywhere or nowhere),
+/// and hashes the same history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let old = cluster.wait_ready().await?;
+    let old_id = cluster.member_id(old).context("old leader id")?;
+    let mut acked = Vec::new();
+    let mut oc = cluster.client(old).await?;
+    for i in 0..10 {
+        oc.put(format!("a/{i}"), "x", None).await?;
+        acked.push(format!("a/{i}"));
+    }
+
+    cluster.partition(&[old])?;
+    let write = tokio::time::timeout(MINORITY_LIMIT, oc.put("lost?", "x", None)).await;
+    let code = code_of(write).context("write on the cut-off leader")?;
+    ensure!(
+        code == tonic::Code::Unavailable,
+        "write failed with {code:?}"
+    );
+
+    // The majority side elects a leader of its own and takes writes.
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let mut nc = cluster.client(others[0]).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..10 {
+        let key = format!("b/{i}");
+        while let Err(e) = nc.put(key.as_str(), "x", None).await {
+            ensure!(
+                Instant::now() < deadline,
+                "majority side took no write: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        acked.push(key);
+    }
+    let new_leader = cluster
+        .server(others[0])
+        .and_then(|s| s.node().raft().leader());
+    ensure!(
+        new_leader.is_some_and(|l| l != old_id),
+        "majority side leader {new_leader:?}"
+    );
+
+    cluster.heal(&[old])?;
+    // Every member converges: same revision, same hash, every acknowledged key.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut revs = Vec::new();
+        let mut hashes = Vec::new();
+        for i in 0..3 {
+            let mut c = cluster.client(i).await?;
+            let h = c.hash_kv(0).await;
+            match h {
+                Ok(h) => {
+                    revs.push(h.header().map(|h| h.revision()).unwrap_or(0));
+                    hashes.push(h.hash());
+                }
+                Err(_) => revs.push(-1),
+            }
+        }
+        if revs.len() == 3 && revs.iter().all(|r| *r > 0 && *r == revs[0]) {
+            ensure!(
+                hashes.iter().all(|h| *h == hashes[0]),
+                "members at revision {} hash differently: {hashes:?}",
+                revs[0]
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "members never converged: {revs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut lost_seen = Vec::new();
+    for i in 0..3 {
+        for key in &acked {
+            ensure!(
+                local_value(&cluster, i, key).await?.is_some(),
+                "member {i} lost acknowledged {key}"
+            );
+        }
+        lost_seen.push(local_value(&cluster, i, "lost?").await?.is_some());
+    }
+    ensure!(
+        lost_seen.iter().all(|s| *s == lost_seen[0]),
+        "members disagree on the uncommitted write: {lost_seen:?}"
+    );
+    Ok(())
+}
+
+/// A membership change made through a follower that the leader cannot reach for a moment: the
+/// answer lists the membership after the change (etcd's), though the follower learns of the
+/// change only after the leader committed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_promote_through_a_lagging_follower_answers_the_new_membership() -> Result<()> {
+    use etcd_client::MemberAddOptions;
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_ready().await?;
+    let f = (0..3).find(|i| *i != leader).context("a follower")?;
+    let mut lc = cluster.client(leader).await?;
+    lc.put("k", "v", None).await?;
+
+    let (new, url) = cluster.reserve_member().await?;
+    let added = lc
+        .member_add([url], Some(MemberAddOptions::new().with_is_learner()))
+        .await?;
+    let learner_id = added.member().context("added member")?.id();
+    cluster.join(new).await?;
+    wait_local(&cluster, new, "k", "v").await?;
+    wait_local(&cluster, f, "k", "v").await?;
+
+    // The leader's requests to the follower are refused for half a second (less than an
+    // election timeout): the promotion, made through the follower, commits without it, and the
+    // follower hears of it only once the link is back.
+    let mut fc = cluster.client(f).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let promoted = loop {
+        cluster.set_link(leader, f, Some(Fault::Cut))?;
+        let heal = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cluster.set_link(leader, f, None)
+        };
+        let (r, healed) = tokio::join!(fc.member_promote(learner_id), heal);
+        healed?;
+        match r {
+            Ok(r) => break r,
+            // The leader refuses until the learner's log matches its own.
+            Err(e) if e.to_string().contains("in sync with leader") => {
+                ensure!(Instant::now() < deadline, "learner never in sync");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let listed = promoted
+        .members()
+        .iter()
+        .find(|m| m.id() == learner_id)
+        .context("the promoted member is not listed")?;
+    ensure!(
+        !listed.is_learner(),
+        "the answer still lists {learner_id:x} as a learner"
+    );
+    Ok(())
+}
