@@ -301,6 +301,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
         let kind = usize::from(rpc.entries.is_empty());
+        if rpc.entries.is_empty() {
+            // An empty AppendEntries carries a new commit index (or is a heartbeat). openraft
+            // queues it for the followers before the leader applies the entry and answers
+            // the client, and on a member with one worker thread the tasks run in that
+            // order: the answer waited for the empty RPCs' encoding and socket writes. Let
+            // the apply and the answer go first; the followers learn the commit index a few
+            // microseconds later. (Three members, one put at a time: p50 1.68 → 1.50 ms.)
+            tokio::task::yield_now().await;
+        }
         let started = Instant::now();
         let res = self.call(RPCTypes::AppendEntries, &rpc, &option).await;
         // Answered by the peer (whatever it answered): a round trip to count.
