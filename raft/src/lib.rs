@@ -5,6 +5,7 @@
 //!   append, which carries a batch of client requests).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
 //! - `snapshot_file`: the snapshot file, written and read as a stream.
+//! - [`coalesce`]: fewer, larger socket writes for HTTP/2 connections (client port and peers).
 //! - [`network`]: peer RPCs over tonic (replication, votes, snapshots, forwarded writes, read
 //!   index, membership changes).
 //! - [`membership`]: etcd's member operations as openraft membership changes.
@@ -17,6 +18,7 @@
 //! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
 //! `InternalRaftRequest`s and returns storage answers.
 
+pub mod coalesce;
 pub mod command;
 #[cfg(feature = "fault-injection")]
 pub mod fault;

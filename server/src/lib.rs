@@ -17,7 +17,6 @@
 
 pub mod authority;
 pub mod auto_compaction;
-pub mod coalesce;
 pub mod config;
 pub mod corrupt;
 pub mod http;
@@ -44,6 +43,7 @@ use fetcd_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use fetcd_proto::etcdserverpb::Member;
 use fetcd_proto::wire::kv_server::KVServer as KvServer;
 use fetcd_proto::wire::watch_server::WatchServer;
+use fetcd_raft::coalesce::CoalescedWrites;
 use fetcd_raft::RaftNode;
 use fetcd_raft::RaftNodeConfig;
 pub use node::EtcdNode;
@@ -510,9 +510,8 @@ async fn serve(
         .layer(learner::LearnerGateLayer::new(node))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            accept_stream(listener).map(|c| {
-                c.map(|s| authority::AuthorityFix::new(coalesce::CoalescedWrites::new(s)))
-            }),
+            accept_stream(listener)
+                .map(|c| c.map(|s| authority::AuthorityFix::new(CoalescedWrites::new(s)))),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },

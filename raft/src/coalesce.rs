@@ -1,4 +1,5 @@
-//! Gathers a large response's HTTP/2 DATA frames into few socket writes.
+//! Gathers HTTP/2 frames into few socket writes: a large response's DATA frames on the client
+//! port, and a peer request's HEADERS and DATA frames on the peer channels.
 //!
 //! h2 sends a DATA frame of at most the client's `SETTINGS_MAX_FRAME_SIZE` (16 KiB for etcd's
 //! and tonic's clients) and writes each such frame to the socket on its own, flushing in
@@ -13,6 +14,13 @@
 //! connection writes it unless more frames were added by then. Everything buffered is written
 //! once it reaches [`MAX_BUFFERED`], on the second flush without new data, before any read,
 //! and on shutdown, so held data waits at most one poll of its own connection.
+//!
+//! On the peer channels ([`CoalescedWrites::for_requests`]) hyper's HTTP/2 client writes a
+//! request's HEADERS frame when it takes the request and the DATA frame from the body's own
+//! task a moment later: every peer RPC (each AppendEntries) took two `writev`s, the second one
+//! only after the scheduler had run whatever was queued in between. There, every flush of new
+//! data is held once and the connection's task woken; h2 flushes on every poll of the
+//! connection, so the next poll writes HEADERS and DATA together (or what was held, alone).
 
 use std::io;
 use std::pin::Pin;
@@ -40,10 +48,12 @@ pub struct CoalescedWrites<S> {
     held: bool,
     /// Data was added since the last flush.
     fresh: bool,
+    /// Hold every flush of new data once, not only a large response's (peer requests).
+    hold_all: bool,
 }
 
 impl<S> CoalescedWrites<S> {
-    /// Wraps an accepted connection.
+    /// Wraps an accepted connection: large responses are gathered.
     pub fn new(inner: S) -> Self {
         CoalescedWrites {
             inner,
@@ -51,6 +61,15 @@ impl<S> CoalescedWrites<S> {
             written: 0,
             held: false,
             fresh: false,
+            hold_all: false,
+        }
+    }
+
+    /// Wraps a peer channel's connection: each request leaves in one write.
+    pub fn for_requests(inner: S) -> Self {
+        CoalescedWrites {
+            hold_all: true,
+            ..Self::new(inner)
         }
     }
 
@@ -103,7 +122,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for CoalescedWrites<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.held {
+        // A held request is sent by the flush that ends this poll, with what the poll adds.
+        if this.held && !this.hold_all {
             // The poll after a held flush: send what was held. If the socket is full, its
             // readiness wakes this task again.
             if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
@@ -145,7 +165,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.fresh && this.buffered() >= BULK {
+        if this.fresh && (this.buffered() >= BULK || (this.hold_all && !this.held)) {
             // Likely more frames of this response to come in this same poll: hold it, and
             // make sure the connection is polled again to write it if none come.
             this.fresh = false;
@@ -280,6 +300,41 @@ mod tests {
         }
         assert_eq!(written(&c), 3 * 109);
         assert_eq!(wake.0.load(Ordering::SeqCst), 0, "nothing was held");
+    }
+
+    /// A peer request as hyper's client writes it: HEADERS and a flush in one poll of the
+    /// connection, DATA and a flush in the next. Both leave in one write; a flush with nothing
+    /// new writes what was held.
+    #[test]
+    fn a_request_leaves_in_one_write() {
+        let wake = Arc::new(CountingWaker::default());
+        let waker = Waker::from(wake.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut c = CoalescedWrites::for_requests(Recording::default());
+        write_frame(&mut c, &mut cx, 33);
+        flush(&mut c, &mut cx);
+        assert_eq!(written(&c), 0, "the HEADERS frame waits for its DATA");
+        assert_eq!(
+            wake.0.load(Ordering::SeqCst),
+            1,
+            "and the connection is polled again"
+        );
+        // The next poll reads first: a held request is not written by the read.
+        let mut space = [0u8; 16];
+        let mut rb = ReadBuf::new(&mut space);
+        assert!(Pin::new(&mut c).poll_read(&mut cx, &mut rb).is_pending());
+        assert_eq!(written(&c), 0);
+        write_frame(&mut c, &mut cx, 140);
+        flush(&mut c, &mut cx);
+        assert_eq!(c.inner.writes.len(), 1, "HEADERS and DATA in one write");
+        assert_eq!(written(&c), 42 + 149);
+        // A lone frame (a PING, say) is held once, then written by the next poll's flush.
+        write_frame(&mut c, &mut cx, 8);
+        flush(&mut c, &mut cx);
+        assert_eq!(c.inner.writes.len(), 1);
+        flush(&mut c, &mut cx);
+        assert_eq!(c.inner.writes.len(), 2);
+        assert_eq!(written(&c), 42 + 149 + 17);
     }
 
     #[test]
