@@ -416,7 +416,16 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
+        let empty = rpc.entries.is_empty();
         let res = self.raft.append_entries(rpc).await;
+        if empty {
+            // An empty AppendEntries may have brought a new commit index: let this member
+            // apply the entry and answer a client waiting for it (a write it forwarded)
+            // before the acknowledgement is encoded and written, as the leader does on its
+            // side. Three members, one put at a time through a follower: p50 1.77–2.07 →
+            // 1.66–1.84 ms.
+            tokio::task::yield_now().await;
+        }
         encode(&res).map(tonic::Response::new)
     }
 
