@@ -1,14 +1,16 @@
 //! Test-only network faults between members (the `fault-injection` cargo feature).
 //!
 //! Partitions and slow links are what Raft's guarantees are about, and in-process clusters share
-//! one loopback: a test cuts or slows the path from one member to another peer URL here, and
-//! every peer request that member makes (replication, votes, snapshots, forwarded writes, read
-//! indexes, membership changes, lease and hash requests) fails or waits as over a broken
-//! network. A cut is one direction; a partition is both. Requests already in flight finish.
+//! one loopback: a test cuts or slows the path from one member to another peer URL here. A cut
+//! refuses every peer request that member makes (replication, votes, snapshots, forwarded
+//! writes, read indexes, membership changes, lease and hash requests); a delay holds Raft's own
+//! requests (all of those but the lease and hash requests). A cut is one direction; a partition
+//! is both. Requests already in flight finish.
 //!
 //! The rules are process-wide, keyed by the sending member's id and the receiver's peer URL (as
-//! in the membership), so that members of one in-process cluster see one network. Release
-//! builds of the server leave the feature off: none of this is compiled into them.
+//! in the membership), so that members of one in-process cluster see one network. Only the test
+//! crate turns the feature on, and the workspace's default members leave that crate out, so a
+//! server built with `cargo build`/`cargo run --bin fetcd` or `-p fetcd-server` has none of this.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
