@@ -1,4 +1,5 @@
-//! Test-only network faults between members (the `fault-injection` cargo feature).
+//! Test-only faults (the `fault-injection` cargo feature): links between members, and a
+//! leader's log syncs.
 //!
 //! Partitions and slow links are what Raft's guarantees are about, and in-process clusters share
 //! one loopback: a test cuts or slows the path from one member to another peer URL here. A cut
@@ -7,14 +8,21 @@
 //! requests (all of those but the lease and hash requests). A cut is one direction; a partition
 //! is both. Requests already in flight finish.
 //!
+//! A member's log syncs can be held as well ([`hold_log_syncs`]): the syncs its Raft log makes
+//! beside replication while it leads several voters ([`crate::durable`]) wait until released,
+//! as behind a stalled disk, so a test can see what a leader shows of entries not yet durable
+//! on its own disk.
+//!
 //! The rules are process-wide, keyed by the sending member's id and the receiver's peer URL (as
 //! in the membership), so that members of one in-process cluster see one network. Only the test
 //! crate turns the feature on, and the workspace's default members leave that crate out, so a
 //! server built with `cargo build`/`cargo run --bin fetcd` or `-p fetcd-server` has none of this.
 
+use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
+use std::sync::Condvar;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
 use std::time::Duration;
@@ -69,6 +77,33 @@ pub fn get(from: NodeId, to: &str) -> Option<Fault> {
     rules()
         .as_ref()
         .and_then(|m| m.get(&(from, to.to_string())).copied())
+}
+
+static HELD_SYNCS: Mutex<BTreeSet<NodeId>> = Mutex::new(BTreeSet::new());
+static SYNCS_RELEASED: Condvar = Condvar::new();
+
+fn held_syncs() -> MutexGuard<'static, BTreeSet<NodeId>> {
+    HELD_SYNCS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// From now on, member `member`'s leader log syncs wait before they start (see the module
+/// documentation); a sync already started completes.
+pub fn hold_log_syncs(member: NodeId) {
+    held_syncs().insert(member);
+}
+
+/// Member `member`'s held log syncs go ahead.
+pub fn release_log_syncs(member: NodeId) {
+    held_syncs().remove(&member);
+    SYNCS_RELEASED.notify_all();
+}
+
+/// Blocks the calling (sync) thread while `member`'s syncs are held.
+pub(crate) fn wait_log_syncs_released(member: NodeId) {
+    let mut held = held_syncs();
+    while held.contains(&member) {
+        held = SYNCS_RELEASED.wait(held).unwrap_or_else(|p| p.into_inner());
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! - [`command`]: the replicated command (fetcd's `InternalRaftRequest`) and its answer.
 //! - [`log_store`]: the durable Raft log, on [`wal`]'s pre-zeroed segments (one fdatasync per
 //!   append, which carries a batch of client requests).
+//! - [`durable`]: how far the log is durable; a leader's syncs beside replication, and the
+//!   gates that keep its commits unseen until then.
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
 //! - `snapshot_file`: the snapshot file, written and read as a stream.
 //! - [`coalesce`]: fewer, larger socket writes for HTTP/2 connections (client port and peers).
@@ -20,6 +22,7 @@
 
 pub mod coalesce;
 pub mod command;
+pub mod durable;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod log_store;

@@ -42,6 +42,10 @@
 //!   commit. A failed write or sync fails this call and every later write (a failed fsync is
 //!   never retried). When syncs are slow, the worker thread's other tasks move to another
 //!   thread for the wait ([`LogStoreConfig::slow_sync`]).
+//! - The exception: the leader of several voters ([`LogStore::pipeline_as`]) reports its own
+//!   appends flushed once written and syncs them on a thread of its own, so that the followers
+//!   get them meanwhile. [`LogStore::durability`] tells how far the log is durable; the state
+//!   machine and the AppendEntries that carry a commit index wait on it ([`crate::durable`]).
 //! - [`save_vote`](RaftLogStorage::save_vote) returns once the vote is synced.
 //! - [`save_committed`](RaftLogStorage::save_committed) and
 //!   [`truncate`](RaftLogStorage::truncate) are written with the next write and durable with
@@ -90,6 +94,9 @@ use openraft::Vote;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::durable::Durability;
+use crate::durable::Job;
+use crate::durable::Syncer;
 use crate::wal;
 use crate::wal::Loc;
 use crate::wal::Wal;
@@ -165,6 +172,15 @@ struct Shared<C: RaftTypeConfig> {
     /// Moving average of the syncs' durations, in µs.
     sync_us: AtomicU64,
     slow_sync_us: u64,
+    durability: Arc<Durability>,
+    /// One past the last entry index written to the segment (changed under the `wal` lock).
+    written_end: AtomicU64,
+    /// Syncs this member's appends while it leads several voters; started on first use.
+    syncer: Mutex<Option<Syncer>>,
+    /// This member's id while it leads several voters (see [`LogStore::pipeline_as`]).
+    pipeline_as: Mutex<Option<C::NodeId>>,
+    /// The member whose log this is, for the sync thread's logs and test hooks.
+    member: AtomicU64,
 }
 
 /// Appends whose fdatasync has not completed yet.
@@ -435,6 +451,8 @@ impl<C: RaftTypeConfig> LogStore<C> {
             wal.flush(true)?;
         }
         let files = wal.files();
+        // Everything replayed was synced (or was a torn tail, cut off).
+        let end = state.last().map_or(0, |l| l.index + 1);
         Ok(Self {
             shared: Arc::new(Shared {
                 wal: Mutex::new(wal),
@@ -443,8 +461,78 @@ impl<C: RaftTypeConfig> LogStore<C> {
                 syncs: Arc::default(),
                 sync_us: AtomicU64::new(0),
                 slow_sync_us: u64::try_from(config.slow_sync.as_micros()).unwrap_or(u64::MAX),
+                durability: Arc::new(Durability::new(end)),
+                written_end: AtomicU64::new(end),
+                syncer: Mutex::new(None),
+                pipeline_as: Mutex::new(None),
+                member: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Names the member whose log this is (in the sync thread's logs and test hooks).
+    pub fn set_member(&self, id: u64) {
+        self.shared.member.store(id, Ordering::Relaxed);
+    }
+
+    /// How far the log is durable.
+    pub fn durability(&self) -> Arc<Durability> {
+        self.shared.durability.clone()
+    }
+
+    /// Tells the log that member `id` leads a cluster of several voters (`None`: it does not).
+    /// Its own appends are then written, reported flushed and synced on another thread (see the
+    /// module documentation). Only a performance hint: an append takes that path only while the
+    /// stored vote is `id`'s committed one, which is when it can only be `id`'s own entries.
+    pub fn pipeline_as(&self, id: Option<C::NodeId>) {
+        *self
+            .shared
+            .pipeline_as
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = id;
+    }
+
+    /// Whether an append now is this member's own, as leader of several voters.
+    fn pipelined(&self) -> bool {
+        let me = self
+            .shared
+            .pipeline_as
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(me) = me else {
+            return false;
+        };
+        self.state()
+            .vote
+            .as_ref()
+            .is_some_and(|v| v.is_committed() && v.leader_id().voted_for() == Some(me))
+    }
+
+    /// Marks what is written so far durable after a sync (the caller holds the `wal` lock).
+    fn synced(&self) {
+        let d = &self.shared.durability;
+        d.synced(d.epoch(), self.shared.written_end.load(Ordering::Acquire));
+    }
+
+    /// Queues a sync of what is written so far on the sync thread.
+    fn sync_later(&self, wal: &Wal) -> io::Result<()> {
+        let d = &self.shared.durability;
+        let job = Job {
+            file: wal.active_file(),
+            epoch: d.epoch(),
+            end: self.shared.written_end.load(Ordering::Acquire),
+        };
+        let mut syncer = self.shared.syncer.lock().unwrap_or_else(|p| p.into_inner());
+        if syncer.is_none() {
+            let member = self.shared.member.load(Ordering::Relaxed);
+            *syncer = Some(Syncer::start(d.clone(), member)?);
+        }
+        if syncer.as_ref().is_some_and(|s| s.sync(job)) {
+            Ok(())
+        } else {
+            Err(io::Error::other("the raft log's sync thread is gone"))
+        }
     }
 
     /// The count of appends waiting for their fdatasync.
@@ -475,6 +563,9 @@ impl<C: RaftTypeConfig> LogStore<C> {
         self.shared
             .sync_us
             .store(avg - avg / 4 + took / 4, Ordering::Relaxed);
+        if res.is_ok() {
+            self.synced();
+        }
         res
     }
 
@@ -483,6 +574,8 @@ impl<C: RaftTypeConfig> LogStore<C> {
     fn push(&self, wal: &mut Wal, body: &[u8]) -> io::Result<Loc> {
         if wal.needs_rotation(body.len()) {
             wal.rotate()?;
+            // The old segment was synced before the new one was started.
+            self.synced();
             let header = self.state().state_record()?;
             wal.push(&header)?;
         }
@@ -643,6 +736,12 @@ where
         }
 
         let err = |e| sto_err(ErrorSubject::Logs, ErrorVerb::Write, e);
+        if self.shared.durability.failed() {
+            let e = io::Error::other("a sync of the raft log failed; the log takes no more writes");
+            callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(err(e));
+        }
+        let pipelined = self.pipelined();
         let mut wal = self.wal().map_err(err)?;
         // Entries at or below the purge point are already covered by the state machine.
         // openraft does not normally append there, but its storage test suite does after
@@ -655,10 +754,22 @@ where
         for (_, body, _) in &records {
             locs.push(self.push(&mut wal, body).map_err(err)?);
         }
-        self.shared.syncs.started();
-        let synced = self.sync(&mut wal);
-        self.shared.syncs.finished();
-        if let Err(e) = synced {
+        if let Some((last, _, _)) = records.last() {
+            self.shared
+                .written_end
+                .store(last.index + 1, Ordering::Release);
+        }
+        // A leader of several voters syncs on the sync thread, beside replication; anyone else
+        // before the callback.
+        let written = if pipelined {
+            wal.flush(false).and_then(|()| self.sync_later(&wal))
+        } else {
+            self.shared.syncs.started();
+            let synced = self.sync(&mut wal);
+            self.shared.syncs.finished();
+            synced
+        };
+        if let Err(e) = written {
             callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
             return Err(err(e));
         }
@@ -685,10 +796,21 @@ where
         {
             return Ok(());
         }
+        // What a sync still in flight covers stops counting at the truncation (see
+        // `Durability::truncated`): make the entries kept durable now.
+        if self.shared.durability.end() < self.shared.written_end.load(Ordering::Acquire) {
+            self.sync(&mut wal).map_err(err)?;
+        }
         let body = record(TRUNCATE, &log_id.index).map_err(err)?;
         // Durable with the next synced write, before any entry appended after it.
         self.push(&mut wal, &body).map_err(err)?;
         self.state().truncate_from(log_id.index);
+        let written = &self.shared.written_end;
+        written.store(
+            written.load(Ordering::Acquire).min(log_id.index),
+            Ordering::Release,
+        );
+        self.shared.durability.truncated(log_id.index);
         Ok(())
     }
 
@@ -719,6 +841,11 @@ where
             first
         };
         wal.remove_before(first_needed).map_err(err)?;
+        // A purge past the last entry empties the log: the next entry follows the purged one.
+        let end = log_id.index + 1;
+        if self.shared.written_end.fetch_max(end, Ordering::AcqRel) < end {
+            self.synced();
+        }
         Ok(())
     }
 }

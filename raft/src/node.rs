@@ -247,8 +247,10 @@ impl RaftNode {
         });
         let log_store = log_store.map_err(OpenError::Log)?;
         let log_syncs = log_store.sync_gauge();
+        log_store.set_member(config.node_id);
         let store = Arc::new(store?);
         let state_machine = StateMachine::open(store, &member.join("snap"))?;
+        state_machine.apply_only_durable(log_store.durability());
 
         let election_ms = config.election_timeout.as_millis().max(1) as u64;
         let raft_config = openraft::Config {
@@ -265,7 +267,8 @@ impl RaftNode {
         .validate()
         .map_err(|e| OpenError::Raft(e.to_string()))?;
 
-        let network = Network::new(config.node_id);
+        let network = Network::new(config.node_id, log_store.durability());
+        let log = log_store.clone();
         let raft = openraft::Raft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -337,6 +340,7 @@ impl RaftNode {
         tokio::spawn(run_read_index(shared, rx));
         let learner = Arc::new(AtomicBool::new(false));
         tokio::spawn(track_learner(raft.clone(), config.node_id, learner.clone()));
+        tokio::spawn(track_leadership(raft.clone(), config.node_id, log));
         Ok(RaftNode {
             raft,
             state_machine,
@@ -798,6 +802,26 @@ async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
         let is_learner =
             crate::membership::is_learner_in(rx.borrow().membership_config.membership(), id);
         learner.store(is_learner, Ordering::Relaxed);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Tells the Raft log whether member `id` leads several voters, whose own appends are then
+/// synced beside their replication ([`crate::durable`]), until the Raft instance shuts down.
+async fn track_leadership(raft: typ::Raft, id: NodeId, log: LogStore<TypeConfig>) {
+    let mut rx = raft.metrics();
+    let mut pipelined = false;
+    loop {
+        let now = {
+            let m = rx.borrow();
+            m.current_leader == Some(id) && m.membership_config.membership().voter_ids().count() > 1
+        };
+        if now != pipelined {
+            pipelined = now;
+            log.pipeline_as(now.then_some(id));
+        }
         if rx.changed().await.is_err() {
             return;
         }

@@ -75,6 +75,9 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     applied: Mutex<Applied>,
     snapshot_seq: AtomicU64,
+    /// The Raft log's durability: an entry is applied only once it is durable there (a leader
+    /// syncs its own entries beside replicating them; see [`crate::durable`]).
+    log_durability: std::sync::OnceLock<Arc<crate::durable::Durability>>,
 }
 
 /// Error while opening the state machine.
@@ -92,6 +95,11 @@ pub enum OpenError {
 }
 
 impl StateMachine {
+    /// Makes every apply wait until its entries are durable in the Raft log `d` belongs to.
+    pub fn apply_only_durable(&self, d: Arc<crate::durable::Durability>) {
+        let _ = self.log_durability.set(d);
+    }
+
     /// Opens the state machine over `store`, keeping snapshots in `snapshot_dir`, and reloads the
     /// store from the snapshot if the store is behind it.
     pub fn open(store: Arc<KvStore>, snapshot_dir: &Path) -> Result<Arc<Self>, OpenError> {
@@ -105,6 +113,7 @@ impl StateMachine {
             snapshot_dir: snapshot_dir.to_path_buf(),
             applied: Mutex::new(applied),
             snapshot_seq: AtomicU64::new(0),
+            log_durability: std::sync::OnceLock::new(),
         };
         // Snapshots cut short by a crash while they were built or received.
         for partial in [BUILDING_FILE, RECEIVING_FILE] {
@@ -319,6 +328,11 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
             } else {
                 batch.extend(ops.into_iter().map(|op| (op, marker.clone())));
             }
+        }
+        if let (Some(d), Some(last)) = (self.log_durability.get(), applied.last_applied) {
+            d.wait(last.index)
+                .await
+                .map_err(|e| StorageIOError::apply(last, &e))?;
         }
         let long = batch.iter().any(|(op, _)| op.may_take_long());
         let store = &self.store;

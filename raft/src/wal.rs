@@ -203,6 +203,11 @@ impl Wal {
         self.active
     }
 
+    /// The segment being written, for a sync on another thread.
+    pub(crate) fn active_file(&self) -> Arc<File> {
+        self.active_file.clone()
+    }
+
     /// True if the active segment holds nothing yet.
     pub(crate) fn active_is_empty(&self) -> bool {
         self.offset == 0

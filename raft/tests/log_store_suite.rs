@@ -415,6 +415,53 @@ async fn append_callback_fires_after_the_entries_are_written() {
     drop(store);
 }
 
+/// A leader of several voters reports its own appends flushed once written and syncs them on a
+/// thread of its own: the entries are readable (for replication) at once, and `durability`
+/// says when they are on disk. An append while the stored vote is another member's is synced
+/// before its callback, whatever `pipeline_as` says: those are a leader's entries this member
+/// acknowledges.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn only_a_leaders_own_appends_are_synced_after_their_callback() {
+    use std::time::Duration;
+    // A member id no other test of this process uses: held syncs are process-wide.
+    const MEMBER: u64 = 0xfe7c_d10c_0001;
+    let dir = TempDir::new().unwrap();
+    let mut store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    store.set_member(MEMBER);
+    store.pipeline_as(Some(1));
+    store.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+    let durable = store.durability();
+
+    fetcd_raft::fault::hold_log_syncs(MEMBER);
+    append_puts(&mut store, 1, 1..=3).await;
+    assert_eq!(3, read_all(&mut store).await.len());
+    let early = tokio::time::timeout(Duration::from_millis(100), durable.wait(3)).await;
+    fetcd_raft::fault::release_log_syncs(MEMBER);
+    assert!(
+        early.is_err(),
+        "entry 3 counted durable while its sync was held"
+    );
+    tokio::time::timeout(Duration::from_secs(5), durable.wait(3))
+        .await
+        .expect("entry 3 durable once the sync went through")
+        .unwrap();
+
+    // Member 2 leads now: its entries are synced before the callback fires.
+    store.save_vote(&Vote::new_committed(2, 2)).await.unwrap();
+    fetcd_raft::fault::hold_log_syncs(MEMBER);
+    append_puts(&mut store, 2, 4..=5).await;
+    let end = durable.end();
+    fetcd_raft::fault::release_log_syncs(MEMBER);
+    assert_eq!(
+        6, end,
+        "another leader's entries were acknowledged unsynced"
+    );
+    drop(store);
+    let mut reopened = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_eq!(5, read_all(&mut reopened).await.len());
+}
+
 /// The newest segment file of a log directory.
 fn last_segment(dir: &Path) -> std::path::PathBuf {
     let mut segments: Vec<_> = std::fs::read_dir(dir)

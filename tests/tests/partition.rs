@@ -1,5 +1,6 @@
-//! Three-member clusters under network faults (the `fetcd_raft::fault` hooks): a member cut off
-//! from the others, a leader cut off from the majority, a slow link. What must hold is what
+//! Three-member clusters under faults (the `fetcd_raft::fault` hooks): a member cut off from the
+//! others, a leader cut off from the majority, a slow link, a leader's stalled disk. What must
+//! hold is what
 //! kube-apiserver relies on: no stale answer on a linearizable path, no acknowledged write lost,
 //! and answers that reflect a change once it is acknowledged.
 #![cfg(feature = "fetcd")]
@@ -445,5 +446,54 @@ async fn nemesis_partitions_keep_reads_fresh_and_acknowledged_writes() -> Result
         histories.iter().all(|h| h[..] == histories[0][..]),
         "members' histories differ"
     );
+    Ok(())
+}
+
+/// A leader of several voters counts itself in a commit quorum once its entry is written, and
+/// syncs it beside the followers' writes. Until that sync completes nobody may see the write:
+/// the client gets no answer, and the followers, which hold the entry, are not told it is
+/// committed (they would apply it, and a linearizable read there could return a write that a
+/// power cut of the leader then undoes). Once the sync goes through, the write is answered and
+/// applied everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_shows_a_write_only_once_it_is_on_its_own_disk() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.wait_ready().await?;
+    let id = cluster.member_id(leader).context("the leader's id")?;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let mut lc = cluster.client(leader).await?;
+    lc.put("k", "v1", None).await?;
+    for f in &followers {
+        wait_local(&cluster, *f, "k", "v1").await?;
+    }
+
+    fetcd_raft::fault::hold_log_syncs(id);
+    let put = tokio::spawn(async move { lc.put("k", "v2", None).await });
+    // Time for the followers to write the entry and acknowledge it; well inside an election
+    // timeout (1 s), so the leader stays.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered_early = put.is_finished();
+    let mut seen = Vec::new();
+    for f in &followers {
+        seen.push(local_value(&cluster, *f, "k").await);
+    }
+    fetcd_raft::fault::release_log_syncs(id);
+    ensure!(
+        !answered_early,
+        "the write was answered before the leader's own sync"
+    );
+    for (f, v) in followers.iter().zip(seen) {
+        ensure!(
+            v?.as_deref() == Some("v1"),
+            "follower {f} applied the write before the leader's sync"
+        );
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(10), put)
+        .await
+        .context("no answer once the sync went through")??;
+    answer.context("the write failed")?;
+    for i in 0..3 {
+        wait_local(&cluster, i, "k", "v2").await?;
+    }
     Ok(())
 }
