@@ -17,22 +17,19 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::watermark::Watermark;
+
 /// How far the log is durable: every entry below [`end`](Self::end) that the log holds now is on
 /// stable storage.
 #[derive(Debug, Default)]
 pub struct Durability {
-    /// A copy of `inner.end`, for the waits' fast path.
-    end: AtomicU64,
-    failed: AtomicBool,
-    changed: tokio::sync::Notify,
+    /// `inner.end`, for the waiters (closed when a sync failed).
+    end: Watermark,
     inner: Mutex<Inner>,
 }
 
@@ -48,32 +45,23 @@ impl Durability {
     /// A log whose entries below `end` are durable (those it replayed on open).
     pub(crate) fn new(end: u64) -> Self {
         Self {
-            end: AtomicU64::new(end),
+            end: Watermark::new(end),
             inner: Mutex::new(Inner { epoch: 0, end }),
-            ..Default::default()
         }
     }
 
     /// One past the highest durable entry index.
     pub fn end(&self) -> u64 {
-        self.end.load(Ordering::Acquire)
+        self.end.end()
     }
 
     /// Resolves once the entry at `index` is durable; fails if a sync of the log failed (the log
     /// then takes no more writes, and the entry may never be).
     pub async fn wait(&self, index: u64) -> io::Result<()> {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.failed.load(Ordering::Acquire) {
-                return Err(io::Error::other("a sync of the raft log failed"));
-            }
-            if self.end() > index {
-                return Ok(());
-            }
-            changed.await;
-        }
+        self.end
+            .wait_past(index)
+            .await
+            .map_err(|_| io::Error::other("a sync of the raft log failed"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -92,9 +80,7 @@ impl Durability {
             return;
         }
         inner.end = end;
-        self.end.store(end, Ordering::Release);
-        drop(inner);
-        self.changed.notify_waiters();
+        self.end.set(end);
     }
 
     /// Entries from `from` on were removed: the ones written there next are not durable yet.
@@ -103,19 +89,18 @@ impl Durability {
         inner.epoch += 1;
         if inner.end > from {
             inner.end = from;
-            self.end.store(from, Ordering::Release);
+            self.end.set(from);
         }
     }
 
     /// A sync failed: waiters fail rather than wait for an entry that may never be durable.
     pub(crate) fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
-        self.changed.notify_waiters();
+        self.end.close();
     }
 
     /// Whether a sync failed.
     pub(crate) fn failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.end.is_closed()
     }
 }
 

@@ -5,6 +5,7 @@
 //!   append, which carries a batch of client requests).
 //! - [`durable`]: how far the log is durable; a leader's syncs beside replication, and the
 //!   gates that keep its commits unseen until then.
+//! - [`watermark`]: a log position tasks wait on (durable, applied).
 //! - [`state_machine`]: applies committed entries to `fetcd-storage`, snapshots.
 //! - `snapshot_file`: the snapshot file, written and read as a stream.
 //! - [`coalesce`]: fewer, larger socket writes for HTTP/2 connections (client port and peers).
@@ -35,6 +36,7 @@ mod snapshot_file;
 pub mod state_machine;
 pub mod transfer;
 pub(crate) mod wal;
+pub mod watermark;
 
 pub use command::ApplyResult;
 pub use command::Command;

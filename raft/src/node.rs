@@ -176,6 +176,7 @@ struct Shared {
     timeout: Duration,
     /// This member's appends waiting for their fdatasync (see [`run_batcher`]).
     log_syncs: Arc<SyncGauge>,
+    state_machine: Arc<StateMachine>,
     pauses: Arc<Pauses>,
 }
 
@@ -332,6 +333,7 @@ impl RaftNode {
             id: config.node_id,
             timeout: config.request_timeout,
             log_syncs,
+            state_machine: state_machine.clone(),
             pauses: pauses.clone(),
         });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
@@ -546,7 +548,7 @@ impl RaftNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-
+        self.state_machine.close();
         if let Err(e) = self.store().flush() {
             tracing::warn!(error = %e, "kv store flush on shutdown");
         }
@@ -843,12 +845,12 @@ async fn leader_of(raft: &typ::Raft) -> Result<NodeId, ProposeError> {
 
 /// Waits until this member applied `index`, so a write answered here is visible to the next
 /// local read.
-async fn wait_applied(raft: &typ::Raft, index: u64) -> Result<(), ProposeError> {
-    raft.wait(None)
-        .applied_index_at_least(Some(index), "forwarded write applied")
+async fn wait_applied(shared: &Shared, index: u64) -> Result<(), ProposeError> {
+    shared
+        .state_machine
+        .wait_applied(index)
         .await
-        .map(|_| ())
-        .map_err(|e| ProposeError::Stopped(e.to_string()))
+        .map_err(|_| ProposeError::Stopped("the state machine stopped".into()))
 }
 
 /// Proposes `reqs` as one entry: locally if this member leads, else forwarded to the leader
@@ -886,7 +888,7 @@ async fn submit(
         // encoding the batch for the wire costs.
         match shared.network.forward(&addr, batch.clone()).await {
             Ok(Ok((index, resp))) => {
-                wait_applied(raft, index).await?;
+                wait_applied(shared, index).await?;
                 return Ok(resp.0);
             }
             Ok(Err(PeerError::NotLeader(Some(l)))) if l != leader => leader = l,
@@ -933,8 +935,9 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
             leader = leader_of(raft).await?;
         }
         if leader == shared.id {
-            return match raft.ensure_linearizable().await {
-                Ok(_) => Ok(()),
+            return match raft.get_read_log_id().await {
+                Ok((Some(read), _)) => wait_applied(shared, read.index).await,
+                Ok((None, _)) => Ok(()),
                 Err(RaftError::APIError(e)) => match e {
                     openraft::error::CheckIsLeaderError::ForwardToLeader(_) => {
                         Err(ProposeError::LeaderChanged)
@@ -948,7 +951,7 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
         }
         let addr = peer_addr(raft, leader).ok_or(ProposeError::NoLeader)?;
         match shared.network.read_index(&addr).await {
-            Ok(Ok(index)) => return wait_applied(raft, index).await,
+            Ok(Ok(index)) => return wait_applied(shared, index).await,
             Ok(Err(PeerError::NotLeader(Some(l)))) if l != leader => leader = l,
             Ok(Err(PeerError::NotLeader(_))) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -39,6 +39,8 @@ use crate::command::CommandResponse;
 use crate::snapshot_file;
 use crate::snapshot_file::Meta;
 use crate::snapshot_file::SnapshotWriter;
+use crate::watermark::Closed;
+use crate::watermark::Watermark;
 use crate::NodeId;
 use crate::TypeConfig;
 
@@ -52,6 +54,11 @@ struct Applied {
 }
 
 impl Applied {
+    /// One past the last applied index.
+    fn end(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index + 1)
+    }
+
     fn encode(&self) -> Vec<u8> {
         // Serializing plain data into a Vec cannot fail.
         bincode::serialize(self).unwrap_or_default()
@@ -74,6 +81,8 @@ pub struct StateMachine {
     store: Arc<KvStore>,
     snapshot_dir: PathBuf,
     applied: Mutex<Applied>,
+    /// `applied`'s index, for the tasks that wait for an entry to be applied here.
+    applied_end: Watermark,
     snapshot_seq: AtomicU64,
     /// The Raft log's durability: an entry is applied only once it is durable there (a leader
     /// syncs its own entries beside replicating them; see [`crate::durable`]).
@@ -111,6 +120,7 @@ impl StateMachine {
         let sm = StateMachine {
             store,
             snapshot_dir: snapshot_dir.to_path_buf(),
+            applied_end: Watermark::new(applied.end()),
             applied: Mutex::new(applied),
             snapshot_seq: AtomicU64::new(0),
             log_durability: std::sync::OnceLock::new(),
@@ -141,6 +151,23 @@ impl StateMachine {
         &self.store
     }
 
+    /// Resolves once the entry at `index` is applied here (its effects visible to reads of the
+    /// store).
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Closed> {
+        self.applied_end.wait_past(index).await
+    }
+
+    /// Stops the waits for entries to be applied (the member is stopping).
+    pub fn close(&self) {
+        self.applied_end.close();
+    }
+
+    fn set_applied(&self, applied: Applied) {
+        let end = applied.end();
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.applied_end.set(end);
+    }
+
     fn applied(&self) -> Applied {
         self.applied
             .lock()
@@ -157,7 +184,7 @@ impl StateMachine {
             Some(b) => Applied::decode(&b).map_err(|e| OpenError::Snapshot(e.to_string()))?,
             None => Applied::default(),
         };
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.set_applied(applied);
         Ok(())
     }
 
@@ -343,7 +370,7 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
                     None => StorageIOError::write_state_machine(&e),
                 }
             })?;
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.set_applied(applied);
         let mut results = results.into_iter();
         let mut out = Vec::with_capacity(per_entry.len());
         for (n, normal) in per_entry {
@@ -416,7 +443,7 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.set_applied(applied);
         tracing::info!(%meta, "snapshot installed");
         Ok(())
     }
