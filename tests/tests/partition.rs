@@ -43,6 +43,38 @@ async fn wait_local(c: &Cluster, i: usize, key: &str, value: &str) -> Result<()>
     Ok(())
 }
 
+/// Waits (bounded) until every member is at the same revision with the same HashKV.
+async fn wait_converged(cluster: &Cluster) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut revs = Vec::new();
+        let mut hashes = Vec::new();
+        for i in 0..cluster.len() {
+            let mut c = cluster.client(i).await?;
+            match c.hash_kv(0).await {
+                Ok(h) => {
+                    revs.push(h.header().map(|h| h.revision()).unwrap_or(0));
+                    hashes.push(h.hash());
+                }
+                Err(_) => revs.push(-1),
+            }
+        }
+        if revs.iter().all(|r| *r > 0 && *r == revs[0]) {
+            ensure!(
+                hashes.iter().all(|h| *h == hashes[0]),
+                "members at revision {} hash differently: {hashes:?}",
+                revs[0]
+            );
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "members never converged: {revs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The gRPC code of a failed request, or a description of why it did not fail in time.
 fn code_of<T: std::fmt::Debug>(
     r: std::result::Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>,
@@ -154,36 +186,7 @@ async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Res
     );
 
     cluster.heal(&[old])?;
-    // Every member converges: same revision, same hash, every acknowledged key.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut revs = Vec::new();
-        let mut hashes = Vec::new();
-        for i in 0..3 {
-            let mut c = cluster.client(i).await?;
-            let h = c.hash_kv(0).await;
-            match h {
-                Ok(h) => {
-                    revs.push(h.header().map(|h| h.revision()).unwrap_or(0));
-                    hashes.push(h.hash());
-                }
-                Err(_) => revs.push(-1),
-            }
-        }
-        if revs.len() == 3 && revs.iter().all(|r| *r > 0 && *r == revs[0]) {
-            ensure!(
-                hashes.iter().all(|h| *h == hashes[0]),
-                "members at revision {} hash differently: {hashes:?}",
-                revs[0]
-            );
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "members never converged: {revs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_converged(&cluster).await?;
     let mut lost_seen = Vec::new();
     for i in 0..3 {
         for key in &acked {
@@ -495,5 +498,60 @@ async fn a_leader_shows_a_write_only_once_it_is_on_its_own_disk() -> Result<()> 
     for i in 0..3 {
         wait_local(&cluster, i, "k", "v2").await?;
     }
+    Ok(())
+}
+
+/// A leader whose disk stalls for longer than an election timeout stops sending heartbeats
+/// (they would carry a commit index its disk has not caught up with), so the followers elect
+/// another leader, which takes writes. The old leader steps down, applies what the new one
+/// committed, and once its disk answers every member holds the same history. The write it was
+/// proposing when its disk stalled is in every member's history or in none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_disk_stalls_is_replaced_and_catches_up() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let old = cluster.wait_ready().await?;
+    let old_id = cluster.member_id(old).context("the leader's id")?;
+    let mut oc = cluster.client(old).await?;
+    oc.put("k", "v1", None).await?;
+
+    fetcd_raft::fault::hold_log_syncs(old_id);
+    let stalled = tokio::spawn(async move { oc.put("stalled", "x", None).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let other = (0..3).filter(|i| *i != old).find(|i| {
+            cluster
+                .server(*i)
+                .and_then(|s| s.node().raft().leader())
+                .is_some_and(|l| l != old_id)
+        });
+        if let Some(i) = other {
+            break i;
+        }
+        if Instant::now() > deadline {
+            fetcd_raft::fault::release_log_syncs(old_id);
+            bail!("no other member took over from a leader whose disk stalled");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let taken = cluster.client(new).await?.put("k", "v2", None).await;
+    fetcd_raft::fault::release_log_syncs(old_id);
+    taken.context("a write after the failover")?;
+
+    // Answered or not, the stalled write must not hang past the request timeout.
+    let _ = tokio::time::timeout(MINORITY_LIMIT, stalled)
+        .await
+        .context("the stalled write never got an answer")?;
+    for i in 0..3 {
+        wait_local(&cluster, i, "k", "v2").await?;
+    }
+    wait_converged(&cluster).await?;
+    let mut seen = Vec::new();
+    for i in 0..3 {
+        seen.push(local_value(&cluster, i, "stalled").await?.is_some());
+    }
+    ensure!(
+        seen.iter().all(|s| *s == seen[0]),
+        "members disagree on the stalled write: {seen:?}"
+    );
     Ok(())
 }
