@@ -457,7 +457,8 @@ async fn nemesis_partitions_keep_reads_fresh_and_acknowledged_writes() -> Result
 /// the client gets no answer, and the followers, which hold the entry, are not told it is
 /// committed (they would apply it, and a linearizable read there could return a write that a
 /// power cut of the leader then undoes). Once the sync goes through, the write is answered and
-/// applied everywhere.
+/// applied everywhere. A write proposed meanwhile still reaches the followers' logs: replication
+/// does not wait for the leader's disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_shows_a_write_only_once_it_is_on_its_own_disk() -> Result<()> {
     let cluster = Cluster::start(3).await?;
@@ -476,27 +477,60 @@ async fn a_leader_shows_a_write_only_once_it_is_on_its_own_disk() -> Result<()> 
     // timeout (1 s), so the leader stays.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let answered_early = put.is_finished();
+
+    // A second write meanwhile still reaches the followers' logs (replication does not wait
+    // for the leader's disk), but not their state.
+    let last_index = |i: usize| {
+        cluster
+            .server(i)
+            .and_then(|s| s.node().raft().raft().metrics().borrow().last_log_index)
+            .unwrap_or(0)
+    };
+    let before = last_index(leader);
+    let mut lc2 = cluster.client(leader).await?;
+    let put2 = tokio::spawn(async move { lc2.put("k2", "x", None).await });
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let replicated = loop {
+        let want = last_index(leader);
+        if want > before && followers.iter().all(|f| last_index(*f) >= want) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let mut seen = Vec::new();
     for f in &followers {
-        seen.push(local_value(&cluster, *f, "k").await);
+        seen.push((
+            local_value(&cluster, *f, "k").await,
+            local_value(&cluster, *f, "k2").await,
+        ));
     }
     fetcd_raft::fault::release_log_syncs(id);
     ensure!(
         !answered_early,
         "the write was answered before the leader's own sync"
     );
-    for (f, v) in followers.iter().zip(seen) {
+    ensure!(
+        replicated,
+        "a new entry did not reach the followers while the leader's sync was held"
+    );
+    for (f, (v, v2)) in followers.iter().zip(seen) {
         ensure!(
-            v?.as_deref() == Some("v1"),
-            "follower {f} applied the write before the leader's sync"
+            v?.as_deref() == Some("v1") && v2?.is_none(),
+            "follower {f} applied a write before the leader's sync"
         );
     }
-    let answer = tokio::time::timeout(Duration::from_secs(10), put)
-        .await
-        .context("no answer once the sync went through")??;
-    answer.context("the write failed")?;
+    for p in [put, put2] {
+        let answer = tokio::time::timeout(Duration::from_secs(10), p)
+            .await
+            .context("no answer once the sync went through")??;
+        answer.context("the write failed")?;
+    }
     for i in 0..3 {
         wait_local(&cluster, i, "k", "v2").await?;
+        wait_local(&cluster, i, "k2", "x").await?;
     }
     Ok(())
 }
