@@ -496,11 +496,32 @@ impl RaftNode {
             // The leader answered once the change was committed; this member may not have it
             // yet. A member that was removed learns nothing more, so it does not wait. The
             // change is made either way, so a failed wait must not report it as failed.
-            if let Err(e) = self.read_barrier().await {
+            if let Err(e) = self.membership_barrier().await {
                 tracing::warn!(error = %e, "membership changed; this member's view of it may lag");
             }
         }
         Ok(res)
+    }
+
+    /// A [`read_barrier`](Self::read_barrier) after which [`members`](Self::members) shows every
+    /// membership change committed before the call.
+    ///
+    /// The read barrier waits for the state machine, which may apply an entry before openraft's
+    /// metrics (where the membership is read) report the append that brought it: a follower
+    /// gets, appends and commits entries in one step of the Raft core, and reports them at its
+    /// end. So this also waits until the metrics have caught up with what was applied.
+    pub async fn membership_barrier(&self) -> Result<(), ProposeError> {
+        self.read_barrier().await?;
+        let end = self.state_machine.applied_end();
+        if end == 0 {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(self.config.request_timeout))
+            .applied_index_at_least(Some(end - 1), "membership view caught up")
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Stopped(e.to_string()))
     }
 
     /// The members of the cluster as Raft knows them.

@@ -157,6 +157,11 @@ impl StateMachine {
         self.applied_end.wait_past(index).await
     }
 
+    /// One past the last index applied here.
+    pub fn applied_end(&self) -> u64 {
+        self.applied_end.end()
+    }
+
     /// Stops the waits for entries to be applied (the member is stopping).
     pub fn close(&self) {
         self.applied_end.close();

@@ -221,7 +221,11 @@ impl Cluster for ClusterService {
         req: GrpcRequest<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         if req.get_ref().linearizable {
-            self.node.read_barrier(false).await?;
+            self.node
+                .raft()
+                .membership_barrier()
+                .await
+                .map_err(|e| status::propose_error(&e))?;
         }
         let mut resp = MemberListResponse {
             header: None,
