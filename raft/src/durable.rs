@@ -28,17 +28,11 @@ use crate::watermark::Watermark;
 /// stable storage.
 #[derive(Debug, Default)]
 pub struct Durability {
-    /// `inner.end`, for the waiters (closed when a sync failed).
+    /// Moved only under `epoch`'s lock (closed when a sync failed).
     end: Watermark,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
     /// Bumped by every truncation: a sync started before one must not vouch for the entries
     /// written after it at the same indexes.
-    epoch: u64,
-    end: u64,
+    epoch: Mutex<u64>,
 }
 
 impl Durability {
@@ -46,7 +40,7 @@ impl Durability {
     pub(crate) fn new(end: u64) -> Self {
         Self {
             end: Watermark::new(end),
-            inner: Mutex::new(Inner { epoch: 0, end }),
+            epoch: Mutex::new(0),
         }
     }
 
@@ -64,31 +58,28 @@ impl Durability {
             .map_err(|_| io::Error::other("a sync of the raft log failed"))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.epoch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The current epoch, read under the log's write lock (where truncations happen).
     pub(crate) fn epoch(&self) -> u64 {
-        self.lock().epoch
+        *self.lock()
     }
 
     /// A sync that started in `epoch`, when everything below `end` was written, completed.
     pub(crate) fn synced(&self, epoch: u64, end: u64) {
-        let mut inner = self.lock();
-        if inner.epoch != epoch || end <= inner.end {
-            return;
+        let current = self.lock();
+        if *current == epoch && end > self.end.end() {
+            self.end.set(end);
         }
-        inner.end = end;
-        self.end.set(end);
     }
 
     /// Entries from `from` on were removed: the ones written there next are not durable yet.
     pub(crate) fn truncated(&self, from: u64) {
-        let mut inner = self.lock();
-        inner.epoch += 1;
-        if inner.end > from {
-            inner.end = from;
+        let mut epoch = self.lock();
+        *epoch += 1;
+        if self.end.end() > from {
             self.end.set(from);
         }
     }

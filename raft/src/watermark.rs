@@ -51,6 +51,11 @@ impl Watermark {
 
     /// Resolves once `index` is below the watermark.
     pub async fn wait_past(&self, index: u64) -> Result<(), Closed> {
+        // The usual case, on every apply and AppendEntries: already past, and no waiter needs
+        // registering (that takes the `Notify`'s lock).
+        if self.end() > index && !self.is_closed() {
+            return Ok(());
+        }
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
