@@ -189,6 +189,8 @@ struct Shared<C: RaftTypeConfig> {
 /// after another anyway, so a batch proposed during a sync only waits for the next one, and
 /// proposing it at once splits the clients into cohorts that each get half a sync's worth of
 /// batching. Holding it lets everything that arrives during the sync share the next one.
+/// A leader of several voters does not count its appends: they are reported before their sync
+/// (see [`crate::durable`]), so the next batch has nothing to wait for.
 #[derive(Debug, Default)]
 pub struct SyncGauge {
     pending: AtomicUsize,
