@@ -75,6 +75,20 @@ async fn wait_converged(cluster: &Cluster) -> Result<()> {
     }
 }
 
+/// Fails unless `key` (a write whose outcome its client may not know) is in every member's
+/// state or in none.
+async fn all_or_none_have(cluster: &Cluster, key: &str) -> Result<()> {
+    let mut seen = Vec::new();
+    for i in 0..cluster.len() {
+        seen.push(local_value(cluster, i, key).await?.is_some());
+    }
+    ensure!(
+        seen.iter().all(|s| *s == seen[0]),
+        "members disagree on the write of {key}: {seen:?}"
+    );
+    Ok(())
+}
+
 /// The gRPC code of a failed request, or a description of why it did not fail in time.
 fn code_of<T: std::fmt::Debug>(
     r: std::result::Result<std::result::Result<T, etcd_client::Error>, tokio::time::error::Elapsed>,
@@ -187,7 +201,6 @@ async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Res
 
     cluster.heal(&[old])?;
     wait_converged(&cluster).await?;
-    let mut lost_seen = Vec::new();
     for i in 0..3 {
         for key in &acked {
             ensure!(
@@ -195,12 +208,8 @@ async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Res
                 "member {i} lost acknowledged {key}"
             );
         }
-        lost_seen.push(local_value(&cluster, i, "lost?").await?.is_some());
     }
-    ensure!(
-        lost_seen.iter().all(|s| *s == lost_seen[0]),
-        "members disagree on the uncommitted write: {lost_seen:?}"
-    );
+    all_or_none_have(&cluster, "lost?").await?;
     Ok(())
 }
 
@@ -579,13 +588,5 @@ async fn a_leader_whose_disk_stalls_is_replaced_and_catches_up() -> Result<()> {
         wait_local(&cluster, i, "k", "v2").await?;
     }
     wait_converged(&cluster).await?;
-    let mut seen = Vec::new();
-    for i in 0..3 {
-        seen.push(local_value(&cluster, i, "stalled").await?.is_some());
-    }
-    ensure!(
-        seen.iter().all(|s| *s == seen[0]),
-        "members disagree on the stalled write: {seen:?}"
-    );
-    Ok(())
+    all_or_none_have(&cluster, "stalled").await
 }
