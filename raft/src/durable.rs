@@ -17,6 +17,8 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -25,7 +27,8 @@ use std::time::Instant;
 use crate::watermark::Watermark;
 
 /// How far the log is durable: every entry below [`end`](Self::end) that the log holds now is on
-/// stable storage.
+/// stable storage. It also tells how far the log is written ([`written_end`](Self::written_end)),
+/// durable or not, which is what a leader is about to replicate.
 #[derive(Debug, Default)]
 pub struct Durability {
     /// Moved only under `epoch`'s lock (closed when a sync failed).
@@ -33,6 +36,8 @@ pub struct Durability {
     /// Bumped by every truncation: a sync started before one must not vouch for the entries
     /// written after it at the same indexes.
     epoch: Mutex<u64>,
+    /// One past the last entry index written (changed under the log's write lock).
+    written: AtomicU64,
 }
 
 impl Durability {
@@ -41,12 +46,29 @@ impl Durability {
         Self {
             end: Watermark::new(end),
             epoch: Mutex::new(0),
+            written: AtomicU64::new(end),
         }
     }
 
     /// One past the highest durable entry index.
     pub fn end(&self) -> u64 {
         self.end.end()
+    }
+
+    /// One past the last entry index written to the log, durable or not.
+    pub fn written_end(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Entries below `end` are written (an append); the caller holds the log's write lock.
+    pub(crate) fn wrote(&self, end: u64) {
+        self.written.store(end, Ordering::Release);
+    }
+
+    /// A purge past the last entry: the next entry written follows `end - 1`. Returns whether
+    /// that moved the written end.
+    pub(crate) fn skipped_to(&self, end: u64) -> bool {
+        self.written.fetch_max(end, Ordering::AcqRel) < end
     }
 
     /// Resolves once the entry at `index` is durable; fails if a sync of the log failed (the log
@@ -79,6 +101,7 @@ impl Durability {
     pub(crate) fn truncated(&self, from: u64) {
         let mut epoch = self.lock();
         *epoch += 1;
+        self.written.fetch_min(from, Ordering::AcqRel);
         if self.end.end() > from {
             self.end.set(from);
         }

@@ -172,9 +172,8 @@ struct Shared<C: RaftTypeConfig> {
     /// Moving average of the syncs' durations, in µs.
     sync_us: AtomicU64,
     slow_sync_us: u64,
+    /// How far the log is written and durable.
     durability: Arc<Durability>,
-    /// One past the last entry index written to the segment (changed under the `wal` lock).
-    written_end: AtomicU64,
     /// Syncs this member's appends while it leads several voters; started on first use.
     syncer: Mutex<Option<Syncer>>,
     /// This member's id while it leads several voters (see [`LogStore::pipeline_as`]).
@@ -464,7 +463,6 @@ impl<C: RaftTypeConfig> LogStore<C> {
                 sync_us: AtomicU64::new(0),
                 slow_sync_us: u64::try_from(config.slow_sync.as_micros()).unwrap_or(u64::MAX),
                 durability: Arc::new(Durability::new(end)),
-                written_end: AtomicU64::new(end),
                 syncer: Mutex::new(None),
                 pipeline_as: Mutex::new(None),
                 member: AtomicU64::new(0),
@@ -514,7 +512,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// Marks what is written so far durable after a sync (the caller holds the `wal` lock).
     fn synced(&self) {
         let d = &self.shared.durability;
-        d.synced(d.epoch(), self.shared.written_end.load(Ordering::Acquire));
+        d.synced(d.epoch(), d.written_end());
     }
 
     /// Queues a sync of what is written so far on the sync thread.
@@ -523,7 +521,7 @@ impl<C: RaftTypeConfig> LogStore<C> {
         let job = Job {
             file: wal.active_file(),
             epoch: d.epoch(),
-            end: self.shared.written_end.load(Ordering::Acquire),
+            end: d.written_end(),
         };
         let mut syncer = self.shared.syncer.lock().unwrap_or_else(|p| p.into_inner());
         if syncer.is_none() {
@@ -757,9 +755,7 @@ where
             locs.push(self.push(&mut wal, body).map_err(err)?);
         }
         if let Some((last, _, _)) = records.last() {
-            self.shared
-                .written_end
-                .store(last.index + 1, Ordering::Release);
+            self.shared.durability.wrote(last.index + 1);
         }
         // A leader of several voters syncs on the sync thread, beside replication; anyone else
         // before the callback.
@@ -800,18 +796,14 @@ where
         }
         // What a sync still in flight covers stops counting at the truncation (see
         // `Durability::truncated`): make the entries kept durable now.
-        if self.shared.durability.end() < self.shared.written_end.load(Ordering::Acquire) {
+        let d = &self.shared.durability;
+        if d.end() < d.written_end() {
             self.sync(&mut wal).map_err(err)?;
         }
         let body = record(TRUNCATE, &log_id.index).map_err(err)?;
         // Durable with the next synced write, before any entry appended after it.
         self.push(&mut wal, &body).map_err(err)?;
         self.state().truncate_from(log_id.index);
-        let written = &self.shared.written_end;
-        written.store(
-            written.load(Ordering::Acquire).min(log_id.index),
-            Ordering::Release,
-        );
         self.shared.durability.truncated(log_id.index);
         Ok(())
     }
@@ -845,7 +837,7 @@ where
         wal.remove_before(first_needed).map_err(err)?;
         // A purge past the last entry empties the log: the next entry follows the purged one.
         let end = log_id.index + 1;
-        if self.shared.written_end.fetch_max(end, Ordering::AcqRel) < end {
+        if self.shared.durability.skipped_to(end) {
             self.synced();
         }
         Ok(())

@@ -153,9 +153,9 @@ async fn a_partitioned_follower_never_serves_a_stale_linearizable_read() -> Resu
 }
 
 /// A leader cut off from both followers: writes through it fail in bounded time, the majority
-/// elects another leader and goes on, and once healed every member holds every acknowledged
-/// write, agrees on the write the old leader could not commit (present everywhere or nowhere),
-/// and hashes the same history.
+/// elects another leader and goes on, while the old one serves no linearizable read; once healed
+/// every member holds every acknowledged write, agrees on the write the old leader could not
+/// commit (present everywhere or nowhere), and hashes the same history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Result<()> {
     let cluster = Cluster::start(3).await?;
@@ -197,6 +197,15 @@ async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Res
     ensure!(
         new_leader.is_some_and(|l| l != old_id),
         "majority side leader {new_leader:?}"
+    );
+    // The old leader, still leading in its own eyes, holds an entry no follower has ("lost?"):
+    // a linearizable read there must confirm its leadership with the others, and fail, rather
+    // than answer without the majority's writes.
+    let read = tokio::time::timeout(MINORITY_LIMIT, oc.get("b/0", None)).await;
+    let code = code_of(read).context("linearizable read on the cut-off leader")?;
+    ensure!(
+        code == tonic::Code::Unavailable,
+        "read failed with {code:?}"
     );
 
     cluster.heal(&[old])?;
