@@ -309,7 +309,8 @@ impl PeerClient {
     /// empty, and they took a third of each follower's replication time (docs/benchmarks.md).
     /// An empty AppendEntries asks the peer nothing new when it holds exactly what this stream
     /// last delivered (`prev_log_id` is that entry): the answer is known, "success", unless the
-    /// peer moved to a newer term, which the AppendEntries with the next entries finds out.
+    /// peer moved to a newer term or lost its log, which the AppendEntries with the next
+    /// entries finds out.
     /// So it is answered here when:
     /// - the peer accepted this stream's previous RPCs, and holds up to `prev_log_id`;
     /// - entries after `prev_log_id` are written here, so openraft sends them, with the
