@@ -202,6 +202,42 @@ fn open_log(member: &std::path::Path) -> std::io::Result<LogStore<TypeConfig>> {
     LogStore::open(&member.join(LOG_DIR))
 }
 
+/// The MVCC store's directory under `member/`.
+const KV_DIR: &str = "kv";
+
+/// Opens the member's MVCC store. sled is a cache of the Raft log (see `state_machine`): it
+/// does not fsync, and sled 0.34 has open crash-recovery bugs. A store whose files are damaged
+/// ([`fetcd_storage::StorageError::is_damage`]) is moved aside to `kv.damaged-<unix seconds>`
+/// (only the newest such copy is kept, for inspection) and started empty: the state machine
+/// then reloads the newest snapshot, and openraft re-applies the log after it (openraft refuses
+/// to start if the log does not reach back that far). Any other error stops the start.
+fn open_store(member: &std::path::Path) -> Result<KvStore, fetcd_storage::StorageError> {
+    let dir = member.join(KV_DIR);
+    let e = match KvStore::open_path(&dir) {
+        Err(e) if e.is_damage() => e,
+        other => return other,
+    };
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = member.join(format!("{KV_DIR}.damaged-{unix}"));
+    tracing::error!(
+        error = %e,
+        moved_to = %aside.display(),
+        "the MVCC store is damaged; rebuilding it from the snapshot and the Raft log"
+    );
+    for old in std::fs::read_dir(member)? {
+        let old = old?.path();
+        let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with(&format!("{KV_DIR}.damaged-")) {
+            std::fs::remove_dir_all(&old)?;
+        }
+    }
+    std::fs::rename(&dir, &aside)?;
+    std::fs::File::open(member)?.sync_all()?;
+    KvStore::open_path(&dir)
+}
+
 /// A running member.
 pub struct RaftNode {
     raft: typ::Raft,
@@ -240,7 +276,7 @@ impl RaftNode {
         // MVCC store's key tree into the key index): side by side they take the longer's time.
         let (log_store, store) = std::thread::scope(|s| {
             let log = s.spawn(|| open_log(&member));
-            let store = KvStore::open_path(&member.join("kv"));
+            let store = open_store(&member);
             let log = log
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("opening the raft log panicked")));
@@ -555,7 +591,7 @@ impl RaftNode {
         let deadline = Instant::now() + limit;
         let log = LogStore::<TypeConfig>::wait_closed(&member.join(LOG_DIR), limit);
         let left = deadline.saturating_duration_since(Instant::now());
-        log && KvStore::wait_closed(&member.join("kv"), left)
+        log && KvStore::wait_closed(&member.join(KV_DIR), left)
     }
 
     /// The underlying Raft handle (metrics, membership, tests).
@@ -998,6 +1034,61 @@ fn is_sole_voter(raft: &typ::Raft, id: NodeId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn damaged_copies(member: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(member)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("kv.damaged-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_damaged_store_is_moved_aside_and_started_empty() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let member = dir.path();
+        let kv = member.join(KV_DIR);
+        let store = KvStore::open_path(&kv)?;
+        store.import([Ok((
+            fetcd_storage::schema::META_TREE.to_string(),
+            fetcd_storage::schema::CONSISTENT_INDEX.as_bytes().to_vec(),
+            b"marker".to_vec(),
+        ))])?;
+        assert!(store.consistent_index()?.is_some());
+        drop(store);
+        assert!(KvStore::wait_closed(&kv, Duration::from_secs(10)));
+
+        // Damage: CURRENT names no generation.
+        std::fs::write(kv.join("CURRENT"), b"")?;
+        let store = open_store(member)?;
+        assert_eq!(store.consistent_index()?, None, "not started empty");
+        assert_eq!(damaged_copies(member).len(), 1);
+        drop(store);
+        assert!(KvStore::wait_closed(&kv, Duration::from_secs(10)));
+
+        // Damaged again a second later: only the newest copy is kept.
+        std::thread::sleep(Duration::from_millis(1100));
+        let first = damaged_copies(member);
+        std::fs::write(kv.join("CURRENT"), b"gen-9")?;
+        drop(open_store(member)?);
+        let second = damaged_copies(member);
+        assert_eq!(second.len(), 1);
+        assert_ne!(first, second);
+        assert!(KvStore::wait_closed(&kv, Duration::from_secs(10)));
+
+        // Not damage: the store cannot be opened at all (here `kv` is a file). Nothing moves.
+        std::fs::remove_dir_all(&kv)?;
+        std::fs::write(&kv, b"not a directory")?;
+        assert!(open_store(member).is_err());
+        assert!(kv.is_file());
+        assert_eq!(damaged_copies(member), second);
+        Ok(())
+    }
 
     #[test]
     fn writers_are_the_peak_of_this_or_the_last_window() {

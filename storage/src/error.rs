@@ -52,5 +52,19 @@ pub enum StorageError {
     Io(#[from] std::io::Error),
 }
 
+impl StorageError {
+    /// Whether the store's files hold damage (what sled reports as corruption or a bug of its
+    /// own, or records this crate cannot have written), as opposed to an environment that
+    /// failed (I/O errors: permissions, a full disk, a lock). A damaged store can be rebuilt
+    /// by the layer above from what it replicates; an I/O error must stop it instead.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Sled(sled::Error::Corruption { .. } | sled::Error::ReportableBug(_))
+                | StorageError::Corrupt(_)
+        )
+    }
+}
+
 /// Shorthand for results that can fail only underneath.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
