@@ -289,7 +289,8 @@ pub struct PeerClient {
     /// The last entry this peer is known to hold: that of the newest AppendEntries with entries
     /// it accepted, as long as every RPC since succeeded. `None` on a client that never carried
     /// entries (openraft's leadership checks for reads use clients of their own, and a
-    /// replication stream's first RPC has none) and after any failure or refusal.
+    /// replication stream's first RPC has none), after any failure or refusal, and once a
+    /// snapshot is sent.
     acked_last: Option<openraft::LogId<NodeId>>,
     /// The previous empty AppendEntries was answered here without being sent
     /// ([`PeerClient::answer_here`]).
@@ -454,6 +455,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        // The peer's log is being replaced: what it held before tells nothing any more.
+        self.acked_last = None;
         self.call(RPCTypes::InstallSnapshot, &rpc, &option).await
     }
 
