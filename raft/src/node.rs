@@ -210,12 +210,29 @@ const KV_DIR: &str = "kv";
 /// ([`fetcd_storage::StorageError::is_damage`]) is moved aside to `kv.damaged-<unix seconds>`
 /// (only the newest such copy is kept, for inspection) and started empty: the state machine
 /// then reloads the newest snapshot, and openraft re-applies the log after it (openraft refuses
-/// to start if the log does not reach back that far). Any other error stops the start.
+/// to start if the log does not reach back that far). A panic of sled while it opens the store
+/// counts as damage too; any other error stops the start.
 fn open_store(member: &std::path::Path) -> Result<KvStore, fetcd_storage::StorageError> {
+    open_store_with(member, KvStore::open_path)
+}
+
+/// [`open_store`], opening the store with `open`.
+fn open_store_with(
+    member: &std::path::Path,
+    open: impl Fn(&std::path::Path) -> Result<KvStore, fetcd_storage::StorageError>,
+) -> Result<KvStore, fetcd_storage::StorageError> {
     let dir = member.join(KV_DIR);
-    let e = match KvStore::open_path(&dir) {
-        Err(e) if e.is_damage() => e,
-        other => return other,
+    let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open(&dir))) {
+        Ok(Err(e)) if e.is_damage() => e.to_string(),
+        Ok(other) => return other,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("opening the store panicked: {what}")
+        }
     };
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -235,7 +252,7 @@ fn open_store(member: &std::path::Path) -> Result<KvStore, fetcd_storage::Storag
     }
     std::fs::rename(&dir, &aside)?;
     std::fs::File::open(member)?.sync_all()?;
-    KvStore::open_path(&dir)
+    open(&dir)
 }
 
 /// A running member.
@@ -1080,6 +1097,23 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert_ne!(first, second);
         assert!(KvStore::wait_closed(&kv, Duration::from_secs(10)));
+
+        // A panic while opening counts as damage (sled has panicked on damaged files).
+        std::thread::sleep(Duration::from_millis(1100));
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let store = open_store_with(member, |dir| {
+            if tries.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a sled bug");
+            }
+            KvStore::open_path(dir)
+        })?;
+        assert_eq!(tries.load(Ordering::SeqCst), 2);
+        let third = damaged_copies(member);
+        assert_eq!(third.len(), 1);
+        assert_ne!(second, third);
+        drop(store);
+        assert!(KvStore::wait_closed(&kv, Duration::from_secs(10)));
+        let second = third;
 
         // Not damage: the store cannot be opened at all (here `kv` is a file). Nothing moves.
         std::fs::remove_dir_all(&kv)?;
