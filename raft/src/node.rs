@@ -237,7 +237,8 @@ fn open_store_with(
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let aside = member.join(format!("{KV_DIR}.damaged-{unix}"));
+    let prefix = format!("{KV_DIR}.damaged-");
+    let aside = member.join(format!("{prefix}{unix}"));
     tracing::error!(
         error = %e,
         moved_to = %aside.display(),
@@ -246,7 +247,7 @@ fn open_store_with(
     for old in std::fs::read_dir(member)? {
         let old = old?.path();
         let name = old.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.starts_with(&format!("{KV_DIR}.damaged-")) {
+        if name.starts_with(&prefix) {
             std::fs::remove_dir_all(&old)?;
         }
     }
