@@ -135,6 +135,13 @@ pub struct LogStoreConfig {
     ///
     /// Default: 1 ms.
     pub slow_sync: Duration,
+
+    /// Whether a write that must be durable at once bypasses the page cache (`O_DIRECT |
+    /// O_DSYNC`, see [`crate::wal`]); off, or where the file system refuses it, every write is
+    /// followed by `fdatasync`.
+    ///
+    /// Default: on.
+    pub direct_io: bool,
 }
 
 impl Default for LogStoreConfig {
@@ -143,6 +150,7 @@ impl Default for LogStoreConfig {
             segment_size: 16 * 1024 * 1024,
             cache_bytes: 4 * 1024 * 1024,
             slow_sync: Duration::from_millis(1),
+            direct_io: true,
         }
     }
 }
@@ -443,9 +451,12 @@ impl<C: RaftTypeConfig> LogStore<C> {
             tracing::warn!(dir = %dir.display(), "raft log still locked after {CLOSE_WAIT:?}");
         }
         let mut state = State::<C>::new(config.cache_bytes);
-        let mut wal = Wal::open(dir, config.segment_size.max(4096), |loc, body| {
-            state.replay(loc, body)
-        })?;
+        let mut wal = Wal::open(
+            dir,
+            config.segment_size.max(4096),
+            config.direct_io,
+            |loc, body| state.replay(loc, body),
+        )?;
         if wal.active_is_empty() {
             let header = state.state_record()?;
             wal.push(&header)?;

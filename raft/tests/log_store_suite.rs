@@ -802,14 +802,22 @@ async fn assert_matches(store: &mut LogStore<TestConfig>, model: &Model, what: &
 /// Random appends (single and batched), truncations, purges (inside and past the log), votes
 /// and committed ids on tiny segments, checked against [`Model`] after every step, after
 /// reopening, and on a copy of the directory taken right after a synced write (what a crash
-/// at that moment leaves).
+/// at that moment leaves). Once with durable writes around the page cache, once with
+/// `fdatasync` after each.
 #[tokio::test]
 async fn random_operations_and_reopens_match_a_model() {
-    let config = LogStoreConfig {
-        segment_size: 4096,
-        cache_bytes: 2048,
-        ..LogStoreConfig::default()
-    };
+    for direct_io in [true, false] {
+        operations_match_a_model(&LogStoreConfig {
+            segment_size: 4096,
+            cache_bytes: 2048,
+            direct_io,
+            ..LogStoreConfig::default()
+        })
+        .await;
+    }
+}
+
+async fn operations_match_a_model(config: &LogStoreConfig) {
     let seeds: u64 = std::env::var("FETCD_WAL_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -817,7 +825,7 @@ async fn random_operations_and_reopens_match_a_model() {
     for seed in 0..seeds {
         let mut rng = Rng(fastrand::Rng::with_seed(seed));
         let dir = TempDir::new().unwrap();
-        let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), &config).unwrap();
+        let mut store = LogStore::<TestConfig>::open_with_config(dir.path(), config).unwrap();
         let mut model = Model::default();
         let mut term = 1;
         for step in 0..250 {
@@ -893,7 +901,7 @@ async fn random_operations_and_reopens_match_a_model() {
                 }
                 _ => {
                     drop(store);
-                    store = LogStore::open_with_config(dir.path(), &config).unwrap();
+                    store = LogStore::open_with_config(dir.path(), config).unwrap();
                     assert_matches(&mut store, &model, &format!("{what}, reopened")).await;
                     continue;
                 }
@@ -902,7 +910,7 @@ async fn random_operations_and_reopens_match_a_model() {
             if synced && rng.below(8) == 0 {
                 let copy = snapshot_dir(dir.path());
                 let mut crashed =
-                    LogStore::<TestConfig>::open_with_config(copy.path(), &config).unwrap();
+                    LogStore::<TestConfig>::open_with_config(copy.path(), config).unwrap();
                 assert_matches(&mut crashed, &model, &format!("{what}, crash copy")).await;
             }
         }
