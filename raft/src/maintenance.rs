@@ -105,7 +105,13 @@ impl RaftNode {
     /// the sled files), the counterpart of etcd's bolt file. The Raft log and snapshots are not
     /// counted, as etcd does not count its WAL and snap files.
     pub fn backend_size(&self) -> u64 {
-        dir_size(&self.data_dir().join("member").join("kv"))
+        dir_size(&self.backend_dir())
+    }
+
+    /// Where this member's backend lives, for measuring [`backend_size`](Self::backend_size)
+    /// away from the member (on a blocking thread).
+    pub fn backend_dir(&self) -> std::path::PathBuf {
+        self.data_dir().join("member").join("kv")
     }
 }
 

@@ -11,9 +11,12 @@
 //! compaction alone frees space for reuse without shrinking the files, and `Defragment` gives it
 //! back; then `etcdctl alarm disarm` lets writes in again.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::MutexGuard;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -29,14 +32,25 @@ const SIZE_CACHE: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Quota {
     bytes: AtomicU64,
-    size: Mutex<Option<(Instant, u64)>>,
+    size: Arc<Mutex<Measured>>,
+    /// A measurement runs on a blocking thread for [`available`](Self::available).
+    measuring: Arc<AtomicBool>,
+}
+
+/// The last measurement, and a count of [`Quota::forget_size`] calls, so that a measurement
+/// started before one is not kept after it.
+#[derive(Debug, Default)]
+struct Measured {
+    last: Option<(Instant, u64)>,
+    generation: u64,
 }
 
 impl Default for Quota {
     fn default() -> Self {
         Quota {
             bytes: AtomicU64::new(DEFAULT_QUOTA_BYTES),
-            size: Mutex::new(None),
+            size: Arc::default(),
+            measuring: Arc::default(),
         }
     }
 }
@@ -59,24 +73,108 @@ impl Quota {
 
     /// Forgets the measured size (after a defragmentation changed it).
     pub fn forget_size(&self) {
-        *self.size.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut m = lock(&self.size);
+        m.last = None;
+        m.generation += 1;
     }
 
-    /// The member's backend size, measured at most [`SIZE_CACHE`] ago.
+    /// The member's backend size, measured at most [`SIZE_CACHE`] ago (measured now, on this
+    /// thread, if it is older).
     pub fn db_size(&self, raft: &RaftNode) -> u64 {
-        let mut cached = self.size.lock().unwrap_or_else(|p| p.into_inner());
-        match *cached {
+        let mut m = lock(&self.size);
+        match m.last {
             Some((at, size)) if at.elapsed() < SIZE_CACHE => size,
             _ => {
                 let size = raft.backend_size();
-                *cached = Some((Instant::now(), size));
+                m.last = Some((Instant::now(), size));
                 size
             }
         }
     }
 
-    /// True if a request of `cost` bytes fits (etcd: `size + cost < quota`).
+    /// True if a request of `cost` bytes fits (etcd: `size + cost < quota`). Writes call this,
+    /// so it does not walk the data directory itself once a size is known: an older
+    /// measurement is used while a new one runs on a blocking thread (a backend with many
+    /// files, such as sled's blobs for large values, takes a while to walk).
     pub fn available(&self, raft: &RaftNode, cost: usize) -> bool {
-        self.db_size(raft).saturating_add(cost as u64) < self.bytes()
+        self.recent_size(raft).saturating_add(cost as u64) < self.bytes()
+    }
+
+    fn recent_size(&self, raft: &RaftNode) -> u64 {
+        let (last, generation) = {
+            let m = lock(&self.size);
+            (m.last, m.generation)
+        };
+        let Some((at, size)) = last else {
+            return self.db_size(raft);
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        if at.elapsed() < SIZE_CACHE || self.measuring.swap(true, Ordering::AcqRel) {
+            return size;
+        }
+        let Ok(runtime) = runtime else {
+            self.measuring.store(false, Ordering::Release);
+            return self.db_size(raft);
+        };
+        let (slot, measuring, dir) = (
+            self.size.clone(),
+            self.measuring.clone(),
+            raft.backend_dir(),
+        );
+        runtime.spawn_blocking(move || {
+            let size = fetcd_raft::maintenance::dir_size(&dir);
+            let mut m = lock(&slot);
+            if m.generation == generation {
+                m.last = Some((Instant::now(), size));
+            }
+            drop(m);
+            measuring.store(false, Ordering::Release);
+        });
+        size
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fetcd_raft::RaftNodeConfig;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Once a size is known, writes are admitted on it while the directory is measured again
+    /// in the background; growth past the quota is refused within a few intervals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn growth_is_seen_by_a_measurement_in_the_background() -> TestResult {
+        let tmp = tempfile::TempDir::new()?;
+        let raft = RaftNode::open(RaftNodeConfig::new(1, tmp.path().to_path_buf())).await?;
+        let quota = Quota::default();
+        let before = quota.db_size(&raft);
+        assert!(before > 0, "sled's files are measured");
+        quota.set_bytes(before + 512 * 1024);
+        assert!(quota.available(&raft, 1));
+
+        // The backend grows by a megabyte (as with a large value sled keeps in a file).
+        std::fs::write(raft.backend_dir().join("grown"), vec![1u8; 1024 * 1024])?;
+        assert!(
+            quota.available(&raft, 1),
+            "a recent measurement is used as it is"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while quota.available(&raft, 1) {
+            assert!(Instant::now() < deadline, "growth never seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(quota.db_size(&raft) >= before + 1024 * 1024);
+
+        // After forget_size (a defragmentation), the next check measures at once.
+        std::fs::remove_file(raft.backend_dir().join("grown"))?;
+        quota.forget_size();
+        assert!(quota.available(&raft, 1));
+        raft.shutdown().await;
+        Ok(())
     }
 }
