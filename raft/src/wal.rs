@@ -21,6 +21,8 @@
 //! another thread (a leader's, see [`crate::durable`]) stay buffered, and a direct write is
 //! used only while no buffered write waits for its sync, since `O_DSYNC` makes durable only
 //! what it writes. A file system that refuses `O_DIRECT` (tmpfs) gets `fdatasync` throughout.
+//! Readers keep using the buffered handle: the kernel drops the cached pages a direct write
+//! covers, and records that recent are served from the log store's payload cache anyway.
 //!
 //! # Layout
 //!
@@ -641,14 +643,16 @@ fn write_direct(
 ) -> io::Result<()> {
     let used = tail.len() + pending.len();
     let len = used.div_ceil(PAGE) * PAGE;
-    scratch.clear();
-    scratch.resize(len + PAGE, 0);
+    if scratch.len() < len + PAGE {
+        scratch.resize(len + PAGE, 0);
+    }
     let start = scratch.as_ptr().align_offset(PAGE);
     let buf = scratch
         .get_mut(start..start + len)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "cannot align a wal write"))?;
     buf[..tail.len()].copy_from_slice(tail);
     buf[tail.len()..used].copy_from_slice(pending);
+    buf[used..].fill(0);
     file.write_all_at(buf, at)
 }
 
