@@ -16,8 +16,9 @@
 //! is opened a second time with `O_DIRECT | O_DSYNC`, and the write covers whole pages from the
 //! one the new records start in (the records already in that page are written again, as the
 //! page cache's writeback writes that page again too). One `pwrite` then replaces a copy into
-//! the page cache, its writeback and an `fdatasync`: on this project's machine a 369-byte
-//! record took 76–91 µs at the p50 instead of 92–99 µs. Writes that are synced later by
+//! the page cache, its writeback and an `fdatasync`. On this project's machine the sync itself
+//! took as long either way at one client's pace; the put's server CPU fell by 7 % and its p50
+//! by 5 % (docs/benchmarks.md). Writes that are synced later by
 //! another thread (a leader's, see [`crate::durable`]) stay buffered, and a direct write is
 //! used only while no buffered write waits for its sync, since `O_DSYNC` makes durable only
 //! what it writes. A file system that refuses `O_DIRECT` (tmpfs) gets `fdatasync` throughout.
@@ -211,14 +212,17 @@ impl Wal {
             .get(&active)
             .cloned()
             .ok_or_else(|| io::Error::other("active wal segment is not open"))?;
-        let tail_start = offset / PAGE as u64 * PAGE as u64;
-        let mut tail = vec![0u8; (offset - tail_start) as usize];
-        active_file.read_exact_at(&mut tail, tail_start)?;
         let direct_file = if direct {
             open_direct(dir, active)
         } else {
             None
         };
+        let tail_start = offset / PAGE as u64 * PAGE as u64;
+        let mut tail = Vec::new();
+        if direct_file.is_some() {
+            tail.resize((offset - tail_start) as usize, 0);
+            active_file.read_exact_at(&mut tail, tail_start)?;
+        }
 
         let mut wal = Self {
             dir: dir.to_path_buf(),
@@ -360,8 +364,13 @@ impl Wal {
     }
 
     /// Moves the pending records into `tail` (keeping only the written end's page) and clears
-    /// them, once they are written.
+    /// them, once they are written. Without a direct handle for the active segment there is no
+    /// tail to keep (a new one starts empty with the next segment).
     fn keep_tail(&mut self) {
+        if self.direct.is_none() {
+            self.pending.clear();
+            return;
+        }
         let page = PAGE as u64;
         let start = self.offset / page * page;
         let keep = (self.offset - start) as usize;
