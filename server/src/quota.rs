@@ -11,7 +11,6 @@
 //! compaction alone frees space for reuse without shrinking the files, and `Defragment` gives it
 //! back; then `etcdctl alarm disarm` lets writes in again.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,8 +32,6 @@ const SIZE_CACHE: Duration = Duration::from_millis(100);
 pub struct Quota {
     bytes: AtomicU64,
     size: Arc<Mutex<Measured>>,
-    /// A measurement runs on a blocking thread for [`available`](Self::available).
-    measuring: Arc<AtomicBool>,
 }
 
 /// The last measurement, and a count of [`Quota::forget_size`] calls, so that a measurement
@@ -43,6 +40,8 @@ pub struct Quota {
 struct Measured {
     last: Option<(Instant, u64)>,
     generation: u64,
+    /// A measurement runs on a blocking thread for [`Quota::available`].
+    measuring: bool,
 }
 
 impl Default for Quota {
@@ -50,7 +49,6 @@ impl Default for Quota {
         Quota {
             bytes: AtomicU64::new(DEFAULT_QUOTA_BYTES),
             size: Arc::default(),
-            measuring: Arc::default(),
         }
     }
 }
@@ -101,35 +99,26 @@ impl Quota {
     }
 
     fn recent_size(&self, raft: &RaftNode) -> u64 {
-        let (last, generation) = {
-            let m = lock(&self.size);
-            (m.last, m.generation)
-        };
-        let Some((at, size)) = last else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return self.db_size(raft);
         };
-        let runtime = tokio::runtime::Handle::try_current();
-        if at.elapsed() < SIZE_CACHE || self.measuring.swap(true, Ordering::AcqRel) {
-            return size;
-        }
-        let Ok(runtime) = runtime else {
-            self.measuring.store(false, Ordering::Release);
-            return self.db_size(raft);
-        };
-        let (slot, measuring, dir) = (
-            self.size.clone(),
-            self.measuring.clone(),
-            raft.backend_dir(),
-        );
-        runtime.spawn_blocking(move || {
-            let size = fetcd_raft::maintenance::dir_size(&dir);
-            let mut m = lock(&slot);
-            if m.generation == generation {
-                m.last = Some((Instant::now(), size));
-            }
+        let mut m = lock(&self.size);
+        let Some((at, size)) = m.last else {
             drop(m);
-            measuring.store(false, Ordering::Release);
-        });
+            return self.db_size(raft);
+        };
+        if at.elapsed() >= SIZE_CACHE && !m.measuring {
+            m.measuring = true;
+            let (slot, generation, dir) = (self.size.clone(), m.generation, raft.backend_dir());
+            runtime.spawn_blocking(move || {
+                let size = fetcd_raft::maintenance::dir_size(&dir);
+                let mut m = lock(&slot);
+                if m.generation == generation {
+                    m.last = Some((Instant::now(), size));
+                }
+                m.measuring = false;
+            });
+        }
         size
     }
 }
