@@ -35,6 +35,8 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::error::StorageError;
+use crate::key_tree;
+use crate::key_tree::Retain;
 use crate::kvstore::IndexKey;
 use crate::kvstore::IndexState;
 use crate::persister::SharedTrees;
@@ -302,19 +304,31 @@ pub(crate) fn delete_compacted(
     let limit = pacing.batch_limit.max(1);
     let started = std::time::Instant::now();
     let end = Revision::main_start_bytes(rev.saturating_add(1));
+    let alive = |r: Revision| r.main > rev || keep.contains(&r);
     let mut batch = sled::Batch::default();
     let mut n = 0usize;
     let mut deleted = 0usize;
+    // Records starting up to `rev`; a block may also hold later revisions, which it keeps.
     for item in trees.key.range(..end) {
-        let (k, _) = item?;
-        let (r, _) = Revision::from_bytes(&k)
-            .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-        if keep.contains(&r) {
-            continue;
+        let (k, v) = item?;
+        match key_tree::retain(&k, v, alive)? {
+            Retain::Keep => continue,
+            Retain::Remove { revisions } => {
+                batch.remove(k);
+                n += revisions;
+            }
+            Retain::Rewrite {
+                revisions,
+                key,
+                value,
+            } => {
+                // One batch: readers see the old block or the new one, never neither.
+                batch.remove(k);
+                batch.insert(key, value);
+                n += revisions;
+            }
         }
-        batch.remove(k);
-        n += 1;
-        if n == limit {
+        if n >= limit {
             trees.key.apply_batch(std::mem::take(&mut batch))?;
             deleted += n;
             n = 0;
@@ -392,11 +406,8 @@ mod tests {
         assert_eq!(revs(&s, "a"), vec![vec![8]]);
         assert_eq!(revs(&s, "b"), vec![vec![6, 9]]);
         s.flush().unwrap();
-        let stored: Vec<i64> = s
-            .trees()
-            .key
-            .iter()
-            .map(|item| Revision::from_bytes(&item.unwrap().0).unwrap().0.main)
+        let stored: Vec<i64> = key_tree::scan(&s.trees().key, Revision::default(), None)
+            .map(|r| r.unwrap().rev.main)
             .collect();
         assert_eq!(stored, vec![6, 7, 8, 9]);
     }

@@ -23,7 +23,11 @@
 use std::path::Path;
 use std::path::PathBuf;
 
+use crate::key_tree;
+use crate::key_tree::BlockWriter;
 use crate::persister::Trees;
+use crate::revision::Revision;
+use crate::schema;
 use crate::Result;
 use crate::StorageError;
 
@@ -234,21 +238,43 @@ pub(crate) fn rewrite(
 fn copy_trees(from: &Trees, to: &Trees) -> Result<usize> {
     let mut records = 0usize;
     // `meta` last: a copy is only used once complete, but keep the marker after its data.
-    for ((_, from), (_, to)) in from.named().into_iter().zip(to.named()) {
+    for ((name, from), (_, to)) in from.named().into_iter().zip(to.named()) {
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for item in from.iter() {
-            let (k, v) = item?;
-            batch.insert(k, v);
-            n += 1;
-            if n == COPY_BATCH {
-                to.apply_batch(std::mem::take(&mut batch))?;
-                records += n;
-                n = 0;
+        let mut flush = |batch: &mut sled::Batch, n: &mut usize, all: bool| -> Result<()> {
+            if *n >= COPY_BATCH || (all && *n > 0) {
+                to.apply_batch(std::mem::take(batch))?;
+                records += *n;
+                *n = 0;
+            }
+            Ok(())
+        };
+        if name == schema::KEY_TREE {
+            // Revision by revision into full blocks: what a compaction left of old blocks (and
+            // single records written before blocks) is packed again.
+            let mut blocks = BlockWriter::default();
+            for item in key_tree::scan(from, Revision::default(), None) {
+                let r = item?;
+                blocks.push(r.rev, r.tombstone, &r.value)?;
+                for (k, v) in blocks.take_sealed() {
+                    batch.insert(k, v);
+                    n += 1;
+                }
+                flush(&mut batch, &mut n, false)?;
+            }
+            for (k, v) in blocks.finish() {
+                batch.insert(k, v);
+                n += 1;
+            }
+        } else {
+            for item in from.iter() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                n += 1;
+                flush(&mut batch, &mut n, false)?;
             }
         }
-        to.apply_batch(batch)?;
-        records += n;
+        flush(&mut batch, &mut n, true)?;
     }
     Ok(records)
 }

@@ -9,12 +9,12 @@
 
 use std::collections::HashSet;
 
+use crate::key_tree;
 use crate::revision::Revision;
 use crate::schema;
 use crate::KvError;
 use crate::KvStore;
 use crate::Result;
-use crate::StorageError;
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum etcd's hashes use.
 #[derive(Clone, Debug)]
@@ -115,19 +115,19 @@ impl KvStore {
         let at = if rev == 0 { current } else { rev };
         let mut h = Crc32c::new();
         h.update(schema::KEY_TREE.as_bytes());
-        let end = Revision::main_start_bytes(at.saturating_add(1));
+        let end = Revision::new(at.saturating_add(1), 0);
         // Revisions up to `at` may still be queued for sled.
         self.persister.barrier()?;
         drop(writer);
-        for item in self.trees().key.range(..end) {
-            let (k, v) = item?;
-            let (r, _) = Revision::from_bytes(&k)
-                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            if r.main <= compact && !keep.is_empty() && !keep.contains(&r) {
+        // Revision by revision in etcd's record form, so that members whose blocks differ (or
+        // that predate blocks) agree.
+        for item in key_tree::scan(&self.trees().key, Revision::default(), Some(end)) {
+            let r = item?;
+            if r.rev.main <= compact && !keep.is_empty() && !keep.contains(&r.rev) {
                 continue;
             }
-            h.update(&k);
-            h.update(&v);
+            h.update(&r.key());
+            h.update(&r.value);
         }
         Ok(Ok(HashKv {
             hash: h.sum(),

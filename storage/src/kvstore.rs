@@ -72,6 +72,7 @@ use crate::compactor::Compactor;
 use crate::compactor::ReadPins;
 use crate::defrag;
 use crate::key_index::KeyIndex;
+use crate::key_tree;
 use crate::kv::KeyRange;
 use crate::kv::ReadView;
 use crate::lease::Lease;
@@ -377,11 +378,13 @@ impl KvStore {
         }
         // The lease of each live key is the one in its latest put.
         let mut key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
-        for item in self.trees().key.iter() {
-            let (k, v) = item?;
-            let (rev, tombstone) = Revision::from_bytes(&k)
-                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
-            let kv: IndexedKv = decode_stored(&v[..])?;
+        for item in key_tree::scan(&self.trees().key, Revision::default(), None) {
+            let key_tree::Record {
+                rev,
+                tombstone,
+                value,
+            } = item?;
+            let kv: IndexedKv = decode_stored(&value[..])?;
             st.current = st.current.max(rev.main);
             if tombstone || kv.lease == 0 {
                 if !key_lease.is_empty() {
@@ -782,7 +785,7 @@ impl KvStore {
         let (end, small, trees) = {
             let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             self.persister.barrier()?;
-            let end = Revision::main_start_bytes(self.read_index().current.saturating_add(1));
+            let end = Revision::new(self.read_index().current.saturating_add(1), 0);
             let trees = self.trees();
             let mut small = Vec::new();
             for (name, tree) in [
@@ -796,9 +799,11 @@ impl KvStore {
             }
             (end, small, trees)
         };
-        for item in trees.key.range(..end) {
-            let (k, v) = item?;
-            out(schema::KEY_TREE, &k, &v)?;
+        // One record per revision, whatever this member's blocks: the receiver groups them
+        // its own way, and members of earlier versions read them.
+        for item in key_tree::scan(&trees.key, Revision::default(), Some(end)) {
+            let r = item?;
+            out(schema::KEY_TREE, &r.key(), &r.value)?;
         }
         for (name, k, v) in small {
             out(name, &k, &v)?;
@@ -833,14 +838,25 @@ impl KvStore {
             trees.key.clear()?;
             trees.meta.clear()?;
             trees.lease.clear()?;
+            let mut blocks = key_tree::BlockWriter::default();
             for rec in records {
                 let (name, k, v) = rec?;
                 match name.as_str() {
-                    schema::KEY_TREE => trees.key.insert(k, v)?,
-                    schema::META_TREE => trees.meta.insert(k, v)?,
-                    schema::LEASE_TREE => trees.lease.insert(k, v)?,
+                    schema::KEY_TREE => blocks.push_single(&k, &v)?,
+                    schema::META_TREE => {
+                        trees.meta.insert(k, v)?;
+                    }
+                    schema::LEASE_TREE => {
+                        trees.lease.insert(k, v)?;
+                    }
                     other => return Err(StorageError::Corrupt(format!("unknown tree {other}"))),
-                };
+                }
+                for (k, v) in blocks.take_sealed() {
+                    trees.key.insert(k, v)?;
+                }
+            }
+            for (k, v) in blocks.finish() {
+                trees.key.insert(k, v)?;
             }
         }
         self.restore()
@@ -1026,21 +1042,25 @@ impl KvStore {
         if from > to {
             return Ok(out);
         }
-        let start = Revision::main_start_bytes(from.max(0));
-        let end = Revision::main_start_bytes(to.saturating_add(1));
+        let start = Revision::new(from.max(0), 0);
+        let end = Revision::new(to.saturating_add(1), 0);
         // Queued records are read before sled (see `Persister::range`). sled receives groups in
         // revision order, so the queued records sled does not have are all after the last one it
         // has: sled's range, then the queued tail past it.
-        let queued = self.persister.range(&start, &end);
-        let mut last: Option<IVec> = None;
-        for item in self.trees().key.range(start..end) {
-            let (k, v) = item?;
-            push_history_event(&mut out, range, &k, &v)?;
-            last = Some(k);
+        let queued = self
+            .persister
+            .range(&start.to_bytes(false), &end.to_bytes(false));
+        let mut last: Option<Revision> = None;
+        for item in key_tree::scan(&self.trees().key, start, Some(end)) {
+            let r = item?;
+            push_history_event(&mut out, range, r.rev, r.tombstone, &r.value)?;
+            last = Some(r.rev);
         }
         for (k, v) in queued {
-            if last.as_ref().is_none_or(|l| k > *l) {
-                push_history_event(&mut out, range, &k, &v)?;
+            let (rev, tombstone) = Revision::from_bytes(&k)
+                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+            if last.is_none_or(|l| rev > l) {
+                push_history_event(&mut out, range, rev, tombstone, &v)?;
             }
         }
         Ok(out)
@@ -1122,11 +1142,10 @@ fn decode_stored<M: Message + Default>(v: impl bytes::Buf) -> Result<M> {
 fn push_history_event(
     out: &mut Vec<Event>,
     range: Option<&KeyRange>,
-    k: &[u8],
+    rev: Revision,
+    tombstone: bool,
     v: &[u8],
 ) -> Result<()> {
-    let (rev, tombstone) = Revision::from_bytes(k)
-        .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
     let kv = decode_stored::<KeyValue>(v)?;
     if range.is_some_and(|r| !r.contains(&kv.key)) {
         return Ok(());
@@ -1180,10 +1199,9 @@ fn load_encoded_from(
     if let Some(kv) = store.values.get(rev, epoch) {
         return Ok((kv, None));
     }
-    let key = rev.to_bytes(false);
-    let v = match store.persister.get(&key) {
+    let v = match store.persister.get(&rev.to_bytes(false)) {
         Some(v) => v,
-        None => store.trees().key.get(&key)?.ok_or_else(|| {
+        None => key_tree::get(&store.trees().key, rev)?.ok_or_else(|| {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };
@@ -1658,9 +1676,7 @@ mod range_tests {
     /// Whether revision `rev` is still in sled.
     fn stored(s: &KvStore, rev: i64) -> bool {
         s.flush().unwrap();
-        s.trees()
-            .key
-            .get(Revision::new(rev, 0).to_bytes(false))
+        key_tree::get(&s.trees().key, Revision::new(rev, 0))
             .unwrap()
             .is_some()
     }

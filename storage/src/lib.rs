@@ -2,6 +2,7 @@
 //!
 //! Layers, bottom up:
 //! - [`revision`]: `(main, sub)` revisions and their byte layout in sled.
+//! - `key_tree`: the `key` tree's layout, revisions grouped into blocks.
 //! - [`key_index`]: per-key history in generations (etcd's `keyIndex`).
 //! - [`kvstore`]: the store — sled trees, the in-memory index, write transactions, compaction.
 //! - `compactor`: deletes compacted revisions from sled off the write path.
@@ -23,6 +24,7 @@ mod error;
 pub mod hash;
 mod interval_tree;
 pub mod key_index;
+mod key_tree;
 mod kv;
 pub mod kvstore;
 pub mod lease;

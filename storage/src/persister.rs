@@ -35,6 +35,7 @@ use sled::Transactional;
 
 use crate::error::Result;
 use crate::error::StorageError;
+use crate::key_tree::BlockWriter;
 use crate::schema;
 
 /// Bytes of queued `key` records past which an apply waits for the persister: bounds memory when
@@ -303,13 +304,15 @@ impl Persister {
 }
 
 /// Writes a group of write sets, in order, as one sled transaction with the newest consistent
-/// index among them.
+/// index among them; their revisions go in blocks (see [`crate::key_tree`]).
 fn write_group(trees: &Trees, sets: &[WriteSet]) -> Result<()> {
+    let mut blocks = BlockWriter::default();
+    for (k, v) in sets.iter().flat_map(|s| &s.keys) {
+        blocks.push_single(k, v)?;
+    }
     let mut keys = sled::Batch::default();
-    for set in sets {
-        for (k, v) in &set.keys {
-            keys.insert(k.clone(), v.clone());
-        }
+    for (k, v) in blocks.finish() {
+        keys.insert(k, v);
     }
     let ci = sets.iter().rev().find_map(|s| s.consistent_index.as_ref());
     (&trees.key, &trees.meta, &trees.lease)
@@ -343,6 +346,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key_tree;
+    use crate::revision::Revision;
 
     fn trees() -> (sled::Db, Trees) {
         let db = sled::Config::new()
@@ -353,11 +358,22 @@ mod tests {
         (db, t)
     }
 
+    fn key(rev: u8) -> Vec<u8> {
+        Revision::new(i64::from(rev), 0).to_bytes(false)
+    }
+
+    /// The revisions in sled.
+    fn stored(t: &Trees) -> Vec<(Revision, IVec)> {
+        key_tree::scan(&t.key, Revision::default(), None)
+            .map(|r| r.map(|r| (r.rev, r.value)).expect("scan"))
+            .collect()
+    }
+
     fn set(rev: u8, ci: u8) -> WriteSet {
         let mut meta = sled::Batch::default();
         meta.insert(&b"m"[..], vec![rev]);
         WriteSet {
-            keys: vec![(vec![rev].into(), vec![rev, rev].into())],
+            keys: vec![(key(rev).into(), vec![rev, rev].into())],
             lease: None,
             meta: Some(meta),
             consistent_index: Some(vec![ci]),
@@ -371,20 +387,24 @@ mod tests {
         for i in 1..=50u8 {
             p.enqueue(set(i, i)).expect("enqueue");
             // Readable at once, from the overlay or (already written) from sled.
-            let got = p.get(&[i]).or_else(|| t.key.get([i]).expect("sled get"));
+            let got = p.get(&key(i)).or_else(|| {
+                key_tree::get(&t.key, Revision::new(i64::from(i), 0)).expect("sled get")
+            });
             assert_eq!(got.as_deref(), Some(&[i, i][..]));
         }
         // A range read of the overlay plus sled sees every record once.
-        let mut seen: BTreeMap<IVec, IVec> = p.range(&[0], &[255]).into_iter().collect();
-        for item in t.key.range([0u8]..[255u8]) {
-            let (k, v) = item.expect("scan");
-            seen.entry(k).or_insert(v);
+        let mut seen: BTreeMap<IVec, IVec> = p.range(&key(0), &key(255)).into_iter().collect();
+        for (rev, v) in stored(&t) {
+            seen.entry(rev.to_bytes(false).into()).or_insert(v);
         }
         assert_eq!(seen.len(), 50);
         p.barrier().expect("barrier");
         assert_eq!(p.overlay_len.load(Ordering::SeqCst), 0);
-        assert!(p.get(&[7]).is_none(), "a written record leaves the overlay");
-        assert_eq!(t.key.len(), 50);
+        assert!(
+            p.get(&key(7)).is_none(),
+            "a written record leaves the overlay"
+        );
+        assert_eq!(stored(&t).len(), 50);
         // Later write sets win, and the marker is the newest one.
         assert_eq!(t.meta.get(b"m").expect("get").as_deref(), Some(&[50u8][..]));
         assert_eq!(
@@ -405,7 +425,7 @@ mod tests {
         let p = Persister::start(Arc::new(RwLock::new(t.clone()))).expect("start");
         let written = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(5);
-            while t.key.len() < n {
+            while stored(&t).len() < n {
                 assert!(Instant::now() < deadline, "{n} records never reached sled");
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -430,7 +450,7 @@ mod tests {
             p.enqueue(set(i, i)).expect("enqueue");
         }
         p.stop();
-        assert_eq!(t.key.len(), 5);
+        assert_eq!(stored(&t).len(), 5);
         assert_eq!(
             t.meta
                 .get(schema::CONSISTENT_INDEX)

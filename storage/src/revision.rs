@@ -2,8 +2,9 @@
 //!
 //! Every change to the key space happens at a *main* revision (one per Put, DeleteRange or Txn that
 //! changes something); the changes inside one main revision are told apart by a *sub* revision. The
-//! `key` tree in sled is keyed by the encoded revision so that a scan in byte order is a scan in
-//! history order — which is what index rebuild, compaction and (later) watch catch-up rely on.
+//! `key` tree in sled is keyed by encoded revisions (a block's first one, see `crate::key_tree`)
+//! so that a scan in byte order is a scan in history order — which is what index rebuild,
+//! compaction and watch catch-up rely on.
 
 /// Length of an encoded revision: 8-byte big-endian main, a `_` separator, 8-byte big-endian sub.
 pub const REV_BYTES_LEN: usize = 8 + 1 + 8;

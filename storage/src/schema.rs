@@ -1,6 +1,7 @@
 //! Names of sled trees and meta keys: the on-disk contract of this crate.
 
-/// Every revision of every key: encoded revision → `mvccpb.KeyValue`.
+/// Every revision of every key, in blocks of consecutive revisions keyed by their first one
+/// (layout: `crate::key_tree`).
 pub const KEY_TREE: &str = "key";
 /// Leases: 8-byte big-endian lease ID → lease record (`crate::lease`).
 pub const LEASE_TREE: &str = "lease";

@@ -374,11 +374,14 @@ fn an_interrupted_compaction_is_finished_on_reopen() {
             .as_ref(),
         5i64.to_be_bytes()
     );
-    let keys = db.open_tree(schema::KEY_TREE).unwrap();
-    let revs: Vec<Revision> = keys
-        .iter()
-        .keys()
-        .map(|k| Revision::from_bytes(&k.unwrap()).unwrap().0)
+    drop(meta);
+    drop(db);
+    let s = open(dir.path());
+    let revs: Vec<Revision> = export_all(&s)
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|(tree, _, _)| tree == schema::KEY_TREE)
+        .map(|(_, k, _)| Revision::from_bytes(&k).unwrap().0)
         .collect();
     assert_eq!(revs, vec![Revision::new(3, 0), Revision::new(6, 0)]);
 }
