@@ -1201,7 +1201,11 @@ fn load_encoded_from(
     }
     let v = match store.persister.get(&rev.to_bytes(false)) {
         Some(v) => v,
-        None => key_tree::get(&store.trees().key, rev)?.ok_or_else(|| {
+        None => {
+            let trees = store.trees();
+            key_tree::get(&trees.key, &trees.hints, rev)?
+        }
+        .ok_or_else(|| {
             StorageError::Corrupt(format!("revision {rev:?} is indexed but not stored"))
         })?,
     };
@@ -1676,7 +1680,8 @@ mod range_tests {
     /// Whether revision `rev` is still in sled.
     fn stored(s: &KvStore, rev: i64) -> bool {
         s.flush().unwrap();
-        key_tree::get(&s.trees().key, Revision::new(rev, 0))
+        let trees = s.trees();
+        key_tree::get(&trees.key, &trees.hints, Revision::new(rev, 0))
             .unwrap()
             .is_some()
     }

@@ -35,6 +35,7 @@ use sled::Transactional;
 
 use crate::error::Result;
 use crate::error::StorageError;
+use crate::key_tree::BlockHints;
 use crate::key_tree::BlockWriter;
 use crate::schema;
 
@@ -94,6 +95,8 @@ struct Queue {
 #[derive(Clone)]
 pub(crate) struct Trees {
     pub key: sled::Tree,
+    /// Where the `key` tree's blocks start, as point reads found out.
+    pub hints: Arc<BlockHints>,
     pub meta: sled::Tree,
     pub lease: sled::Tree,
 }
@@ -103,6 +106,7 @@ impl Trees {
     pub(crate) fn open(db: &sled::Db) -> Result<Self> {
         Ok(Trees {
             key: db.open_tree(schema::KEY_TREE)?,
+            hints: Arc::default(),
             meta: db.open_tree(schema::META_TREE)?,
             lease: db.open_tree(schema::LEASE_TREE)?,
         })
@@ -388,7 +392,7 @@ mod tests {
             p.enqueue(set(i, i)).expect("enqueue");
             // Readable at once, from the overlay or (already written) from sled.
             let got = p.get(&key(i)).or_else(|| {
-                key_tree::get(&t.key, Revision::new(i64::from(i), 0)).expect("sled get")
+                key_tree::get(&t.key, &t.hints, Revision::new(i64::from(i), 0)).expect("sled get")
             });
             assert_eq!(got.as_deref(), Some(&[i, i][..]));
         }
