@@ -317,14 +317,12 @@ pub(crate) fn delete_compacted(
                 batch.remove(k);
                 n += revisions;
             }
-            Retain::Rewrite {
-                revisions,
-                key,
-                value,
-            } => {
-                // One batch: readers see the old block or the new one, never neither.
+            Retain::Rewrite { revisions, blocks } => {
+                // One batch: readers see the old block or the new ones, never neither.
                 batch.remove(k);
-                batch.insert(key, value);
+                for (k, v) in blocks {
+                    batch.insert(k, v);
+                }
                 n += revisions;
             }
         }

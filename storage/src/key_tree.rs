@@ -38,10 +38,10 @@ const HEADER_LEN: usize = 1 + 4;
 /// Main, sub, flags, end of the value within the values area.
 const ENTRY_LEN: usize = 8 + 8 + 1 + 4;
 const TOMBSTONE_FLAG: u8 = 1;
-/// Values per block, in bytes, past which a block is sealed. A sled leaf holds up to 17 records
-/// and is rewritten whole as it changes; sled stores any page over 128 KiB as a file of its own,
-/// so a leaf of full blocks must stay well under that. A single value bigger than this gets a
-/// block of its own, as it got a record of its own before.
+/// Bytes of a block (entries and values) past which it is sealed. A sled leaf holds up to 17
+/// records and is rewritten whole as it changes; sled stores any page over 128 KiB as a file of
+/// its own, so a leaf of full blocks must stay well under that. A single value bigger than this
+/// gets a block of its own, as it got a record of its own before.
 const BLOCK_BYTES: usize = 4096;
 
 /// One revision of one key, as stored.
@@ -191,7 +191,8 @@ impl BlockWriter {
                 self.last
             )));
         }
-        if !self.entries.is_empty() && self.values.len() + value.len() > BLOCK_BYTES {
+        let grown = HEADER_LEN + (self.entries.len() + 1) * ENTRY_LEN + self.values.len();
+        if !self.entries.is_empty() && grown + value.len() > BLOCK_BYTES {
             self.seal();
         }
         let end = self.values.len() + value.len();
@@ -430,11 +431,11 @@ pub(crate) enum Retain {
     Keep,
     /// None does.
     Remove { revisions: usize },
-    /// Some do: the record is replaced by a block of them, under the key of the first.
+    /// Some do: the record is replaced by blocks of them, the first under the key of the
+    /// first survivor.
     Rewrite {
         revisions: usize,
-        key: IVec,
-        value: IVec,
+        blocks: Vec<(IVec, IVec)>,
     },
 }
 
@@ -460,18 +461,10 @@ pub(crate) fn retain(k: &[u8], v: IVec, alive: impl Fn(Revision) -> bool) -> Res
             for r in &survivors {
                 w.push(r.rev, r.tombstone, &r.value)?;
             }
-            // A block's values fit in one block, so its survivors do too.
-            let mut blocks = w.finish();
-            match (blocks.pop(), blocks.is_empty()) {
-                (Some((key, value)), true) => Ok(Retain::Rewrite {
-                    revisions,
-                    key,
-                    value,
-                }),
-                _ => Err(StorageError::Corrupt(format!(
-                    "block of revision {first:?} does not fit in one block"
-                ))),
-            }
+            Ok(Retain::Rewrite {
+                revisions,
+                blocks: w.finish(),
+            })
         }
     }
 }
@@ -555,6 +548,33 @@ mod tests {
         }
     }
 
+    /// Entries count toward a block's size as much as values do: tiny values (a lease's key,
+    /// an empty value) must not make leaves of full blocks big enough for sled to store them
+    /// as files.
+    #[test]
+    fn blocks_stay_within_their_size_whatever_the_values() {
+        for len in [0, 1, 12, 300, BLOCK_BYTES / 2, BLOCK_BYTES * 3] {
+            let mut w = BlockWriter::default();
+            for m in 1..2000 {
+                w.push(Revision::new(m, 0), false, &vec![7; len]).unwrap();
+            }
+            for (k, v) in w.finish() {
+                let b =
+                    Block::parse(Revision::from_bytes(&k[..REV_BYTES_LEN]).unwrap().0, v).unwrap();
+                assert!(
+                    b.value.len() <= BLOCK_BYTES || b.count == 1,
+                    "{} bytes in {} entries of {len}-byte values",
+                    b.value.len(),
+                    b.count
+                );
+                assert!(
+                    b.count > 1 || len > BLOCK_BYTES / 4,
+                    "{len}-byte values alone"
+                );
+            }
+        }
+    }
+
     #[test]
     fn revisions_read_back_from_blocks_and_single_records_alike() {
         let (_db, t) = tree();
@@ -606,15 +626,13 @@ mod tests {
                     removed += revisions;
                     batch.remove(k);
                 }
-                Retain::Rewrite {
-                    revisions,
-                    key,
-                    value,
-                } => {
+                Retain::Rewrite { revisions, blocks } => {
                     removed += revisions;
                     rewritten += 1;
                     batch.remove(k);
-                    batch.insert(key, value);
+                    for (k, v) in blocks {
+                        batch.insert(k, v);
+                    }
                 }
             }
         }
@@ -640,11 +658,12 @@ mod tests {
         assert_eq!(blocks.len(), 1);
         let (k, v) = blocks[0].clone();
         // Revisions from 5 on survive a compaction, under the key of 5.
-        let Retain::Rewrite { key, value, .. } = retain(&k, v.clone(), |r| r.main >= 5).unwrap()
+        let Retain::Rewrite { mut blocks, .. } = retain(&k, v.clone(), |r| r.main >= 5).unwrap()
         else {
             panic!("expected a rewrite");
         };
-        assert!(key > k);
+        let (key, value) = blocks.pop().unwrap();
+        assert!(blocks.is_empty() && key > k);
         t.insert(&k, v).unwrap();
         t.insert(key, value).unwrap();
         for from in 1..13 {
