@@ -1373,7 +1373,11 @@ impl<'a> WriteTxn<'a> {
             let ki = self.base().keys.get(key).cloned().unwrap_or_default();
             self.overlay.insert(key.into(), ki);
         }
-        self.overlay.entry(key.into()).or_default()
+        // Looked up by the borrowed key: `entry` would box the key again on every change.
+        match self.overlay.get_mut(key) {
+            Some(ki) => ki,
+            None => unreachable!("inserted above"),
+        }
     }
 
     /// Stages a put of `key` and returns its revision (etcd's `storeTxnWrite.put`).
