@@ -33,6 +33,9 @@ use crate::StorageError;
 
 /// Records per sled batch while copying.
 const COPY_BATCH: usize = 10_000;
+/// Bytes per sled batch while copying: a batch is held in memory whole, and 10,000 blocks of
+/// history (or of large values) would be tens of megabytes or more.
+const COPY_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The file naming the generation in use.
 const CURRENT: &str = "CURRENT";
@@ -239,16 +242,7 @@ fn copy_trees(from: &Trees, to: &Trees) -> Result<usize> {
     let mut records = 0usize;
     // `meta` last: a copy is only used once complete, but keep the marker after its data.
     for ((name, from), (_, to)) in from.named().into_iter().zip(to.named()) {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        let mut flush = |batch: &mut sled::Batch, n: &mut usize, all: bool| -> Result<()> {
-            if *n >= COPY_BATCH || (all && *n > 0) {
-                to.apply_batch(std::mem::take(batch))?;
-                records += *n;
-                *n = 0;
-            }
-            Ok(())
-        };
+        let mut copy = TreeCopy::new(to);
         if name == schema::KEY_TREE {
             // Revision by revision into full blocks: what a compaction left of old blocks (and
             // single records written before blocks) is packed again.
@@ -257,26 +251,68 @@ fn copy_trees(from: &Trees, to: &Trees) -> Result<usize> {
                 let r = item?;
                 blocks.push(r.rev, r.tombstone, &r.value)?;
                 for (k, v) in blocks.take_sealed() {
-                    batch.insert(k, v);
-                    n += 1;
+                    copy.insert(k, v)?;
                 }
-                flush(&mut batch, &mut n, false)?;
             }
             for (k, v) in blocks.finish() {
-                batch.insert(k, v);
-                n += 1;
+                copy.insert(k, v)?;
             }
         } else {
             for item in from.iter() {
                 let (k, v) = item?;
-                batch.insert(k, v);
-                n += 1;
-                flush(&mut batch, &mut n, false)?;
+                copy.insert(k, v)?;
             }
         }
-        flush(&mut batch, &mut n, true)?;
+        records += copy.finish()?;
     }
     Ok(records)
+}
+
+/// Records bound for one tree of the copy, written in batches of bounded count and size.
+struct TreeCopy<'a> {
+    to: &'a sled::Tree,
+    batch: sled::Batch,
+    n: usize,
+    bytes: usize,
+    written: usize,
+}
+
+impl<'a> TreeCopy<'a> {
+    fn new(to: &'a sled::Tree) -> Self {
+        TreeCopy {
+            to,
+            batch: sled::Batch::default(),
+            n: 0,
+            bytes: 0,
+            written: 0,
+        }
+    }
+
+    fn insert(&mut self, k: sled::IVec, v: sled::IVec) -> Result<()> {
+        self.bytes += k.len() + v.len();
+        self.n += 1;
+        self.batch.insert(k, v);
+        if self.n >= COPY_BATCH || self.bytes >= COPY_BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.n > 0 {
+            self.to.apply_batch(std::mem::take(&mut self.batch))?;
+            self.written += self.n;
+            self.n = 0;
+            self.bytes = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; returns how many records were copied.
+    fn finish(mut self) -> Result<usize> {
+        self.flush()?;
+        Ok(self.written)
+    }
 }
 
 /// Removes a generation no longer in use, once its database has released sled's lock (every
