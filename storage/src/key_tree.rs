@@ -79,6 +79,16 @@ fn decode_key(k: &[u8]) -> Result<Stored> {
     }
 }
 
+/// The revision and tombstone mark of a single-revision key (the persister's queue, snapshots).
+pub(crate) fn decode_single(k: &[u8]) -> Result<(Revision, bool)> {
+    match decode_key(k)? {
+        Stored::Single(rev, tombstone) => Ok((rev, tombstone)),
+        Stored::Block(_) => Err(StorageError::Corrupt(format!(
+            "a block key {k:?} given as one revision"
+        ))),
+    }
+}
+
 fn block_key(first: Revision) -> IVec {
     let mut k = first.to_bytes(false);
     k.push(BLOCK_MARK);
@@ -210,12 +220,8 @@ impl BlockWriter {
 
     /// Adds a record as the persister queues it: its single-revision key and its value.
     pub(crate) fn push_single(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        match decode_key(key)? {
-            Stored::Single(rev, tombstone) => self.push(rev, tombstone, value),
-            Stored::Block(_) => Err(StorageError::Corrupt(format!(
-                "a block key {key:?} given as one revision"
-            ))),
-        }
+        let (rev, tombstone) = decode_single(key)?;
+        self.push(rev, tombstone, value)
     }
 
     fn seal(&mut self) {
@@ -532,6 +538,17 @@ mod tests {
         }
     }
 
+    /// Writes revisions 2 to 5 as fetcd did before blocks, one record each, with values of
+    /// `len` bytes and the tombstones `tombstone` picks, recording them in `model`.
+    fn write_singles(t: &sled::Tree, model: &mut Model, len: usize, tombstone: fn(i64) -> bool) {
+        for main in 2..6 {
+            let rev = Revision::new(main, 0);
+            let v = value(rev, len);
+            t.insert(rev.to_bytes(tombstone(main)), v.clone()).unwrap();
+            model.insert(rev, (tombstone(main), v));
+        }
+    }
+
     /// Writes `revs` in blocks, with values of varied sizes (some past a block's size) and
     /// tombstones, recording them in `model`.
     fn write(t: &sled::Tree, model: &mut Model, revs: &[Revision]) {
@@ -580,12 +597,7 @@ mod tests {
         let (_db, t) = tree();
         let mut model = Model::new();
         // What fetcd wrote before blocks: one record per revision.
-        for main in 2..6 {
-            let rev = Revision::new(main, 0);
-            let v = value(rev, 50);
-            t.insert(rev.to_bytes(main == 4), v.clone()).unwrap();
-            model.insert(rev, (main == 4, v));
-        }
+        write_singles(&t, &mut model, 50, |main| main == 4);
         // Then blocks of several revisions, with several sub revisions.
         let revs: Vec<Revision> = (6..40)
             .flat_map(|m| (0..(m % 3 + 1)).map(move |s| Revision::new(m, s)))
@@ -604,11 +616,7 @@ mod tests {
     fn compaction_rewrites_blocks_without_their_dead_revisions() {
         let (_db, t) = tree();
         let mut model = Model::new();
-        for main in 2..6 {
-            let rev = Revision::new(main, 0);
-            t.insert(rev.to_bytes(false), value(rev, 20)).unwrap();
-            model.insert(rev, (false, value(rev, 20)));
-        }
+        write_singles(&t, &mut model, 20, |_| false);
         let revs: Vec<Revision> = (6..60).map(|m| Revision::new(m, 0)).collect();
         write(&t, &mut model, &revs);
         // Hints learned before the compaction point at blocks it rewrites or removes.

@@ -1057,8 +1057,7 @@ impl KvStore {
             last = Some(r.rev);
         }
         for (k, v) in queued {
-            let (rev, tombstone) = Revision::from_bytes(&k)
-                .ok_or_else(|| StorageError::Corrupt(format!("bad revision key {k:?}")))?;
+            let (rev, tombstone) = key_tree::decode_single(&k)?;
             if last.is_none_or(|l| rev > l) {
                 push_history_event(&mut out, range, rev, tombstone, &v)?;
             }
