@@ -17,7 +17,6 @@ use fetcd_proto::raftpb::raft_peer_server::RaftPeer;
 use fetcd_proto::raftpb::raft_peer_server::RaftPeerServer;
 use fetcd_proto::raftpb::InternalRaftBatch;
 use fetcd_proto::raftpb::PeerMessage;
-use hyper_util::rt::TokioIo;
 use openraft::error::ClientWriteError;
 use openraft::error::InstallSnapshotError;
 use openraft::error::NetworkError;
@@ -41,11 +40,10 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde::Serialize;
-use tokio::net::TcpStream;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
-use crate::coalesce::CoalescedWrites;
+use crate::coalesce::RequestConnector;
 use crate::durable::Durability;
 
 use crate::command::Command;
@@ -102,42 +100,6 @@ fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, bincode::Error> {
     bincode::deserialize(&m.data)
 }
 
-/// Opens a peer channel's TCP connection (no Nagle delay), whose requests each leave in one
-/// socket write ([`CoalescedWrites::for_requests`]).
-#[derive(Clone, Copy, Debug)]
-struct PeerConnector;
-
-impl tower::Service<tonic::codegen::http::Uri> for PeerConnector {
-    type Response = TokioIo<CoalescedWrites<TcpStream>>;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
-        Box::pin(async move {
-            // An IPv6 literal comes bracketed in a URI.
-            let host = uri
-                .host()
-                .unwrap_or("127.0.0.1")
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = TcpStream::connect((host.as_str(), port)).await?;
-            stream.set_nodelay(true)?;
-            Ok(TokioIo::new(CoalescedWrites::for_requests(stream)))
-        })
-    }
-}
-
 /// Connections to peers, shared by every user of the member's network.
 #[derive(Clone, Debug)]
 pub struct Network {
@@ -174,7 +136,7 @@ impl Network {
                     .connect_timeout(CONNECT_TIMEOUT)
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_with_connector_lazy(PeerConnector);
+                    .connect_with_connector_lazy(RequestConnector);
                 channels.insert(addr.to_string(), c.clone());
                 c
             }
