@@ -336,13 +336,43 @@ struct Resources {
 
 async fn run_one(case: &Case, cluster: &Cluster, ui: &Ui) -> Report {
     let mut a = case.args.clone();
-    a.endpoints = cluster.endpoints();
+    a.endpoints = leader_first(cluster.endpoints()).await;
     a.json = true;
     a.compare = false;
     match workloads::run(&a, ui).await {
         Ok(r) => r,
         Err(e) => Report::failed(a.workload_name(), a.clients, a.total, &e),
     }
+}
+
+/// `endpoints` turned so that the leader's comes first, the others following in their order.
+///
+/// A workload's first client (the only one of put-1, a watch workload's writer) uses the first
+/// endpoint, and a write through a follower is forwarded to the leader, a round trip more: with
+/// the members in their fixed order, which of the two a round measured depended on which member
+/// each cluster elected. Leader first, both servers are measured the same way in every round.
+/// Without an answer from every member the order is kept.
+async fn leader_first(mut endpoints: Vec<String>) -> Vec<String> {
+    if endpoints.len() < 2 {
+        return endpoints;
+    }
+    let mut ids = Vec::with_capacity(endpoints.len());
+    let mut leader = 0;
+    for e in &endpoints {
+        let status = match crate::driver::connect(e).await {
+            Ok(mut c) => c.status().await.ok(),
+            Err(_) => None,
+        };
+        let Some(st) = status else {
+            return endpoints;
+        };
+        leader = st.leader();
+        ids.push(st.header().map_or(0, |h| h.member_id()));
+    }
+    if let Some(i) = ids.iter().position(|&id| id == leader && id != 0) {
+        endpoints.rotate_left(i);
+    }
+    endpoints
 }
 
 fn first_line(e: &anyhow::Error) -> String {
@@ -828,6 +858,8 @@ fn target_json(
 
 #[cfg(test)]
 mod tests {
+    use anyhow::Context;
+
     use super::*;
 
     #[test]
@@ -839,6 +871,29 @@ mod tests {
         assert_eq!(put64.args.clients, 64);
         assert_eq!(scaled(10, 0.01), 100);
         assert!(load_args(1000).expect("load args").sequential_keys);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_endpoint_comes_first_the_others_in_turn() -> anyhow::Result<()> {
+        let cluster = fetcd_tests::cluster::Cluster::start(3).await?;
+        let mut leader = cluster.wait_ready().await?;
+        if leader == 0 {
+            // The order as given would already be right: hand leadership on.
+            let to = cluster.member_id(1).context("member 1's id")?;
+            cluster.client(0).await?.move_leader(to).await?;
+            leader = cluster.wait_ready().await?;
+        }
+        anyhow::ensure!(leader != 0, "leadership stayed with member 0");
+        let urls: Vec<String> = (0..3).map(|i| cluster.client_url(i)).collect();
+        let ordered = leader_first(urls.clone()).await;
+        let mut expected = urls.clone();
+        expected.rotate_left(leader);
+        assert_eq!(ordered, expected, "leader is member {leader}");
+        // An endpoint that does not answer leaves the order as given.
+        let mut with_dead = urls.clone();
+        with_dead.push(format!("http://127.0.0.1:{}", fetcd_tests::free_port()?));
+        assert_eq!(leader_first(with_dead.clone()).await, with_dead);
+        Ok(())
     }
 
     #[test]
