@@ -36,7 +36,6 @@ use tokio::sync::Mutex;
 use tonic::client::Grpc;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
-use tonic_prost::ProstCodec;
 
 use crate::args::prefix_end;
 use crate::args::Args;
@@ -47,6 +46,7 @@ use crate::driver::connect;
 use crate::driver::connect_each;
 use crate::driver::grpc_channel;
 use crate::driver::preload;
+use crate::driver::BytesCodec;
 use crate::driver::ClientOp;
 use crate::driver::Ui;
 use crate::stats::Recorder;
@@ -213,7 +213,7 @@ impl KubeOp {
             };
             self.grpc.ready().await?;
             let path = PathAndQuery::from_static("/etcdserverpb.KV/Range");
-            let codec = ProstCodec::<RangeRequest, ListPage>::default();
+            let codec = BytesCodec::<RangeRequest, ListPage>::default();
             let page = self
                 .grpc
                 .unary(tonic::Request::new(req), path, codec)
