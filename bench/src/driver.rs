@@ -12,10 +12,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use etcd_client::Client;
+use fetcd_proto::etcdserverpb::RangeRequest;
 use fetcd_raft::coalesce::RequestConnector;
 use indicatif::ProgressBar;
 use indicatif::ProgressDrawTarget;
 use indicatif::ProgressStyle;
+use tonic::client::Grpc;
+use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::stats::Recorder;
 
@@ -81,10 +84,11 @@ pub(crate) async fn probe_put(writer: &mut Client, key: &str, i: u64, rec: &mut 
 /// One gRPC connection, for `etcd-client` and for workloads that call etcd's services
 /// directly to decode only what they check.
 ///
-/// Its requests leave in one socket write each, HEADERS and DATA together, with those of other
-/// requests made meanwhile ([`RequestConnector`]), as grpc-go's buffered writer sends them.
-/// hyper's HTTP/2 client alone writes a request's two frames apart: under put with 64 clients,
-/// two `writev`s per put took a quarter of this client's CPU, and the client shares the
+/// A request's HEADERS and DATA leave in one socket write, with the frames of other requests
+/// made meanwhile ([`RequestConnector`]), as grpc-go's buffered writer sends them. hyper's
+/// HTTP/2 client alone writes a request's two frames apart: under put with 64 clients, 37.5k
+/// `writev`s for 30k puts took a quarter of this client's CPU (18.8k writes with the
+/// connector), and the client shares the
 /// machine's cores with the server under test, whichever server it is.
 pub(crate) async fn grpc_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
     let url = if endpoint.contains("://") {
@@ -150,6 +154,31 @@ impl<U: prost::Message + Default> tonic::codec::Decoder for FromBytes<U> {
             .map(Some)
             .map_err(|e| tonic::Status::internal(format!("decoding a response: {e}")))
     }
+}
+
+/// etcd's `KV` service called directly on `channel`, for ranges decoded only as far as a
+/// workload reads them. A page may be far over tonic's default 4 MiB limit, as it is over
+/// etcd's Go client's; the apiserver raises that limit too.
+pub(crate) fn kv_grpc(channel: tonic::transport::Channel) -> Grpc<tonic::transport::Channel> {
+    Grpc::new(channel).max_decoding_message_size(usize::MAX)
+}
+
+/// Calls `KV.Range` on `grpc` ([`kv_grpc`]) and decodes the answer as `U`, a view of
+/// `RangeResponse` with only the fields the caller reads ([`BytesCodec`]).
+pub(crate) async fn range_as<U>(
+    grpc: &mut Grpc<tonic::transport::Channel>,
+    req: RangeRequest,
+) -> anyhow::Result<U>
+where
+    U: prost::Message + Default + Send + 'static,
+{
+    grpc.ready().await?;
+    let path = PathAndQuery::from_static("/etcdserverpb.KV/Range");
+    let codec = BytesCodec::<RangeRequest, U>::default();
+    Ok(grpc
+        .unary(tonic::Request::new(req), path, codec)
+        .await?
+        .into_inner())
 }
 
 /// `n` connections, round-robin over the endpoints.

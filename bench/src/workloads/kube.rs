@@ -34,7 +34,6 @@ use fetcd_proto::etcdserverpb::RangeRequest;
 use tokio::sync::watch;
 use tokio::sync::Mutex;
 use tonic::client::Grpc;
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 
 use crate::args::prefix_end;
@@ -45,8 +44,9 @@ use crate::driver::closed_loop;
 use crate::driver::connect;
 use crate::driver::connect_each;
 use crate::driver::grpc_channel;
+use crate::driver::kv_grpc;
 use crate::driver::preload;
-use crate::driver::BytesCodec;
+use crate::driver::range_as;
 use crate::driver::ClientOp;
 use crate::driver::Ui;
 use crate::stats::Recorder;
@@ -211,14 +211,7 @@ impl KubeOp {
                 revision: rev,
                 ..Default::default()
             };
-            self.grpc.ready().await?;
-            let path = PathAndQuery::from_static("/etcdserverpb.KV/Range");
-            let codec = BytesCodec::<RangeRequest, ListPage>::default();
-            let page = self
-                .grpc
-                .unary(tonic::Request::new(req), path, codec)
-                .await?
-                .into_inner();
+            let page: ListPage = range_as(&mut self.grpc, req).await?;
             self.pages += 1;
             if rev == 0 {
                 rev = page.header.map_or(0, |h| h.revision);
@@ -491,7 +484,7 @@ pub(crate) async fn run(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
     let clients = (0..n)
         .map(|c| KubeOp {
             client: conns[c % conns.len()].clone(),
-            grpc: Grpc::new(channels[c % channels.len()].clone()),
+            grpc: kv_grpc(channels[c % channels.len()].clone()),
             rng: Rng::new(c as u64 + 1),
             objects,
             page_limit: args.page_limit,

@@ -274,7 +274,9 @@ pub(crate) async fn list_stall(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
 
     use crate::args::prefix_end;
     use crate::driver::grpc_channel;
+    use crate::driver::kv_grpc;
     use crate::driver::probe_put;
+    use crate::driver::range_as;
     use crate::driver::scheduled_offset;
 
     let prefix: Arc<[u8]> = Arc::from(&b"fetcd-bench/list/"[..]);
@@ -297,20 +299,11 @@ pub(crate) async fn list_stall(args: &Args, ui: &Ui) -> anyhow::Result<Report> {
         ..Default::default()
     };
     let lister = tokio::spawn(async move {
-        // A whole list in one response is far over tonic's default 4 MiB, as it is over
-        // etcd's Go client's; the apiserver raises that limit too.
-        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+        let mut grpc = kv_grpc(channel);
         let mut took = Vec::with_capacity(STALL_LISTS);
         for _ in 0..STALL_LISTS {
-            grpc.ready().await?;
-            let codec = tonic_prost::ProstCodec::<RangeRequest, ListResponse>::default();
-            let path =
-                tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Range");
             let started = Instant::now();
-            let resp = grpc
-                .unary(tonic::Request::new(req.clone()), path, codec)
-                .await?
-                .into_inner();
+            let resp: ListResponse = range_as(&mut grpc, req.clone()).await?;
             took.push(started.elapsed());
             anyhow::ensure!(
                 resp.kvs.len() as u64 == n && resp.count as u64 == n && !resp.more,
