@@ -94,8 +94,22 @@ pub mod wire {
     /// a response to one of ten thousand watchers holds a reference to the revision's events
     /// instead of a copy of each event's handle (a contended reference count per event).
     pub trait EncodedEvents: Send + Sync + std::fmt::Debug {
-        /// Calls `f` with each encoded event, in order.
-        fn for_each(&self, f: &mut dyn FnMut(&[u8]));
+        /// Calls `f` with runs of the events already encoded as `WatchResponse.events` fields
+        /// (see [`put_event_field`]), in order: a response copies each run whole.
+        fn for_each_run(&self, f: &mut dyn FnMut(&[u8]));
+    }
+
+    /// Appends `ev`, an encoded `mvccpb.Event`, as a `WatchResponse.events` field (11): tag,
+    /// length, event. Events framed once this way are shared by every watcher they go to.
+    pub fn put_event_field(out: &mut Vec<u8>, ev: &[u8]) {
+        encoding::encode_key(11, encoding::WireType::LengthDelimited, out);
+        encoding::encode_varint(ev.len() as u64, out);
+        out.extend_from_slice(ev);
+    }
+
+    /// The bytes [`put_event_field`] appends for `ev`.
+    pub fn event_field_len(ev: &[u8]) -> usize {
+        event_len(ev)
     }
 
     /// `etcdserverpb.WatchResponse` with pre-encoded events (same field numbers).
@@ -151,11 +165,7 @@ pub mod wire {
             }
             encoding::bytes::encode_repeated(11, &self.events, buf);
             if let Some(shared) = &self.shared_events {
-                shared.for_each(&mut |ev| {
-                    encoding::encode_key(11, encoding::WireType::LengthDelimited, buf);
-                    encoding::encode_varint(ev.len() as u64, buf);
-                    buf.put_slice(ev);
-                });
+                shared.for_each_run(&mut |run| buf.put_slice(run));
             }
         }
 
@@ -203,7 +213,7 @@ pub mod wire {
             len += usize::from(self.fragment) * encoding::bool::encoded_len(7, &true);
             len += encoding::bytes::encoded_len_repeated(11, &self.events);
             if let Some(shared) = &self.shared_events {
-                shared.for_each(&mut |ev| len += event_len(ev));
+                shared.for_each_run(&mut |run| len += run.len());
             }
             len
         }
@@ -712,21 +722,37 @@ mod tests {
         #[derive(Debug)]
         struct Held(Vec<Vec<u8>>);
         impl super::wire::EncodedEvents for Held {
-            fn for_each(&self, f: &mut dyn FnMut(&[u8])) {
-                self.0.iter().for_each(|e| f(e));
+            fn for_each_run(&self, f: &mut dyn FnMut(&[u8])) {
+                self.0.iter().for_each(|run| f(run));
             }
         }
+        let framed = |events: &[Event]| {
+            let mut run = Vec::new();
+            for e in events {
+                let ev = e.encode_to_vec();
+                let before = run.len();
+                super::wire::put_event_field(&mut run, &ev);
+                assert_eq!(run.len() - before, super::wire::event_field_len(&ev));
+            }
+            run
+        };
         let mut split = encoded.clone();
-        let last = split.events.pop().expect("two events");
-        split.shared_events = Some(std::sync::Arc::new(Held(vec![last.to_vec()])));
+        split.events.pop().expect("two events");
+        split.shared_events = Some(std::sync::Arc::new(Held(vec![framed(&plain.events[1..])])));
         assert_eq!(split.encode_to_vec(), plain.encode_to_vec());
         assert_eq!(split.encoded_len(), plain.encoded_len());
+        // Both events in one run, then an empty run and one more run of both.
         let mut all_shared = EncodedWatchResponse::from(WatchResponse::default());
-        all_shared.shared_events = Some(std::sync::Arc::new(Held(
-            plain.events.iter().map(|e| e.encode_to_vec()).collect(),
-        )));
+        all_shared.shared_events = Some(std::sync::Arc::new(Held(vec![
+            framed(&plain.events),
+            Vec::new(),
+            framed(&plain.events),
+        ])));
         let back = WatchResponse::decode(all_shared.encode_to_vec().as_slice()).expect("decodes");
-        assert_eq!(back.events, plain.events);
+        assert_eq!(
+            back.events,
+            [plain.events.clone(), plain.events.clone()].concat()
+        );
         assert_eq!(all_shared.encoded_len(), all_shared.encode_to_vec().len());
     }
 

@@ -86,6 +86,7 @@ use crate::revision::Revision;
 use crate::schema;
 use crate::value_cache::ValueCache;
 use crate::watch::CatchUp;
+use crate::watch::EventBatch;
 use crate::watch::SendOutcome;
 use crate::watch::SharedEvent;
 use crate::watch::WatchHub;
@@ -911,14 +912,7 @@ impl KvStore {
     /// turns synced; one behind the compaction revision is canceled with `compact_revision`.
     /// Returns how many watchers got something (0: every laggard waits for its client).
     pub fn sync_watchers(&self, max_revisions: i64) -> Result<usize> {
-        // Watchers whose client is not reading are skipped: history read for them now would be
-        // wasted work.
-        let ws: Vec<CatchUp> = self
-            .hub
-            .unsynced()
-            .into_iter()
-            .filter(|w| !w.sink.is_full())
-            .collect();
+        let ws: Vec<CatchUp> = self.hub.unsynced();
         let mut progressed = 0;
         if !ws.is_empty() {
             // One read of the revision window serves every lagging watcher (etcd's
@@ -942,8 +936,9 @@ impl KvStore {
             // Checked after reading: a compaction that started meanwhile may have removed part
             // of what was read, and then the watcher must be told, not handed a gap.
             let compact = self.compact_revision();
+            let mut shared = SharedSelections::default();
             for w in &ws {
-                if self.catch_up(w, &events, first(w), to, current, compact) {
+                if self.catch_up(w, &events, first(w), to, current, compact, &mut shared) {
                     progressed += 1;
                 }
             }
@@ -954,6 +949,7 @@ impl KvStore {
 
     /// One watcher's step of a catch-up round over `events` (revisions up to `to`); true if it
     /// moved forward.
+    #[allow(clippy::too_many_arguments)]
     fn catch_up(
         &self,
         w: &CatchUp,
@@ -962,6 +958,7 @@ impl KvStore {
         to: i64,
         current: i64,
         compact: i64,
+        shared: &mut SharedSelections,
     ) -> bool {
         if w.min_rev > current {
             return self.hub.advance(w, w.min_rev);
@@ -975,7 +972,7 @@ impl KvStore {
                 canceled: true,
                 ..Default::default()
             };
-            return match w.sink.try_send(WatchMessage::Response(resp)) {
+            return match w.sink.try_send(WatchMessage::response(resp)) {
                 SendOutcome::Full => false,
                 SendOutcome::Sent | SendOutcome::Closed => {
                     self.hub.cancel_caught_up(w);
@@ -991,17 +988,19 @@ impl KvStore {
             // Later than this round's window; a later round reaches it.
             return false;
         }
-        let mine: Arc<[Arc<SharedEvent>]> = events
-            .iter()
-            .filter(|e| {
-                e.event()
-                    .kv
-                    .as_ref()
-                    .is_some_and(|kv| kv.mod_revision >= from && w.spec.range.contains(&kv.key))
-                    && w.spec.wants_event(e)
-            })
-            .cloned()
-            .collect();
+        let mine = shared.get_or_select(&w.spec, from, || {
+            EventBatch::new(
+                events
+                    .iter()
+                    .filter(|e| {
+                        e.event().kv.as_ref().is_some_and(|kv| {
+                            kv.mod_revision >= from && w.spec.range.contains(&kv.key)
+                        }) && w.spec.wants_event(e)
+                    })
+                    .cloned()
+                    .collect(),
+            )
+        });
         if !mine.is_empty() {
             let msg = WatchMessage::Events {
                 watch_id: w.key.id,
@@ -1916,5 +1915,59 @@ mod range_tests {
         let got = kvs(&resp);
         assert_eq!(got.len(), UNLOCKED_LOAD_FROM);
         assert!(got.iter().all(|(_, v, _)| v == "donor"), "{got:?}");
+    }
+}
+
+/// One catch-up round's selections of history, shared between lagging watchers that want the
+/// same events: thousands of watchers of one key (an apiserver's, a controller's) would each
+/// filter the whole window and hold their own list of the same events otherwise.
+#[derive(Default)]
+struct SharedSelections {
+    /// The latest used last.
+    recent: Vec<Selection>,
+}
+
+/// What a watcher asked, from which revision, and the events that selected.
+struct Selection {
+    spec: Arc<WatchSpec>,
+    from: i64,
+    events: Arc<EventBatch>,
+}
+
+impl SharedSelections {
+    /// Watchers with this many different wants in one round select each for itself.
+    const KEEP: usize = 16;
+
+    /// The events `spec` wants from `from` on: a selection made for an equal want in this
+    /// round, or `select`'s.
+    fn get_or_select(
+        &mut self,
+        spec: &Arc<WatchSpec>,
+        from: i64,
+        select: impl FnOnce() -> Arc<EventBatch>,
+    ) -> Arc<EventBatch> {
+        let same = |s: &Selection| {
+            s.from == from
+                && (Arc::ptr_eq(&s.spec, spec)
+                    || (s.spec.range == spec.range
+                        && s.spec.no_put == spec.no_put
+                        && s.spec.no_delete == spec.no_delete))
+        };
+        if let Some(i) = self.recent.iter().rposition(same) {
+            let hit = self.recent.remove(i);
+            let events = hit.events.clone();
+            self.recent.push(hit);
+            return events;
+        }
+        let events = select();
+        if self.recent.len() == Self::KEEP {
+            self.recent.remove(0);
+        }
+        self.recent.push(Selection {
+            spec: spec.clone(),
+            from,
+            events: events.clone(),
+        });
+        events
     }
 }

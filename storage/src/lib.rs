@@ -52,6 +52,7 @@ pub use ops::is_txn_read_only;
 pub use ops::range_may_take_long;
 pub use ops::txn_may_take_long;
 pub use revision::Revision;
+pub use watch::EventBatch;
 pub use watch::SendOutcome;
 pub use watch::SharedEvent;
 pub use watch::WatchKey;

@@ -141,6 +141,72 @@ impl SharedEvent {
     }
 }
 
+/// The events one message gives a watcher, shared by every watcher that gets the same ones
+/// (the watchers of a revision's keys; lagging watchers that want the same history in a
+/// catch-up round), with their encoding as `WatchResponse.events` fields made once for all of
+/// them: a response to each watcher then copies one run of bytes, not each event with its tag
+/// and length.
+#[derive(Debug)]
+pub struct EventBatch {
+    events: Vec<Arc<SharedEvent>>,
+    fields: OnceLock<Bytes>,
+    fields_with_prev: OnceLock<Bytes>,
+}
+
+impl EventBatch {
+    /// Shares `events` (in revision order).
+    pub fn new(events: Vec<Arc<SharedEvent>>) -> Arc<Self> {
+        Arc::new(EventBatch {
+            events,
+            fields: OnceLock::new(),
+            fields_with_prev: OnceLock::new(),
+        })
+    }
+
+    /// The events as `WatchResponse.events` fields, without `prev_kv`.
+    pub fn fields(&self) -> &Bytes {
+        self.fields.get_or_init(|| self.frame(|e| e.encoded()))
+    }
+
+    /// The events as `WatchResponse.events` fields with `prev_kv`, each looked up through
+    /// `prev` as [`SharedEvent::encoded_with_prev`] does (once per event, whichever batch asks
+    /// first).
+    pub fn fields_with_prev(&self, prev: impl Fn(&Event) -> Option<KeyValue>) -> &Bytes {
+        self.fields_with_prev
+            .get_or_init(|| self.frame(|e| e.encoded_with_prev(&prev)))
+    }
+
+    /// The fields a watcher gets: with `prev_kv` if it asked for it, once
+    /// [`EventBatch::fields_with_prev`] has made them (until then, the plain fields).
+    pub fn fields_as_sent(&self, prev_kv: bool) -> &Bytes {
+        match self.fields_with_prev.get() {
+            Some(b) if prev_kv => b,
+            _ => self.fields(),
+        }
+    }
+
+    fn frame<'a>(&'a self, encoded: impl Fn(&'a SharedEvent) -> &'a Bytes) -> Bytes {
+        let len = self
+            .events
+            .iter()
+            .map(|e| fetcd_proto::wire::event_field_len(encoded(e)))
+            .sum();
+        let mut out = Vec::with_capacity(len);
+        for e in &self.events {
+            fetcd_proto::wire::put_event_field(&mut out, encoded(e));
+        }
+        Bytes::from(out)
+    }
+}
+
+impl std::ops::Deref for EventBatch {
+    type Target = [Arc<SharedEvent>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.events
+    }
+}
+
 /// What the store hands a stream.
 #[derive(Debug)]
 pub enum WatchMessage {
@@ -150,12 +216,20 @@ pub enum WatchMessage {
         watch_id: i64,
         /// The header revision to report.
         revision: i64,
-        /// The events, shared with the other watchers they go to (the list itself too, when a
+        /// The events, shared with the other watchers they go to (the batch itself too, when a
         /// watcher gets all of a revision's events).
-        events: Arc<[Arc<SharedEvent>]>,
+        events: Arc<EventBatch>,
     },
-    /// Any other response: a compaction cancel or a progress notification.
-    Response(WatchResponse),
+    /// Any other response: a compaction cancel or a progress notification. Boxed: these are
+    /// rare, and a stream's queue holds thousands of event messages, which stay small.
+    Response(Box<WatchResponse>),
+}
+
+impl WatchMessage {
+    /// A message carrying `resp`.
+    pub fn response(resp: WatchResponse) -> Self {
+        WatchMessage::Response(Box::new(resp))
+    }
 }
 
 /// Where a stream's responses go: a bounded, non-blocking queue owned by the server.
@@ -218,7 +292,8 @@ enum State {
 struct Watcher {
     /// Distinguishes re-registrations of the same key across a catch-up round.
     gen: u64,
-    spec: WatchSpec,
+    /// Shared with catch-up rounds, which copy every lagging watcher's needs.
+    spec: Arc<WatchSpec>,
     /// First revision not yet delivered (meaningful while not synced).
     min_rev: i64,
     state: State,
@@ -398,7 +473,7 @@ impl HubState {
     /// watcher's event indexes in order). Consecutive watchers of one stream go to its sink in
     /// one batch; a watcher whose stream is full turns unsynced at `rev`.
     fn fan_out(&mut self, rev: i64, events: Vec<Event>, hits: &[Hit]) {
-        let shared: Arc<[Arc<SharedEvent>]> = events.into_iter().map(SharedEvent::new).collect();
+        let shared = EventBatch::new(events.into_iter().map(SharedEvent::new).collect());
         let mut batch = std::mem::take(&mut self.batch);
         let mut batch_keys = std::mem::take(&mut self.batch_keys);
         let mut sink: Option<Arc<dyn WatchSink>> = None;
@@ -422,18 +497,19 @@ impl HubState {
             if rev < w.min_rev {
                 continue;
             }
-            let evs: Arc<[Arc<SharedEvent>]> =
-                if group.len() == shared.len() && shared.iter().all(|e| w.wants(e)) {
-                    // The usual case (one event, or a watcher that gets every event): no copy.
-                    shared.clone()
-                } else {
+            let evs = if group.len() == shared.len() && shared.iter().all(|e| w.wants(e)) {
+                // The usual case (one event, or a watcher that gets every event): no copy.
+                shared.clone()
+            } else {
+                EventBatch::new(
                     group
                         .iter()
                         .map(|h| &shared[h.event])
                         .filter(|e| w.wants(e))
                         .cloned()
-                        .collect()
-                };
+                        .collect(),
+                )
+            };
             if evs.is_empty() {
                 continue;
             }
@@ -490,7 +566,7 @@ impl std::fmt::Debug for WatchHub {
 pub(crate) struct CatchUp {
     pub key: WatchKey,
     pub gen: u64,
-    pub spec: WatchSpec,
+    pub spec: Arc<WatchSpec>,
     pub min_rev: i64,
     pub sink: Arc<dyn WatchSink>,
 }
@@ -526,7 +602,7 @@ impl WatchHub {
             key,
             Watcher {
                 gen,
-                spec,
+                spec: Arc::new(spec),
                 min_rev,
                 state: State::Inactive,
                 sink,
@@ -619,12 +695,13 @@ impl WatchHub {
         st.scratch = scratch;
     }
 
-    /// The watchers that need history, for a catch-up round.
+    /// The watchers that need history and whose client is reading, for a catch-up round (a
+    /// watcher whose stream is full would get nothing; history read for it would be wasted).
     pub(crate) fn unsynced(&self) -> Vec<CatchUp> {
         self.lock()
             .watchers
             .iter()
-            .filter(|(_, w)| w.state == State::Unsynced)
+            .filter(|(_, w)| w.state == State::Unsynced && !w.sink.is_full())
             .map(|(k, w)| CatchUp {
                 key: *k,
                 gen: w.gen,
@@ -697,7 +774,7 @@ impl WatchHub {
             return;
         }
         if let Some(sink) = st.pending_progress.remove(&stream) {
-            let resp = WatchMessage::Response(progress_response(st.current));
+            let resp = WatchMessage::response(progress_response(st.current));
             if sink.try_send(resp) == SendOutcome::Full {
                 st.pending_progress.insert(stream, sink);
             }
@@ -761,12 +838,12 @@ mod tests {
         for (id, range) in ranges.iter().cloned() {
             let watcher = Watcher {
                 gen: 0,
-                spec: WatchSpec {
+                spec: Arc::new(WatchSpec {
                     range,
                     start_revision: 0,
                     no_put: false,
                     no_delete: false,
-                },
+                }),
                 min_rev: 1,
                 state: State::Synced,
                 sink: Arc::new(Capture::default()),
@@ -850,12 +927,14 @@ mod tests {
             vec![0, 1, 2]
         );
         assert_eq!(other.0.lock().unwrap_or_else(|p| p.into_inner()).len(), 5);
+        // A catch-up round skips them while their stream is still full.
+        assert!(hub.unsynced().is_empty());
+        *full.room.lock().unwrap_or_else(|p| p.into_inner()) = 10;
         let mut behind: Vec<(WatchKey, i64)> =
             hub.unsynced().iter().map(|c| (c.key, c.min_rev)).collect();
         behind.sort();
         assert_eq!(behind, vec![(key(1, 3), 2), (key(1, 4), 2)]);
         // The next revision reaches only the watchers still synced.
-        *full.room.lock().unwrap_or_else(|p| p.into_inner()) = 10;
         hub.notify(3, vec![put_event(b"k", 3, 2)]);
         assert_eq!(
             *full.got.lock().unwrap_or_else(|p| p.into_inner()),
@@ -930,7 +1009,7 @@ mod tests {
         hub.notify(2, vec![put_event(b"/a/b", 2, 1)]);
         let msgs = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
         assert_eq!(msgs.len(), n as usize, "every watcher gets the revision");
-        let lists: Vec<Arc<[Arc<SharedEvent>]>> = msgs
+        let lists: Vec<Arc<EventBatch>> = msgs
             .into_iter()
             .map(|m| match m {
                 WatchMessage::Events {

@@ -47,7 +47,7 @@ impl TestSink {
 /// (so the encoding is checked too).
 fn response(msg: WatchMessage) -> WatchResponse {
     match msg {
-        WatchMessage::Response(r) => r,
+        WatchMessage::Response(r) => *r,
         WatchMessage::Events {
             watch_id,
             revision,
@@ -253,4 +253,92 @@ fn progress_waits_until_the_stream_is_caught_up() {
     assert_eq!(progress.len(), 1, "{progress:?}");
     assert_eq!(progress[0].watch_id, -1);
     assert_eq!(progress[0].header.as_ref().unwrap().revision, 3);
+}
+
+#[test]
+fn one_catch_up_round_gives_each_lagging_watcher_exactly_its_own_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::open(dir.path());
+    // History on two keys, with deletes: (revision, key, is a put).
+    let mut history = Vec::new();
+    for i in 0..12 {
+        let k = if i % 3 == 0 { "b" } else { "a" };
+        if i % 4 == 3 {
+            let r = store
+                .apply([(
+                    WriteOp::DeleteRange(fetcd_proto::etcdserverpb::DeleteRangeRequest {
+                        key: k.into(),
+                        ..Default::default()
+                    }),
+                    vec![],
+                )])
+                .unwrap();
+            let rev = match &r[0] {
+                Ok(fetcd_storage::WriteResponse::DeleteRange(d)) => {
+                    d.header.as_ref().unwrap().revision
+                }
+                other => panic!("{other:?}"),
+            };
+            history.push((rev, k.to_string(), false));
+        } else {
+            history.push((put(&store, k, &i.to_string()), k.to_string(), true));
+        }
+    }
+    // Watchers asking for the same events share one selection in a round; each of these asks
+    // for something different from the one before it in at least one respect.
+    let a = || KeyRange::Single(b"a".to_vec());
+    let both = || KeyRange::new(b"a", b"c");
+    let wants = [
+        (a(), 2, false, false),
+        (a(), 2, true, false),
+        (a(), 2, false, true),
+        (a(), 5, false, false),
+        (both(), 2, false, false),
+        (a(), 2, false, false),
+        (both(), 5, true, false),
+    ];
+    let sink = TestSink::new(100);
+    for (id, (range, start, no_put, no_delete)) in wants.iter().enumerate() {
+        let key = WatchKey {
+            stream: 1,
+            id: id as i64,
+        };
+        let spec = WatchSpec {
+            range: range.clone(),
+            start_revision: *start,
+            no_put: *no_put,
+            no_delete: *no_delete,
+        };
+        store.watch(key, spec, sink.clone());
+        store.activate_watch(key);
+    }
+    store.sync_watchers(1000).unwrap();
+    assert!(!store.has_unsynced_watchers());
+    let resps = sink.drain();
+    for (id, (range, start, no_put, no_delete)) in wants.iter().enumerate() {
+        let got: Vec<(i64, String, bool)> = resps
+            .iter()
+            .filter(|r| r.watch_id == id as i64)
+            .flat_map(|r| r.events.iter())
+            .map(|e| {
+                let kv = e.kv.as_ref().unwrap();
+                (
+                    kv.mod_revision,
+                    String::from_utf8(kv.key.clone()).unwrap(),
+                    e.r#type == 0,
+                )
+            })
+            .collect();
+        let expected: Vec<(i64, String, bool)> = history
+            .iter()
+            .filter(|(rev, k, put)| {
+                *rev >= *start
+                    && range.contains(k.as_bytes())
+                    && if *put { !*no_put } else { !*no_delete }
+            })
+            .cloned()
+            .collect();
+        assert!(!expected.is_empty());
+        assert_eq!(got, expected, "watch {id}");
+    }
 }

@@ -31,9 +31,9 @@ use fetcd_proto::wire::watch_server::Watch;
 use fetcd_proto::wire::EncodedEvents;
 use fetcd_proto::wire::EncodedWatchResponse;
 use fetcd_storage::watch::progress_response;
+use fetcd_storage::EventBatch;
 use fetcd_storage::KeyRange;
 use fetcd_storage::SendOutcome;
-use fetcd_storage::SharedEvent;
 use fetcd_storage::WatchKey;
 use fetcd_storage::WatchMessage;
 use fetcd_storage::WatchSink;
@@ -436,7 +436,7 @@ async fn recv_loop(
                         canceled: true,
                         ..Default::default()
                     };
-                    queue.send(WatchMessage::Response(resp))
+                    queue.send(WatchMessage::response(resp))
                 } else {
                     true
                 }
@@ -444,7 +444,7 @@ async fn recv_loop(
             Some(RequestUnion::ProgressRequest(_)) => {
                 let sink = ctx.queue.clone();
                 match node.store().request_progress(stream, sink) {
-                    Some(rev) => queue.send(WatchMessage::Response(progress_response(rev))),
+                    Some(rev) => queue.send(WatchMessage::response(progress_response(rev))),
                     // Answered by the catch-up once this stream's watchers are synced.
                     None => {
                         ctx.catch_up.notify_one();
@@ -472,7 +472,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
     };
     let range = KeyRange::new(&key, &c.range_end);
     let refuse = |reason: &str, id: i64| {
-        WatchMessage::Response(WatchResponse {
+        WatchMessage::response(WatchResponse {
             header: header(node.store().current_revision()),
             watch_id: id,
             created: true,
@@ -540,7 +540,7 @@ async fn create(ctx: &StreamCtx, c: WatchCreateRequest) -> bool {
         created: true,
         ..Default::default()
     };
-    if !queue.send(WatchMessage::Response(created)) {
+    if !queue.send(WatchMessage::response(created)) {
         return false;
     }
     node.store().activate_watch(key);
@@ -579,7 +579,7 @@ async fn send_loop(
                 for id in due {
                     if let Some(rev) = ctx.node.store().watcher_progress(ctx.key(id)) {
                         let resp = WatchResponse { header: header(rev), watch_id: id, ..Default::default() };
-                        let _ = ctx.queue.try_send(WatchMessage::Response(resp));
+                        let _ = ctx.queue.try_send(WatchMessage::response(resp));
                     }
                 }
             }
@@ -621,7 +621,7 @@ struct Joined {
     watch_id: i64,
     /// The header revision: the latest of the joined messages'.
     revision: i64,
-    parts: Vec<Arc<[Arc<SharedEvent>]>>,
+    parts: Vec<Arc<EventBatch>>,
     /// Encoded size of the events (without `prev_kv`), to bound the response.
     bytes: usize,
 }
@@ -646,14 +646,14 @@ fn join_batch(batch: &mut VecDeque<WatchMessage>, out: &mut Vec<Outgoing>) {
         match msg {
             WatchMessage::Response(r) => {
                 latest.clear();
-                out.push(Outgoing::Response(r));
+                out.push(Outgoing::Response(*r));
             }
             WatchMessage::Events {
                 watch_id,
                 revision,
                 events,
             } => {
-                let bytes: usize = events.iter().map(|e| e.encoded().len()).sum();
+                let bytes = events.fields().len();
                 let joinable = latest.get(&watch_id).and_then(|&i| match &mut out[i] {
                     Outgoing::Events(j) if j.bytes + bytes <= JOIN_BYTES => Some(j),
                     _ => None,
@@ -704,19 +704,19 @@ async fn send_batch(
     true
 }
 
-/// A joined response's events, as the encoder reads them: references to the revisions' shared
-/// events, not a handle per event.
+/// A joined response's events, as the encoder reads them: references to the shared batches
+/// of events, each already encoded as the response's fields.
 #[derive(Debug)]
 struct JoinedEvents {
-    parts: Vec<Arc<[Arc<SharedEvent>]>>,
+    parts: Vec<Arc<EventBatch>>,
     /// Send the encodings with `prev_kv` (looked up before this is built).
     prev_kv: bool,
 }
 
 impl EncodedEvents for JoinedEvents {
-    fn for_each(&self, f: &mut dyn FnMut(&[u8])) {
-        for e in self.parts.iter().flat_map(|p| p.iter()) {
-            f(e.encoded_as_sent(self.prev_kv));
+    fn for_each_run(&self, f: &mut dyn FnMut(&[u8])) {
+        for p in &self.parts {
+            f(p.fields_as_sent(self.prev_kv));
         }
     }
 }
@@ -734,8 +734,8 @@ async fn deliver(ctx: &StreamCtx, j: Joined, out: &Out, max_request_bytes: usize
     };
     let store = node.store();
     if opts.prev_kv {
-        for e in j.parts.iter().flat_map(|p| p.iter()) {
-            e.encoded_with_prev(|ev| store.watch_prev_kv(ev));
+        for p in &j.parts {
+            p.fields_with_prev(|ev| store.watch_prev_kv(ev));
         }
     }
     let mut resp = EncodedWatchResponse {
@@ -803,6 +803,7 @@ fn fragments(resp: EncodedWatchResponse, max_bytes: usize) -> Vec<EncodedWatchRe
 mod tests {
     use fetcd_proto::mvccpb::Event;
     use fetcd_proto::mvccpb::KeyValue;
+    use fetcd_storage::SharedEvent;
 
     use super::*;
 
@@ -811,7 +812,7 @@ mod tests {
     }
 
     fn events(watch_id: i64, rev: i64, keys: &[&[u8]], value_len: usize) -> WatchMessage {
-        let events: Arc<[Arc<SharedEvent>]> = keys
+        let events = keys
             .iter()
             .map(|k| {
                 SharedEvent::new(Event {
@@ -830,7 +831,7 @@ mod tests {
         WatchMessage::Events {
             watch_id,
             revision: rev,
-            events,
+            events: EventBatch::new(events),
         }
     }
 
@@ -867,7 +868,7 @@ mod tests {
         batch.push_back(events(1, 6, &[b"a"], 10));
         batch.push_back(events(2, 7, &[b"a"], 10));
         // A progress response: everything before it goes out before it.
-        batch.push_back(WatchMessage::Response(progress_response(7)));
+        batch.push_back(WatchMessage::response(progress_response(7)));
         batch.push_back(events(1, 8, &[b"c"], 10));
         batch.push_back(events(1, 9, &[b"d"], 10));
         let mut out = Vec::new();
