@@ -1935,7 +1935,8 @@ struct Selection {
 }
 
 impl SharedSelections {
-    /// Watchers with this many different wants in one round select each for itself.
+    /// Different wants kept at once; past that, the least recently used one is forgotten (its
+    /// watchers then select again).
     const KEEP: usize = 16;
 
     /// The events `spec` wants from `from` on: a selection made for an equal want in this
