@@ -88,8 +88,8 @@ pub(crate) async fn probe_put(writer: &mut Client, key: &str, i: u64, rec: &mut 
 /// made meanwhile ([`RequestConnector`]), as grpc-go's buffered writer sends them. hyper's
 /// HTTP/2 client alone writes a request's two frames apart: under put with 64 clients, 37.5k
 /// `writev`s for 30k puts took a quarter of this client's CPU (18.8k writes with the
-/// connector), and the client shares the
-/// machine's cores with the server under test, whichever server it is.
+/// connector), and the client shares the machine's cores with the server under test, whichever
+/// server it is.
 pub(crate) async fn grpc_channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()

@@ -107,9 +107,9 @@ pub mod wire {
         out.extend_from_slice(ev);
     }
 
-    /// The bytes [`put_event_field`] appends for `ev`.
+    /// The bytes [`put_event_field`] appends for `ev`: field 11's tag, length and bytes.
     pub fn event_field_len(ev: &[u8]) -> usize {
-        event_len(ev)
+        encoding::key_len(11) + encoding::encoded_len_varint(ev.len() as u64) + ev.len()
     }
 
     /// `etcdserverpb.WatchResponse` with pre-encoded events (same field numbers).
@@ -133,11 +133,6 @@ pub mod wire {
         pub events: Vec<Bytes>,
         /// More of `WatchResponse.events` (11), after `events`. Decoding fills only `events`.
         pub shared_events: Option<Arc<dyn EncodedEvents>>,
-    }
-
-    /// Field 11 holding `ev`: tag, length, bytes.
-    fn event_len(ev: &[u8]) -> usize {
-        encoding::key_len(11) + encoding::encoded_len_varint(ev.len() as u64) + ev.len()
     }
 
     impl prost::Message for EncodedWatchResponse {

@@ -205,8 +205,8 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 
 /// Opens the TCP connection of a gRPC channel that sends requests (no Nagle delay), where a
 /// request's HEADERS and DATA leave in one socket write ([`CoalescedWrites::for_requests`]), as
-/// grpc-go's buffered writer sends them. For the peer channels, and for clients that share a machine with
-/// the server they measure (`fetcd-bench`).
+/// grpc-go's buffered writer sends them. For the peer channels, and for clients that share a
+/// machine with the server they measure (`fetcd-bench`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RequestConnector;
 

@@ -537,8 +537,8 @@ impl HubState {
             if let Some(w) = self.watchers.get_mut(&key) {
                 w.state = State::Unsynced;
                 w.min_rev = rev;
-                let range = w.spec.range.clone();
-                self.synced.remove(key, &range);
+                let spec = w.spec.clone();
+                self.synced.remove(key, &spec.range);
             }
         }
         for key in closed {

@@ -20,13 +20,13 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fetcd_proto::etcdserverpb::watch_request::RequestUnion;
 use fetcd_proto::etcdserverpb::ResponseHeader;
 use fetcd_proto::etcdserverpb::WatchCreateRequest;
 use fetcd_proto::etcdserverpb::WatchRequest;
 use fetcd_proto::etcdserverpb::WatchResponse;
 use fetcd_proto::status as msg;
+use fetcd_proto::wire::event_field_len;
 use fetcd_proto::wire::watch_server::Watch;
 use fetcd_proto::wire::EncodedEvents;
 use fetcd_proto::wire::EncodedWatchResponse;
@@ -770,11 +770,6 @@ async fn deliver(ctx: &StreamCtx, j: Joined, out: &Out, max_request_bytes: usize
     out.send(Ok(resp)).await.is_ok()
 }
 
-/// The bytes one event adds to a response (field 11: tag, length, payload).
-fn event_len(ev: &Bytes) -> usize {
-    prost::encoding::bytes::encoded_len(11, ev)
-}
-
 /// etcd's `sendFragments`: consecutive responses each under the limit (at least one event each),
 /// all but the last marked `fragment`.
 fn fragments(resp: EncodedWatchResponse, max_bytes: usize) -> Vec<EncodedWatchResponse> {
@@ -786,7 +781,7 @@ fn fragments(resp: EncodedWatchResponse, max_bytes: usize) -> Vec<EncodedWatchRe
     let mut cur = template.clone();
     let mut size = base;
     for ev in resp.events {
-        let len = event_len(&ev);
+        let len = event_field_len(&ev);
         if !cur.events.is_empty() && size + len >= max_bytes {
             parts.push(std::mem::replace(&mut cur, template.clone()));
             size = base;
