@@ -33,6 +33,8 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
+use tonic::codegen::http;
+use tonic::codegen::Bytes;
 
 /// At least this much buffered at a flush means a large response is being sent: an HTTP/2
 /// frame header plus a 16 KiB payload.
@@ -210,7 +212,7 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RequestConnector;
 
-impl tower::Service<tonic::codegen::http::Uri> for RequestConnector {
+impl tower::Service<http::Uri> for RequestConnector {
     type Response = TokioIo<CoalescedWrites<TcpStream>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
@@ -219,7 +221,7 @@ impl tower::Service<tonic::codegen::http::Uri> for RequestConnector {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
         Box::pin(async move {
             // An IPv6 literal comes bracketed in a URI.
             let host = uri
@@ -233,6 +235,99 @@ impl tower::Service<tonic::codegen::http::Uri> for RequestConnector {
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(CoalescedWrites::for_requests(stream)))
         })
+    }
+}
+
+/// A gRPC channel whose requests end with their last DATA frame, as grpc-go's unary requests
+/// do, instead of with an empty END_STREAM frame sent after it.
+///
+/// tonic's request body learns that it has ended only when polled once more after its message.
+/// hyper sends the message's DATA frame without END_STREAM, waits for flow-control capacity,
+/// and only then sends END_STREAM in a frame of its own: a second socket write on the sender,
+/// and a second read on the receiver, whose tonic server does not hand a unary request to its
+/// handler before the stream has ended. On the three-member write path that gap lay between a
+/// follower receiving an AppendEntries and starting its log write. Wrapping every request body
+/// in [`EndWithData`] looks one frame ahead, so the last DATA frame carries END_STREAM.
+#[derive(Clone, Debug)]
+pub struct EndStreamWithData<S>(pub S);
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for EndStreamWithData<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        self.0
+            .call(req.map(|body| tonic::body::Body::new(EndWithData::new(body))))
+    }
+}
+
+/// A request body that polls its inner body one frame ahead, so that it can tell it has ended
+/// when it yields its last frame; see [`EndStreamWithData`].
+#[derive(Debug)]
+pub struct EndWithData<B> {
+    inner: B,
+    /// The frame read ahead, given out on the next poll.
+    next: Option<Result<http_body::Frame<Bytes>, tonic::Status>>,
+    /// The inner body has ended.
+    ended: bool,
+}
+
+impl<B> EndWithData<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B) -> Self {
+        EndWithData {
+            inner,
+            next: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for EndWithData<B>
+where
+    B: http_body::Body<Data = Bytes, Error = tonic::Status> + Unpin,
+{
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let this = self.get_mut();
+        let frame = match this.next.take() {
+            Some(frame) => frame,
+            None if this.ended => return Poll::Ready(None),
+            None => match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(frame) => frame,
+                None => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+            },
+        };
+        if frame.is_ok() && !this.ended {
+            // A unary request's body has ended by now; a streaming one may have more, or be
+            // waiting for it (then its waker is registered, and it is polled again anyway).
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(None) => this.ended = true,
+                Poll::Ready(Some(next)) => this.next = Some(next),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Ready(Some(frame))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next.is_none() && (self.ended || self.inner.is_end_stream())
     }
 }
 
@@ -469,5 +564,207 @@ mod tests {
             assert!(frame[..9].iter().all(|b| *b == 0));
             assert!(frame[9..].iter().all(|b| *b == 7));
         }
+    }
+
+    /// A body that answers its polls as scripted (a `None` entry is one `Pending`), then ends.
+    struct Scripted(
+        std::collections::VecDeque<Option<Result<http_body::Frame<Bytes>, tonic::Status>>>,
+    );
+
+    impl http_body::Body for Scripted {
+        type Data = Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+            match self.get_mut().0.pop_front() {
+                Some(Some(frame)) => Poll::Ready(Some(frame)),
+                Some(None) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn data(s: &'static str) -> Option<Result<http_body::Frame<Bytes>, tonic::Status>> {
+        Some(Ok(http_body::Frame::data(Bytes::from_static(s.as_bytes()))))
+    }
+
+    /// Polls `body` to its end; each frame as its data (or `error`, `trailers`) with whether
+    /// the body said it had ended right after giving it.
+    fn drain(mut body: EndWithData<Scripted>) -> Vec<(String, bool)> {
+        use http_body::Body;
+        let waker = Waker::from(Arc::new(CountingWaker::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    let what = match f.into_data() {
+                        Ok(d) => String::from_utf8_lossy(&d).into_owned(),
+                        Err(_) => "trailers".to_owned(),
+                    };
+                    out.push((what, body.is_end_stream()));
+                }
+                Poll::Ready(Some(Err(_))) => out.push(("error".to_owned(), body.is_end_stream())),
+                Poll::Ready(None) => return out,
+                Poll::Pending => {}
+            }
+        }
+        panic!("the body never ended: {out:?}");
+    }
+
+    #[test]
+    fn a_body_read_ahead_ends_with_its_last_frame() {
+        let run = |script: Vec<Option<Result<http_body::Frame<Bytes>, tonic::Status>>>| {
+            drain(EndWithData::new(Scripted(script.into())))
+        };
+        let s = |v: &[(&str, bool)]| -> Vec<(String, bool)> {
+            v.iter().map(|(d, e)| (d.to_string(), *e)).collect()
+        };
+        // A unary request: its one frame already says the body has ended.
+        assert_eq!(run(vec![data("a")]), s(&[("a", true)]));
+        // A stream: only its last frame does, however its frames come.
+        assert_eq!(
+            run(vec![data("a"), data("b"), data("c")]),
+            s(&[("a", false), ("b", false), ("c", true)])
+        );
+        assert_eq!(
+            run(vec![data("a"), None, None, data("b"), None]),
+            s(&[("a", false), ("b", false)])
+        );
+        // Errors and trailers pass through in order.
+        let trailers = Some(Ok(http_body::Frame::trailers(http::HeaderMap::new())));
+        assert_eq!(
+            run(vec![data("a"), Some(Err(tonic::Status::internal("x")))]),
+            s(&[("a", false), ("error", false)])
+        );
+        assert_eq!(
+            run(vec![data("a"), trailers]),
+            s(&[("a", false), ("trailers", true)])
+        );
+    }
+
+    /// A server-side socket that keeps a copy of everything read from it.
+    struct Recorded {
+        inner: TcpStream,
+        seen: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Recorded {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            let mut seen = this.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.extend_from_slice(&buf.filled()[before..]);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Recorded {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    impl tonic::transport::server::Connected for Recorded {
+        type ConnectInfo = ();
+
+        fn connect_info(&self) {}
+    }
+
+    /// The HTTP/2 frames (type, flags, payload length) a client sent on stream 1, from the
+    /// bytes after the connection preface; `None` while the stream has not ended.
+    fn stream_one(bytes: &[u8]) -> Option<Vec<(u8, u8, usize)>> {
+        let mut at = 24; // "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        let mut frames = Vec::new();
+        while at + 9 <= bytes.len() {
+            let h = &bytes[at..at + 9];
+            let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            if stream == 1 {
+                frames.push((h[3], h[4], len));
+                // DATA or HEADERS with END_STREAM, or RST_STREAM.
+                if (h[3] <= 1 && h[4] & 1 == 1) || h[3] == 3 {
+                    return Some(frames);
+                }
+            }
+            at += 9 + len;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn a_peer_request_ends_with_its_data_frame() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let incoming = futures::stream::once(async move {
+            let (inner, _) = listener.accept().await?;
+            Ok::<_, io::Error>(Recorded {
+                inner,
+                seen: recorded,
+            })
+        });
+        // No services: the request is answered Unimplemented, after it was read.
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(incoming),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_with_connector(RequestConnector)
+            .await
+            .expect("connect");
+        let mut client =
+            fetcd_proto::raftpb::raft_peer_client::RaftPeerClient::new(EndStreamWithData(channel));
+        let answer = client
+            .append_entries(fetcd_proto::raftpb::PeerMessage { data: vec![7; 300] })
+            .await;
+        assert_eq!(
+            answer.err().map(|s| s.code()),
+            Some(tonic::Code::Unimplemented)
+        );
+        let mut frames = None;
+        for _ in 0..500 {
+            frames = stream_one(&seen.lock().unwrap_or_else(|p| p.into_inner()));
+            if frames.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        server.abort();
+        // HEADERS (type 1) without END_STREAM, then one DATA frame (type 0) with the message
+        // and END_STREAM (flag 1): no empty DATA frame after it.
+        let frames = frames.expect("stream 1 never ended");
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!((frames[0].0, frames[0].1 & 1), (1, 0), "{frames:?}");
+        assert_eq!((frames[1].0, frames[1].1 & 1), (0, 1), "{frames:?}");
+        assert!(frames[1].2 > 300, "{frames:?}");
     }
 }

@@ -43,6 +43,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
+use crate::coalesce::EndStreamWithData;
 use crate::coalesce::RequestConnector;
 use crate::durable::Durability;
 
@@ -155,9 +156,12 @@ impl Network {
     }
 
     /// A Raft peer client for the peer at `addr`.
-    pub fn client(&self, addr: &str) -> Result<RaftPeerClient<Channel>, TransportError> {
+    pub fn client(
+        &self,
+        addr: &str,
+    ) -> Result<RaftPeerClient<EndStreamWithData<Channel>>, TransportError> {
         let channel = self.channel(addr)?;
-        Ok(RaftPeerClient::new(channel)
+        Ok(RaftPeerClient::new(EndStreamWithData(channel))
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE))
     }
