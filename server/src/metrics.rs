@@ -191,13 +191,21 @@ impl Metrics {
     }
 }
 
-/// Counts leader changes as etcd does (every time a new leader is known) until `stop`. Follows
+/// Counts leader changes as etcd does (every time a new leader is known) until `stop`, and
+/// logs them as etcd's `raft.node` lines do (elected, changed, lost, with the term), so that an
+/// operator can tell from the logs when and why requests failed with `no leader`. Follows
 /// openraft's server metrics, which change with votes and roles only, not with every append.
 pub async fn watch_leader(node: Arc<EtcdNode>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut rx = node.raft().raft().server_metrics();
     let mut last = None;
     loop {
-        let leader = rx.borrow_and_update().current_leader;
+        let (leader, term, me) = {
+            let m = rx.borrow_and_update();
+            (m.current_leader, m.vote.leader_id().term, m.id)
+        };
+        if leader != last {
+            log_leader_change(me, last, leader, term);
+        }
         if leader.is_some() && leader != last {
             node.metrics().leader_changed();
         }
@@ -206,6 +214,24 @@ pub async fn watch_leader(node: Arc<EtcdNode>, mut stop: tokio::sync::watch::Rec
             r = rx.changed() => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// One leader change, worded as etcd's `raft.node` log lines (member ids in hex).
+fn log_leader_change(me: u64, from: Option<u64>, to: Option<u64>, term: u64) {
+    match (from, to) {
+        (None, Some(to)) => {
+            tracing::info!("raft.node: {me:x} elected leader {to:x} at term {term}")
+        }
+        (Some(from), Some(to)) => {
+            tracing::info!(
+                "raft.node: {me:x} changed leader from {from:x} to {to:x} at term {term}"
+            )
+        }
+        (Some(from), None) => {
+            tracing::warn!("raft.node: {me:x} lost leader {from:x} at term {term}")
+        }
+        (None, None) => {}
     }
 }
 
@@ -565,6 +591,58 @@ mod tests {
              m_bucket{To=\"a\",kind=\"empty\",le=\"+Inf\"} 4\n\
              m_sum{To=\"a\",kind=\"empty\"} 0.5\n\
              m_count{To=\"a\",kind=\"empty\"} 4\n"
+        );
+    }
+
+    /// A writer into a shared buffer, for reading back what was logged.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn leader_changes_are_logged_as_etcd_words_them() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            log_leader_change(0xa1, None, Some(0xb2), 2);
+            log_leader_change(0xa1, Some(0xb2), Some(0xc3), 3);
+            log_leader_change(0xa1, Some(0xc3), None, 3);
+            log_leader_change(0xa1, None, None, 4);
+        });
+        let text =
+            String::from_utf8_lossy(&out.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].contains("INFO")
+                && lines[0].ends_with("raft.node: a1 elected leader b2 at term 2"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("raft.node: a1 changed leader from b2 to c3 at term 3"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("WARN")
+                && lines[2].ends_with("raft.node: a1 lost leader c3 at term 3"),
+            "{text}"
         );
     }
 }
