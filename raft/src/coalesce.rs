@@ -21,6 +21,8 @@
 //! only after the scheduler had run whatever was queued in between. There, every flush of new
 //! data is held once and the connection's task woken; h2 flushes on every poll of the
 //! connection, so the next poll writes HEADERS and DATA together (or what was held, alone).
+//! And a peer request's DATA frame carries END_STREAM itself ([`EndStreamWithData`]) rather
+//! than being followed by an empty frame that hyper wrote later, on its own.
 
 use std::io;
 use std::pin::Pin;
