@@ -1,5 +1,5 @@
 //! `fetcd-bench`: drives an etcd v3 endpoint with the third-party `etcd-client` crate (the watch
-//! workloads read their streams through tonic, decoding only the fields they check), so fetcd
+//! workloads read their streams on tonic's channel, decoding only the fields they check), so fetcd
 //! and etcd are measured by the same client. Workloads and flags follow etcd's `benchmark` tool
 //! where it has them, plus `kube`, a replay of kube-apiserver's request mix. `--compare` starts
 //! real etcd and fetcd with the same topology and runs the workloads against both.
@@ -8,6 +8,7 @@ mod args;
 mod chart;
 mod compare;
 mod driver;
+mod grpc_stream;
 mod stats;
 mod workloads;
 

@@ -27,7 +27,6 @@ use etcd_client::Client;
 use fetcd_proto::etcdserverpb::watch_request::RequestUnion;
 use fetcd_proto::etcdserverpb::WatchCreateRequest;
 use fetcd_proto::etcdserverpb::WatchRequest;
-use futures::StreamExt;
 use indicatif::ProgressBar;
 use prost::encoding::check_wire_type;
 use prost::encoding::WireType;
@@ -40,8 +39,8 @@ use crate::args::Workload;
 use crate::driver::connect;
 use crate::driver::connect_each;
 use crate::driver::grpc_channel;
-use crate::driver::BytesCodec;
 use crate::driver::Ui;
+use crate::grpc_stream;
 use crate::stats::Hist;
 use crate::stats::Report;
 
@@ -153,9 +152,10 @@ impl prost::Message for EventsResponse {
             4 => encoding::bool::merge(wire_type, &mut self.canceled, buf, ctx),
             6 => encoding::string::merge(wire_type, &mut self.cancel_reason, buf, ctx),
             11 => {
-                // Events are read straight from the received bytes (one contiguous buffer,
-                // see `BytesCodec`): prost's nested-message decoding went through two levels of
-                // generic merging per event and was most of this client's decoding.
+                // Events are read straight from the received bytes (whole fields of one
+                // received frame, see `grpc_stream`): prost's nested-message decoding went
+                // through two levels of generic merging per event and was most of this
+                // client's decoding.
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let len = usize::try_from(encoding::decode_varint(buf)?).map_err(|_| past_end())?;
                 if len > buf.remaining() {
@@ -360,18 +360,7 @@ async fn run_stream(
             break;
         }
     }
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let opened = async {
-        grpc.ready().await?;
-        let codec = BytesCodec::<WatchRequest, EventsResponse>::default();
-        let path =
-            tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
-        let resp = grpc
-            .streaming(tonic::Request::new(requests), path, codec)
-            .await?;
-        anyhow::Ok(resp.into_inner())
-    };
-    let mut rx = match opened.await {
+    let mut rx = match grpc_stream::call(channel, "/etcdserverpb.Watch/Watch", requests).await {
         Ok(rx) => rx,
         Err(e) => {
             sh.watch_error(format_args!("watch stream: {e}"));
@@ -385,7 +374,7 @@ async fn run_stream(
     let mut lat = Vec::with_capacity(FLUSH_EVERY);
     loop {
         let msg = tokio::select! {
-            m = rx.next() => m.transpose(),
+            m = rx.message::<EventsResponse>() => m,
             _ = stop.wait_for(|s| *s) => break,
         };
         let resp = match msg {
@@ -788,6 +777,55 @@ mod tests {
     struct ViaProst {
         #[prost(message, repeated, tag = "11")]
         events: Vec<EventOnly>,
+    }
+
+    /// The hand decoder leaves a response as it was when a field runs past its buffer, which
+    /// is how `grpc_stream` tells a field cut by a frame's end: responses cut anywhere decode as
+    /// they do whole.
+    #[tokio::test]
+    async fn responses_cut_anywhere_in_frames_decode_as_whole_ones() {
+        let mut long = 9u64.to_le_bytes().to_vec();
+        long.extend_from_slice(&[0xab; 200]);
+        let responses = [
+            WatchResponse {
+                watch_id: 300,
+                created: true,
+                ..Default::default()
+            },
+            WatchResponse {
+                watch_id: 1 << 40,
+                events: vec![event(5, long), Event::default(), event(6, vec![1; 8])],
+                ..Default::default()
+            },
+            WatchResponse {
+                watch_id: 2,
+                canceled: true,
+                cancel_reason: "mvcc: required revision has been compacted".into(),
+                compact_revision: 4,
+                ..Default::default()
+            },
+        ];
+        let whole: Vec<EventsResponse> = responses
+            .iter()
+            .map(|r| EventsResponse::decode(r.encode_to_vec().as_slice()).expect("decode"))
+            .collect();
+        assert_eq!(whole[1].events.len(), 3);
+        let stream: Vec<u8> = responses
+            .iter()
+            .flat_map(|r| grpc_stream::framed(r).to_vec())
+            .collect();
+        for c in 1..stream.len() {
+            let got = grpc_stream::read_cut::<EventsResponse>(&stream, &[c]).await;
+            assert_eq!(got.as_ref().ok(), Some(&whole), "cut at {c}");
+        }
+        for k in [1, 2, 3, 7, 16] {
+            let cuts: Vec<usize> = (1..)
+                .map(|i| i * k)
+                .take_while(|&c| c < stream.len())
+                .collect();
+            let got = grpc_stream::read_cut::<EventsResponse>(&stream, &cuts).await;
+            assert_eq!(got.as_ref().ok(), Some(&whole), "cuts every {k} bytes");
+        }
     }
 
     #[test]
