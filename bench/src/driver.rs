@@ -108,8 +108,9 @@ pub(crate) async fn grpc_channel(endpoint: &str) -> anyhow::Result<tonic::transp
 /// prost's gRPC codec, except that a response is decoded from one contiguous `Bytes`: the
 /// message's bytes are split off tonic's buffer (no copy), and prost then reads them as a
 /// slice. Decoded from tonic's buffer itself, every varint and field went through `BytesMut`'s
-/// bookkeeping: with 10,000 watchers that was half of this client's decoding. `bytes` fields of
-/// the response are slices of the same buffer.
+/// bookkeeping: with 10,000 watchers (whose streams used this codec then) that was half of this
+/// client's decoding. `bytes` fields of the response are slices of the same buffer. For the
+/// list pages of `range_as`; the watch streams are read by `grpc_stream`.
 pub(crate) struct BytesCodec<T, U>(std::marker::PhantomData<(T, U)>);
 
 impl<T, U> Default for BytesCodec<T, U> {

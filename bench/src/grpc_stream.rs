@@ -48,7 +48,7 @@ pub(crate) struct MessageStream {
 /// Calls the streaming method `path` on `channel`, sending `requests` as its request stream.
 /// Fails as tonic's client would on an HTTP error or a trailers-only error status.
 pub(crate) async fn call<R, S>(
-    channel: tonic::transport::Channel,
+    mut channel: tonic::transport::Channel,
     path: &'static str,
     requests: S,
 ) -> Result<MessageStream, Status>
@@ -65,7 +65,6 @@ where
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .body(tonic::body::Body::new(StreamBody::new(frames)))
         .map_err(|e| Status::internal(format!("building the request: {e}")))?;
-    let mut channel = channel;
     futures::future::poll_fn(|cx| channel.poll_ready(cx))
         .await
         .map_err(|e| Status::unavailable(format!("{e}")))?;
@@ -229,37 +228,27 @@ impl MessageStream {
 /// length-delimited field, can be read from `s`; `None` for a group or an invalid key, which are
 /// left for prost to judge with the whole rest of the message.
 fn field_size(s: &[u8]) -> Option<usize> {
+    use prost::encoding::decode_key;
+    use prost::encoding::decode_varint;
     let mut rest = s;
-    let key = read_varint(&mut rest)?;
-    let body = match WireType::try_from(key & 7).ok()? {
+    let (_, wire) = decode_key(&mut rest).ok()?;
+    let head = s.len() - rest.len();
+    let body = match wire {
         WireType::Varint => {
-            let mut v = rest;
-            read_varint(&mut v)?;
-            rest.len() - v.len()
+            let before = rest.len();
+            decode_varint(&mut rest).ok()?;
+            before - rest.len()
         }
         WireType::SixtyFourBit => 8,
         WireType::ThirtyTwoBit => 4,
         WireType::LengthDelimited => {
-            let mut v = rest;
-            let len = usize::try_from(read_varint(&mut v)?).ok()?;
-            (rest.len() - v.len()).checked_add(len)?
+            let before = rest.len();
+            let len = usize::try_from(decode_varint(&mut rest).ok()?).ok()?;
+            (before - rest.len()).checked_add(len)?
         }
         WireType::StartGroup | WireType::EndGroup => return None,
     };
-    (s.len() - rest.len()).checked_add(body)
-}
-
-/// A varint read from the front of `s`, if `s` holds all of it (and it is at most 10 bytes).
-fn read_varint(s: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, &b) in s.iter().take(10).enumerate() {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *s = &s[i + 1..];
-            return Some(value);
-        }
-    }
-    None
+    head.checked_add(body)
 }
 
 /// Received bytes as a queue of the frames they came in (none empty).

@@ -205,9 +205,9 @@ pub async fn watch_leader(node: Arc<EtcdNode>, mut stop: tokio::sync::watch::Rec
         };
         if leader != last {
             log_leader_change(me, last, leader, term);
-        }
-        if leader.is_some() && leader != last {
-            node.metrics().leader_changed();
+            if leader.is_some() {
+                node.metrics().leader_changed();
+            }
         }
         last = leader;
         tokio::select! {

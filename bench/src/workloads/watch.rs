@@ -152,10 +152,10 @@ impl prost::Message for EventsResponse {
             4 => encoding::bool::merge(wire_type, &mut self.canceled, buf, ctx),
             6 => encoding::string::merge(wire_type, &mut self.cancel_reason, buf, ctx),
             11 => {
-                // Events are read straight from the received bytes (whole fields of one
-                // received frame, see `grpc_stream`): prost's nested-message decoding went
-                // through two levels of generic merging per event and was most of this
-                // client's decoding.
+                // Events are read straight from the received bytes (the frame that holds the
+                // whole event, see `grpc_stream`): prost's nested-message decoding went through
+                // two levels of generic merging per event and was most of this client's
+                // decoding.
                 check_wire_type(WireType::LengthDelimited, wire_type)?;
                 let len = usize::try_from(encoding::decode_varint(buf)?).map_err(|_| past_end())?;
                 if len > buf.remaining() {
