@@ -13,17 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::Duration;
 
-/// Upper bounds (seconds) of etcd's `etcd_disk_wal_fsync_duration_seconds` buckets:
-/// 1 ms doubling 14 times.
-pub const FSYNC_BUCKETS: [f64; 14] = [
-    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
-    8.192,
-];
+pub use fetcd_storage::metrics::Histogram;
+pub use fetcd_storage::metrics::HistogramSnapshot;
+pub use fetcd_storage::metrics::FSYNC_BUCKETS;
 
 /// Upper bounds (seconds) of the peer round-trip buckets, as etcd's
 /// `etcd_network_peer_round_trip_time_seconds`: 0.1 ms doubling 16 times.
@@ -31,77 +26,6 @@ pub const PEER_RTT_BUCKETS: [f64; 16] = [
     0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.1024, 0.2048,
     0.4096, 0.8192, 1.6384, 3.2768,
 ];
-
-/// Most buckets a [`Histogram`] can have (besides `+Inf`).
-const MAX_BUCKETS: usize = 16;
-
-/// A fixed-bucket histogram of durations.
-#[derive(Debug)]
-pub struct Histogram {
-    /// Upper bounds in seconds, ascending.
-    bounds: &'static [f64],
-    /// Per-bucket (non-cumulative) counts; slot `bounds.len()` is `+Inf`.
-    buckets: [AtomicU64; MAX_BUCKETS + 1],
-    count: AtomicU64,
-    sum_nanos: AtomicU64,
-}
-
-/// A histogram's values at one moment, buckets cumulative as Prometheus reports them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HistogramSnapshot {
-    /// `(upper bound in seconds, observations <= bound)`, ascending; `+Inf` is `count`.
-    pub buckets: Vec<(f64, u64)>,
-    /// Number of observations.
-    pub count: u64,
-    /// Sum of observations, in seconds.
-    pub sum_seconds: f64,
-}
-
-impl Histogram {
-    const fn new(bounds: &'static [f64]) -> Self {
-        assert!(bounds.len() <= MAX_BUCKETS);
-        Histogram {
-            bounds,
-            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
-            count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// The current values.
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut cumulative = 0;
-        let buckets = self
-            .bounds
-            .iter()
-            .zip(&self.buckets)
-            .map(|(b, n)| {
-                cumulative += n.load(Ordering::Relaxed);
-                (*b, cumulative)
-            })
-            .collect();
-        let count = self.count.load(Ordering::Relaxed);
-        HistogramSnapshot {
-            buckets,
-            count: count.max(cumulative),
-            sum_seconds: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-        }
-    }
-}
 
 /// Durations of the Raft log's synced flushes (see the module documentation).
 pub static WAL_FSYNC: Histogram = Histogram::new(&FSYNC_BUCKETS);
@@ -116,6 +40,9 @@ pub static WAL_WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 pub struct PeerRoundTrips {
     /// `[with entries, empty]`.
     pub append_entries: [Histogram; 2],
+    /// Raft RPCs to this member that got no answer (unreachable, cut off, timed out): etcd's
+    /// `etcd_network_peer_sent_failures_total`, which its "members down" alert watches.
+    pub sent_failures: AtomicU64,
 }
 
 static PEER_ROUND_TRIPS: Mutex<BTreeMap<u64, Arc<PeerRoundTrips>>> = Mutex::new(BTreeMap::new());
@@ -132,6 +59,7 @@ pub fn peer_round_trips(target: u64) -> Arc<PeerRoundTrips> {
                     Histogram::new(&PEER_RTT_BUCKETS),
                     Histogram::new(&PEER_RTT_BUCKETS),
                 ],
+                sent_failures: AtomicU64::new(0),
             })
         })
         .clone()
@@ -145,21 +73,9 @@ pub fn all_peer_round_trips() -> Vec<(u64, Arc<PeerRoundTrips>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn observations_land_in_cumulative_buckets() {
-        let h = Histogram::new(&FSYNC_BUCKETS);
-        h.observe(Duration::from_micros(500));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(100));
-        let s = h.snapshot();
-        assert_eq!(s.count, 3);
-        assert_eq!(s.buckets[0], (0.001, 1));
-        assert_eq!(s.buckets[2], (0.004, 2));
-        assert_eq!(s.buckets.last().map(|b| b.1), Some(2));
-        assert!(s.sum_seconds > 100.0);
-    }
+    use super::*;
 
     #[test]
     fn bounds_are_per_histogram() {

@@ -313,8 +313,32 @@ impl PeerClient {
         };
     }
 
-    /// Sends one openraft RPC and decodes the peer's `Result<Resp, E>`.
+    /// Sends one openraft RPC and decodes the peer's `Result<Resp, E>`; counts it in
+    /// [`PeerRoundTrips::sent_failures`](crate::metrics::PeerRoundTrips) if no answer came.
     async fn call<Req, Resp, E>(
+        &self,
+        action: RPCTypes,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let res = self.send(action, req, option).await;
+        if matches!(
+            res,
+            Err(RPCError::Timeout(_) | RPCError::Unreachable(_) | RPCError::Network(_))
+        ) {
+            self.round_trips
+                .sent_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        res
+    }
+
+    async fn send<Req, Resp, E>(
         &self,
         action: RPCTypes,
         req: &Req,

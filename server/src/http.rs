@@ -81,6 +81,7 @@ async fn version_handler() -> axum::response::Response {
 }
 
 async fn metrics(State(node): State<Arc<EtcdNode>>) -> axum::response::Response {
+    node.refresh_db_size_in_use().await;
     (
         StatusCode::OK,
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

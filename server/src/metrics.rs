@@ -1,16 +1,28 @@
-//! etcd's core Prometheus metrics, written in the text exposition format from cheap atomics
-//! (no metrics library): enough for dashboards and alerts built on etcd's metric names.
+//! etcd's Prometheus metrics, written in the text exposition format from cheap atomics (no
+//! metrics library), under etcd's names, types and label names: every series etcd's own alerts
+//! (its Prometheus mixin) and dashboard read has one here, so they work unchanged on fetcd
+//! (checked against etcd's own `/metrics` by `tests/tests/maintenance.rs`).
 //!
-//! - `etcd_server_has_leader`, `etcd_server_leader_changes_seen_total`,
-//!   `etcd_server_proposals_committed_total`, `etcd_server_proposals_applied_total`;
-//! - `etcd_mvcc_db_total_size_in_bytes` (the member's on-disk size, as the quota sees it);
+//! - `etcd_server_has_leader`, `etcd_server_is_leader`, `etcd_server_is_learner`,
+//!   `etcd_server_leader_changes_seen_total`, `etcd_server_id`, `etcd_server_version`,
+//!   `etcd_cluster_version`;
+//! - `etcd_server_proposals_committed_total`, `etcd_server_proposals_applied_total`,
+//!   `etcd_server_proposals_pending`, `etcd_server_proposals_failed_total`;
+//! - `etcd_mvcc_db_total_size_in_bytes` (the member's on-disk size, as the quota sees it),
+//!   `etcd_mvcc_db_total_size_in_use_in_bytes` (Status's `dbSizeInUse`),
+//!   `etcd_server_quota_backend_bytes`;
 //! - `etcd_disk_wal_fsync_duration_seconds` and `etcd_disk_wal_write_bytes_total` (see
-//!   `fetcd_raft::metrics`);
+//!   `fetcd_raft::metrics`), `etcd_disk_backend_commit_duration_seconds` (the store's group
+//!   commits, see `fetcd_storage::metrics`);
+//! - `etcd_network_peer_round_trip_time_seconds{To}` (AppendEntries without entries, which wait
+//!   on no disk; only a leader sends them), `etcd_network_peer_sent_failures_total{To}`;
 //! - `fetcd_raft_append_entries_round_trip_seconds{To="<member id, hex>",kind="entries"|"empty"}`:
 //!   this member's AppendEntries round trips to each peer, by whether they carried entries
 //!   (fetcd's own: etcd streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
-//! - `grpc_server_started_total` / `grpc_server_handled_total` by service, method, type and code
-//!   (go-grpc-prometheus names), counted by [`GrpcMetricsLayer`].
+//! - `etcd_network_client_grpc_received_bytes_total`, `etcd_network_client_grpc_sent_bytes_total`
+//!   and `grpc_server_started_total` / `grpc_server_handled_total` by service, method, type and
+//!   code (go-grpc-prometheus names), counted by [`GrpcMetricsLayer`];
+//! - `process_*` (memory, CPU, file descriptors, start time), from `/proc/self`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -122,6 +134,11 @@ struct MethodCounts {
 #[derive(Debug)]
 pub struct Metrics {
     leader_changes: AtomicU64,
+    proposals_failed: AtomicU64,
+    proposals_pending: AtomicU64,
+    /// gRPC message bytes (with their 5-byte prefixes) from and to clients.
+    received_bytes: AtomicU64,
+    sent_bytes: AtomicU64,
     known: Vec<Arc<MethodCounts>>,
     other: Mutex<OtherCounts>,
 }
@@ -130,6 +147,10 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             leader_changes: AtomicU64::new(0),
+            proposals_failed: AtomicU64::new(0),
+            proposals_pending: AtomicU64::new(0),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
             known: METHODS.iter().map(|_| Arc::default()).collect(),
             other: Mutex::default(),
         }
@@ -188,6 +209,29 @@ impl Metrics {
     /// Records that the leader changed (or one was elected).
     pub fn leader_changed(&self) {
         self.leader_changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a proposal in flight until the returned guard is dropped
+    /// (`etcd_server_proposals_pending`).
+    pub fn proposal_pending(&self) -> PendingProposal<'_> {
+        self.proposals_pending.fetch_add(1, Ordering::Relaxed);
+        PendingProposal(&self.proposals_pending)
+    }
+
+    /// Records a proposal that Raft did not commit: timed out, lost to a leader change, no
+    /// leader, or the member stopping (`etcd_server_proposals_failed_total`).
+    pub fn proposal_failed(&self) {
+        self.proposals_failed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A proposal in flight; see [`Metrics::proposal_pending`].
+#[derive(Debug)]
+pub struct PendingProposal<'a>(&'a AtomicU64);
+
+impl Drop for PendingProposal<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -249,19 +293,15 @@ pub fn render(node: &EtcdNode) -> String {
     let raft: &RaftNode = node.raft();
     let st = raft.raft_status();
     let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, v: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
-    };
-    gauge(
+    sample(
+        &mut out,
         "etcd_server_has_leader",
         "Whether or not a leader exists. 1 is existence, 0 is not.",
         "gauge",
         u8::from(st.leader != 0).to_string(),
     );
-    gauge(
+    sample(
+        &mut out,
         "etcd_server_leader_changes_seen_total",
         "The number of leader changes seen.",
         "counter",
@@ -270,25 +310,29 @@ pub fn render(node: &EtcdNode) -> String {
             .load(Ordering::Relaxed)
             .to_string(),
     );
-    gauge(
+    sample(
+        &mut out,
         "etcd_server_proposals_committed_total",
         "The total number of consensus proposals committed.",
         "gauge",
         st.last_log_index.to_string(),
     );
-    gauge(
+    sample(
+        &mut out,
         "etcd_server_proposals_applied_total",
         "The total number of consensus proposals applied.",
         "gauge",
         st.applied_index.to_string(),
     );
-    gauge(
+    sample(
+        &mut out,
         "etcd_mvcc_db_total_size_in_bytes",
         "Total size of the underlying database physically allocated in bytes.",
         "gauge",
         node.quota().db_size(raft).to_string(),
     );
-    gauge(
+    sample(
+        &mut out,
         "etcd_disk_wal_write_bytes_total",
         "Total number of bytes written in WAL.",
         // etcd declares this total a gauge; a scraper sees the same type from both.
@@ -320,6 +364,124 @@ pub fn render(node: &EtcdNode) -> String {
         histogram(&mut out, name, &labels("empty"), &empty.snapshot());
     }
 
+    let me = raft.id();
+    sample(
+        &mut out,
+        "etcd_server_is_leader",
+        "1 while this member leads, 0 otherwise.",
+        "gauge",
+        u8::from(st.leader == me).to_string(),
+    );
+    sample(
+        &mut out,
+        "etcd_server_is_learner",
+        "1 while this member is a learner (a non-voting member), 0 otherwise.",
+        "gauge",
+        u8::from(st.is_learner).to_string(),
+    );
+    let label_gauges = [
+        (
+            "etcd_server_id",
+            "This member's id (hex) as a label; always 1.",
+            format!("server_id=\"{me:x}\""),
+        ),
+        (
+            "etcd_server_version",
+            "The etcd version this member reports as a label; always 1.",
+            format!("server_version=\"{}\"", crate::version::ETCD_SERVER_VERSION),
+        ),
+        (
+            "etcd_cluster_version",
+            "The cluster's etcd version (major.minor) as a label; always 1.",
+            format!(
+                "cluster_version=\"{}\"",
+                major_minor(crate::version::ETCD_CLUSTER_VERSION)
+            ),
+        ),
+    ];
+    for (name, help, labels) in label_gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} 1"
+        );
+    }
+    let m = node.metrics();
+    sample(
+        &mut out,
+        "etcd_server_proposals_pending",
+        "Proposals this member has made that are not committed (or failed) yet.",
+        "gauge",
+        m.proposals_pending.load(Ordering::Relaxed).to_string(),
+    );
+    sample(
+        &mut out,
+        "etcd_server_proposals_failed_total",
+        "Proposals this member made that failed: timed out, lost to a leader change, no leader.",
+        "counter",
+        m.proposals_failed.load(Ordering::Relaxed).to_string(),
+    );
+    sample(
+        &mut out,
+        "etcd_server_quota_backend_bytes",
+        "The backend quota (--quota-backend-bytes) in bytes.",
+        "gauge",
+        node.quota().bytes().to_string(),
+    );
+    if let Some(n) = node.db_size_in_use_measured() {
+        sample(
+            &mut out,
+            "etcd_mvcc_db_total_size_in_use_in_bytes",
+            "Bytes of the backend in use by live records: about its size after a defragmentation.",
+            "gauge",
+            n.to_string(),
+        );
+    }
+    sample(
+        &mut out,
+        "etcd_network_client_grpc_received_bytes_total",
+        "gRPC message bytes received from clients.",
+        "counter",
+        m.received_bytes.load(Ordering::Relaxed).to_string(),
+    );
+    sample(
+        &mut out,
+        "etcd_network_client_grpc_sent_bytes_total",
+        "gRPC message bytes sent to clients.",
+        "counter",
+        m.sent_bytes.load(Ordering::Relaxed).to_string(),
+    );
+    process(&mut out);
+    let name = "etcd_disk_backend_commit_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Durations of the backend's batched commits (one sled transaction each).\n# TYPE {name} histogram"
+    );
+    histogram(
+        &mut out,
+        name,
+        "",
+        &fetcd_storage::metrics::BACKEND_COMMIT.snapshot(),
+    );
+    let peers = fetcd_raft::metrics::all_peer_round_trips();
+    let name = "etcd_network_peer_round_trip_time_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Round trips to each peer: AppendEntries without entries (heartbeats, commit indexes, leadership checks), which wait on no disk.\n# TYPE {name} histogram"
+    );
+    for (to, peer) in &peers {
+        let [_, empty] = &peer.append_entries;
+        histogram(&mut out, name, &format!("To=\"{to:x}\""), &empty.snapshot());
+    }
+    let name = "etcd_network_peer_sent_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Raft messages to each peer that got no answer.\n# TYPE {name} counter"
+    );
+    for (to, peer) in &peers {
+        let n = peer.sent_failures.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}{{To=\"{to:x}\"}} {n}");
+    }
+
     let called = node.metrics().called();
     let _ = writeln!(out, "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter");
     for (service, method, c) in &called {
@@ -338,6 +500,117 @@ pub fn render(node: &EtcdNode) -> String {
         }
     }
     out
+}
+
+/// Writes one unlabelled sample with its `HELP` and `TYPE` lines.
+fn sample(out: &mut String, name: &str, help: &str, kind: &str, v: String) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
+}
+
+/// `major.minor` of a version string, as etcd labels its cluster version.
+fn major_minor(v: &str) -> &str {
+    match v.match_indices('.').nth(1) {
+        Some((i, _)) => &v[..i],
+        None => v,
+    }
+}
+
+/// The unit of `/proc`'s CPU times (`USER_HZ`, 100 on Linux whatever the kernel's tick).
+const USER_HZ: f64 = 100.0;
+
+/// The process's own metrics under the Prometheus client libraries' standard names (etcd's
+/// dashboards plot `process_resident_memory_bytes`), read from `/proc/self`; any that cannot be
+/// read is left out.
+fn process(out: &mut String) {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // Field n of proc(5) (1-based) is fields[n - 3] here; its times are in USER_HZ (100/s).
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        let secs = (utime + stime) as f64 / USER_HZ;
+        sample(
+            out,
+            "process_cpu_seconds_total",
+            "User and system CPU time spent, in seconds.",
+            "counter",
+            secs.to_string(),
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|k| (k * 1024).to_string())
+    };
+    if let Some(v) = kib("VmRSS:") {
+        sample(
+            out,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            "gauge",
+            v,
+        );
+    }
+    if let Some(v) = kib("VmSize:") {
+        sample(
+            out,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            "gauge",
+            v,
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    if let (Some(boot), Some(start)) = (boot, field(22)) {
+        let at = boot as f64 + start as f64 / USER_HZ;
+        sample(
+            out,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds.",
+            "gauge",
+            at.to_string(),
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        sample(
+            out,
+            "process_open_fds",
+            "Open file descriptors.",
+            "gauge",
+            fds.count().to_string(),
+        );
+    }
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<u64>().ok())
+        });
+    if let Some(n) = max_fds {
+        sample(
+            out,
+            "process_max_fds",
+            "The soft limit of open file descriptors.",
+            "gauge",
+            n.to_string(),
+        );
+    }
 }
 
 /// Writes one histogram's series; `labels` is empty or `name="value"` pairs joined by commas.
@@ -454,6 +727,14 @@ where
         };
         let node = self.node.clone();
         node.metrics().started(&key);
+        let req = req.map(|body| {
+            Body::new(MeteredBody {
+                inner: body,
+                node: node.clone(),
+                bytes: |m| &m.received_bytes,
+                pending: None,
+            })
+        });
         Box::pin(async move {
             let resp = inner.call(req).await?;
             // A trailers-only answer (an error before any message) carries the status here.
@@ -462,37 +743,45 @@ where
                 return Ok(resp);
             }
             Ok(resp.map(|body| {
-                Body::new(CountingBody {
+                Body::new(MeteredBody {
                     inner: body,
-                    pending: Some((node, key)),
+                    node,
+                    bytes: |m| &m.sent_bytes,
+                    pending: Some(key),
                 })
             }))
         })
     }
 }
 
-/// A response body that records the call's final status from its trailers (or `Canceled` if
-/// the client went away before them).
-struct CountingBody {
+/// A request or response body that counts its DATA bytes into one of the member's byte
+/// counters (`etcd_network_client_grpc_received_bytes_total` / `_sent_bytes_total`) and, for a
+/// response, records the call's final status from its trailers (or `Canceled` if the client
+/// went away before them).
+struct MeteredBody {
     inner: Body,
-    pending: Option<(Arc<EtcdNode>, Method)>,
+    node: Arc<EtcdNode>,
+    /// Which of the member's byte counters.
+    bytes: fn(&Metrics) -> &AtomicU64,
+    /// A response's call, until its status is recorded.
+    pending: Option<Method>,
 }
 
-impl CountingBody {
+impl MeteredBody {
     fn finish(&mut self, code: usize) {
-        if let Some((node, key)) = self.pending.take() {
-            node.metrics().handled(&key, code);
+        if let Some(key) = self.pending.take() {
+            self.node.metrics().handled(&key, code);
         }
     }
 }
 
-impl Drop for CountingBody {
+impl Drop for MeteredBody {
     fn drop(&mut self) {
         self.finish(CANCELED);
     }
 }
 
-impl http_body::Body for CountingBody {
+impl http_body::Body for MeteredBody {
     type Data = Bytes;
     type Error = Status;
 
@@ -503,6 +792,10 @@ impl http_body::Body for CountingBody {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let n = d.len() as u64;
+                    (self.bytes)(self.node.metrics()).fetch_add(n, Ordering::Relaxed);
+                }
                 if let Some(t) = f.trailers_ref() {
                     let code = t.get("grpc-status").map_or(UNKNOWN, code_of);
                     self.finish(code);
@@ -567,6 +860,55 @@ mod tests {
         assert_eq!(put_counts.handled[11].load(Ordering::Relaxed), 1);
         let (_, _, odd_counts) = &called[1];
         assert_eq!(odd_counts.handled[UNKNOWN].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn cluster_version_label_is_major_minor() {
+        assert_eq!(major_minor("3.5.0"), "3.5");
+        assert_eq!(major_minor("3.5.13"), "3.5");
+        assert_eq!(major_minor("3"), "3");
+    }
+
+    #[test]
+    fn process_metrics_read_this_process() {
+        let mut out = String::new();
+        process(&mut out);
+        let value = |name: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in\n{out}"))
+        };
+        // A test binary holds some megabytes and a few files, started after 2020 and before now.
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let started = value("process_start_time_seconds");
+        assert!(
+            started > 1.6e9 && started <= now + 1.0,
+            "started {started}, now {now}"
+        );
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+        assert!(out.contains("# TYPE process_cpu_seconds_total counter"));
+    }
+
+    #[test]
+    fn pending_proposals_are_counted_while_in_flight() {
+        let m = Metrics::default();
+        let a = m.proposal_pending();
+        let b = m.proposal_pending();
+        assert_eq!(m.proposals_pending.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert_eq!(m.proposals_pending.load(Ordering::Relaxed), 1);
+        drop(b);
+        assert_eq!(m.proposals_pending.load(Ordering::Relaxed), 0);
+        m.proposal_failed();
+        assert_eq!(m.proposals_failed.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! etcd's response header.
 
 use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
 
 use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
 use fetcd_proto::etcdserverpb::AlarmRequest;
@@ -34,7 +36,20 @@ pub struct EtcdNode {
     lessor: Lessor,
     quota: Quota,
     metrics: Metrics,
+    in_use: std::sync::Mutex<InUse>,
 }
+
+/// The last measurement of the store's live bytes (`dbSizeInUse`), which reads every record.
+#[derive(Debug, Default)]
+struct InUse {
+    last: Option<(Instant, u64)>,
+    /// A scrape started a measurement in the background.
+    refreshing: bool,
+}
+
+/// How old a `dbSizeInUse` measurement `/metrics` serves before it starts a new one (in the
+/// background; the scrape gets the older value meanwhile).
+const SCRAPE_IN_USE_AGE: Duration = Duration::from_secs(30);
 
 impl EtcdNode {
     /// Wraps a running member.
@@ -56,6 +71,7 @@ impl EtcdNode {
             lessor,
             quota: Quota::default(),
             metrics: Metrics::default(),
+            in_use: std::sync::Mutex::default(),
         })
     }
 
@@ -72,6 +88,65 @@ impl EtcdNode {
     /// Counters served on `/metrics`.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    fn in_use(&self) -> std::sync::MutexGuard<'_, InUse> {
+        self.in_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store's live bytes (`dbSizeInUse`), measured at most `max_age` ago.
+    pub async fn db_size_in_use(&self, max_age: Duration) -> Result<u64, Status> {
+        if let Some((at, n)) = self.in_use().last {
+            if at.elapsed() < max_age {
+                return Ok(n);
+            }
+        }
+        self.measure_in_use().await
+    }
+
+    async fn measure_in_use(&self) -> Result<u64, Status> {
+        let store = self.store().clone();
+        let n = tokio::task::spawn_blocking(move || store.live_bytes())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
+            .map_err(|e| status::storage_error(&e))?;
+        self.in_use().last = Some((Instant::now(), n));
+        Ok(n)
+    }
+
+    /// The last `dbSizeInUse` measured, if any.
+    pub fn db_size_in_use_measured(&self) -> Option<u64> {
+        self.in_use().last.map(|(_, n)| n)
+    }
+
+    /// Brings the measurement of `dbSizeInUse` up to date for a scrape without making scrapes
+    /// wait on a large store: only the first one waits; later ones get the last value while
+    /// one older than [`SCRAPE_IN_USE_AGE`] is replaced in the background.
+    pub async fn refresh_db_size_in_use(self: &Arc<Self>) {
+        let start = {
+            let mut m = self.in_use();
+            let stale = m
+                .last
+                .is_none_or(|(at, _)| at.elapsed() >= SCRAPE_IN_USE_AGE);
+            let start = stale && !m.refreshing;
+            m.refreshing |= start;
+            start
+        };
+        if !start {
+            return;
+        }
+        let node = self.clone();
+        let measure = async move {
+            if let Err(e) = node.measure_in_use().await {
+                tracing::warn!(error = %e, "measuring dbSizeInUse failed");
+            }
+            node.in_use().refreshing = false;
+        };
+        if self.db_size_in_use_measured().is_none() {
+            measure.await;
+        } else {
+            tokio::spawn(measure);
+        }
     }
 
     /// `--max-txn-ops`.
@@ -175,8 +250,12 @@ impl EtcdNode {
         if req.encoded_len() > self.max_request_bytes {
             return Err(status::request_too_large());
         }
+        let _pending = self.metrics.proposal_pending();
         match self.raft.propose(req).await {
-            Err(e) => Err(status::propose_error(&e)),
+            Err(e) => {
+                self.metrics.proposal_failed();
+                Err(status::propose_error(&e))
+            }
             Ok(ApplyResult::Write(w)) => Ok(w),
             Ok(ApplyResult::Refused(e)) => Err(status::kv_error(&e)),
             // Cluster metadata (member attributes) has no answer of its own.

@@ -28,6 +28,7 @@ mod key_tree;
 mod kv;
 pub mod kvstore;
 pub mod lease;
+pub mod metrics;
 mod ops;
 mod persister;
 pub mod revision;

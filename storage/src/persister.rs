@@ -249,8 +249,10 @@ impl Persister {
     fn run(&self, trees: SharedTrees) {
         let mut last: Option<Instant> = None;
         while let Some((sets, upto)) = self.next_group(last) {
-            last = Some(Instant::now());
+            let started = Instant::now();
+            last = Some(started);
             let res = write_group(&trees.read().unwrap_or_else(|p| p.into_inner()), &sets);
+            crate::metrics::BACKEND_COMMIT.observe(started.elapsed());
             if res.is_ok() {
                 // Only now may readers stop finding these records in the overlay.
                 let mut ov = self.overlay.write().unwrap_or_else(|p| p.into_inner());

@@ -91,6 +91,24 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
     // 60 writes went to both with its entry; empty ones carried commit indexes and heartbeats.
     let rpcs_after = append_entries_rpcs(&c, leader)?;
     ensure!(rpcs_after.len() == 2);
+    // etcd's peer round-trip histogram (its "member communication slow" alert) holds the empty
+    // ones, which wait on no disk; only the leader says it leads.
+    let text = fetcd_server::metrics::render(c.server(leader).context("server")?.node());
+    for (i, (_, empty)) in (0..c.len()).filter(|i| *i != leader).zip(&rpcs_after) {
+        let to = c.member_id(i).context("member id")?;
+        let name = format!("etcd_network_peer_round_trip_time_seconds_count{{To=\"{to:x}\"}} ");
+        let n: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name}"))?;
+        ensure!(n >= *empty, "{name}{n}, empty AppendEntries {empty}");
+    }
+    for i in 0..c.len() {
+        let text = fetcd_server::metrics::render(c.server(i).context("server")?.node());
+        let want = format!("etcd_server_is_leader {}", u8::from(i == leader));
+        ensure!(text.lines().any(|l| l == want), "member {i}: no `{want}`");
+    }
     for (before, after) in rpcs_before.iter().zip(&rpcs_after) {
         ensure!(
             after.0 >= before.0 + 60.0 && after.1 > before.1,

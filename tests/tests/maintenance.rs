@@ -567,3 +567,166 @@ async fn corrupt_scenario(s: &mut Session) -> Result<()> {
 async fn corrupt_alarm_refuses_writes_until_disarmed() -> Result<()> {
     run_differential("maintenance corrupt alarm", corrupt_scenario).await
 }
+
+/// `GET path` on a client URL; the body. (HTTP/1.0, so that no server answers in chunks.)
+async fn http_body(url: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    ensure!(
+        text.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {text}"
+    );
+    let (_, body) = text.split_once("\r\n\r\n").context("no body")?;
+    Ok(body.to_string())
+}
+
+/// A scrape: per metric family, its `TYPE` and the label names of each of its samples (sorted,
+/// `le` left out), and the value of each unlabelled sample.
+#[derive(Debug, Default)]
+struct Scrape {
+    types: std::collections::BTreeMap<String, String>,
+    labels: std::collections::BTreeMap<String, std::collections::BTreeSet<Vec<String>>>,
+    values: std::collections::BTreeMap<String, f64>,
+}
+
+fn parse_scrape(text: &str) -> Scrape {
+    let mut s = Scrape::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, kind)) = rest.split_once(' ') {
+                s.types.insert(name.to_string(), kind.to_string());
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suf| name.strip_suffix(suf).filter(|f| s.types.contains_key(*f)))
+            .unwrap_or(name);
+        let mut names: Vec<String> = labels
+            .split(',')
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_string()))
+            .filter(|k| k != "le")
+            .collect();
+        names.sort();
+        s.labels
+            .entry(family.to_string())
+            .or_default()
+            .insert(names);
+        if labels.is_empty() {
+            if let Ok(v) = value.parse() {
+                s.values.insert(name.to_string(), v);
+            }
+        }
+    }
+    s
+}
+
+/// The series etcd's own Prometheus alerts (its mixin) and dashboard read on one member, with
+/// the process's standard ones: fetcd serves each under etcd's name, type and label names. (The
+/// peer series, `etcd_network_peer_round_trip_time_seconds` and
+/// `etcd_network_peer_sent_failures_total`, exist only with peers: see the cluster tests.)
+const ETCD_DASHBOARD_SERIES: &[&str] = &[
+    "etcd_server_has_leader",
+    "etcd_server_is_leader",
+    "etcd_server_is_learner",
+    "etcd_server_id",
+    "etcd_server_version",
+    "etcd_cluster_version",
+    "etcd_server_leader_changes_seen_total",
+    "etcd_server_proposals_committed_total",
+    "etcd_server_proposals_applied_total",
+    "etcd_server_proposals_pending",
+    "etcd_server_proposals_failed_total",
+    "etcd_server_quota_backend_bytes",
+    "etcd_mvcc_db_total_size_in_bytes",
+    "etcd_mvcc_db_total_size_in_use_in_bytes",
+    "etcd_disk_wal_fsync_duration_seconds",
+    "etcd_disk_wal_write_bytes_total",
+    "etcd_disk_backend_commit_duration_seconds",
+    "etcd_network_client_grpc_received_bytes_total",
+    "etcd_network_client_grpc_sent_bytes_total",
+    "grpc_server_started_total",
+    "grpc_server_handled_total",
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_for_etcds_alerts_and_dashboards_match_etcds() -> Result<()> {
+    let (etcd, candidate) = fetcd_tests::target::start_pair().await?;
+    let mut scrapes = Vec::new();
+    for t in [&etcd, &candidate] {
+        let mut c = t.connect().await?;
+        c.put("m", "v", None).await?;
+        c.get("m", None).await?;
+        // A backend commit happens within etcd's 100 ms batch interval (and fetcd's).
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let text = http_body(&t.client_url(), "/metrics").await?;
+        scrapes.push((t.label().to_string(), parse_scrape(&text)));
+    }
+    let [(_, want), (label, got)] = &scrapes[..] else {
+        anyhow::bail!("two scrapes expected");
+    };
+    for name in ETCD_DASHBOARD_SERIES {
+        let (Some(wt), Some(wl)) = (want.types.get(*name), want.labels.get(*name)) else {
+            anyhow::bail!("etcd serves no {name}: the list is wrong");
+        };
+        ensure!(
+            got.types.get(*name) == Some(wt),
+            "{label}: {name} has type {:?}, etcd's is {wt}",
+            got.types.get(*name)
+        );
+        ensure!(
+            got.labels.get(*name) == Some(wl),
+            "{label}: {name} has label names {:?}, etcd's are {wl:?}",
+            got.labels.get(*name)
+        );
+    }
+    // Values that mean the same on both.
+    for name in [
+        "etcd_server_has_leader",
+        "etcd_server_is_leader",
+        "etcd_server_is_learner",
+        "etcd_server_proposals_pending",
+        "etcd_server_proposals_failed_total",
+        "etcd_server_quota_backend_bytes",
+    ] {
+        ensure!(
+            got.values.get(name) == want.values.get(name),
+            "{label}: {name} = {:?}, etcd's = {:?}",
+            got.values.get(name),
+            want.values.get(name)
+        );
+    }
+    for scrape in [want, got] {
+        let v = |n: &str| scrape.values.get(n).copied().unwrap_or(0.0);
+        ensure!(v("etcd_network_client_grpc_received_bytes_total") > 0.0);
+        ensure!(v("etcd_network_client_grpc_sent_bytes_total") > 0.0);
+        ensure!(v("etcd_disk_backend_commit_duration_seconds_count") > 0.0);
+        ensure!(v("process_resident_memory_bytes") > 1e6);
+        let (used, total) = (
+            v("etcd_mvcc_db_total_size_in_use_in_bytes"),
+            v("etcd_mvcc_db_total_size_in_bytes"),
+        );
+        ensure!(used > 0.0 && used <= total, "in use {used} of {total}");
+    }
+    Ok(())
+}

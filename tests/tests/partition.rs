@@ -22,6 +22,14 @@ fn serializable() -> Option<GetOptions> {
 }
 
 /// The value of `key` at member `i`, read serializably (from its own state).
+/// The value of the sample `series` (name and labels, as rendered) in a metrics text.
+fn metric(text: &str, series: &str) -> Result<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {series}"))
+}
+
 async fn local_value(c: &Cluster, i: usize, key: &str) -> Result<Option<String>> {
     let r = c.client(i).await?.get(key, serializable()).await?;
     Ok(match r.kvs().first() {
@@ -175,6 +183,18 @@ async fn a_leader_cut_off_from_the_majority_loses_no_acknowledged_write() -> Res
         code == tonic::Code::Unavailable,
         "write failed with {code:?}"
     );
+    // What etcd's alerts watch shows it: the failed proposal, and Raft messages to both others
+    // that got no answer (counters keyed by target; only the cut-off member fails to reach them).
+    let text = fetcd_server::metrics::render(cluster.server(old).context("old leader")?.node());
+    ensure!(
+        metric(&text, "etcd_server_proposals_failed_total")? >= 1.0,
+        "no failed proposal counted:\n{text}"
+    );
+    for i in (0..3).filter(|i| *i != old) {
+        let to = cluster.member_id(i).context("member id")?;
+        let name = format!("etcd_network_peer_sent_failures_total{{To=\"{to:x}\"}}");
+        ensure!(metric(&text, &name)? > 0.0, "no {name} counted:\n{text}");
+    }
 
     // The majority side elects a leader of its own and takes writes.
     let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();

@@ -3,9 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
-use std::time::Instant;
 
 use fetcd_proto::etcdserverpb as pb;
 use fetcd_proto::etcdserverpb::alarm_request::AlarmAction;
@@ -35,32 +33,17 @@ const IN_USE_CACHE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct MaintenanceService {
     node: Arc<EtcdNode>,
-    in_use: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl MaintenanceService {
     /// A Maintenance service over `node`.
     pub fn new(node: Arc<EtcdNode>) -> Self {
-        MaintenanceService {
-            node,
-            in_use: Arc::default(),
-        }
+        MaintenanceService { node }
     }
 
     /// Live bytes of the store, estimated at most [`IN_USE_CACHE`] ago.
     async fn db_size_in_use(&self) -> Result<u64, Status> {
-        if let Some((at, n)) = *self.in_use.lock().unwrap_or_else(|p| p.into_inner()) {
-            if at.elapsed() < IN_USE_CACHE {
-                return Ok(n);
-            }
-        }
-        let store = self.node.store().clone();
-        let n = tokio::task::spawn_blocking(move || store.live_bytes())
-            .await
-            .map_err(|e| Status::internal(format!("etcdserver: {e}")))?
-            .map_err(|e| status::storage_error(&e))?;
-        *self.in_use.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
-        Ok(n)
+        self.node.db_size_in_use(IN_USE_CACHE).await
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
