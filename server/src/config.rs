@@ -231,6 +231,11 @@ pub struct Config {
     /// Comma-separated URLs to serve `/metrics` and `/health` on (besides the client URLs).
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", value_delimiter = ',')]
     pub listen_metrics_urls: Vec<String>,
+
+    /// `basic`, or `extensive` to also time every gRPC call (`grpc_server_handling_seconds`,
+    /// which etcd's "gRPC requests slow" alert reads), as etcd.
+    #[arg(long, env = "ETCD_METRICS", default_value = "basic")]
+    pub metrics: String,
 }
 
 /// A flag combination fetcd cannot honour.
@@ -315,6 +320,12 @@ impl Config {
             || truthy(&self.peer_client_cert_auth)
         {
             return refuse("TLS flags (--cert-file, --key-file, --trusted-ca-file, --client-cert-auth, --peer-*) are not supported yet");
+        }
+        if !matches!(self.metrics.as_str(), "basic" | "extensive") {
+            return refuse(&format!(
+                "--metrics {}: must be basic or extensive",
+                self.metrics
+            ));
         }
         let members = self.initial_members()?;
         let Some(me) = members.iter().find(|m| m.name == self.name) else {

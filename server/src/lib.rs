@@ -197,6 +197,7 @@ impl EtcdServer {
         );
 
         node.quota().set_bytes(config.quota_backend_bytes);
+        node.metrics().time_calls(config.metrics == "extensive");
         node.store()
             .set_compaction_pacing(fetcd_storage::CompactionPacing {
                 batch_limit: config.experimental_compaction_batch_limit,

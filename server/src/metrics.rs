@@ -27,14 +27,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::Context;
 use std::task::Poll;
+use std::time::Instant;
 
 use bytes::Bytes;
+use fetcd_raft::metrics::Histogram;
 use fetcd_raft::RaftNode;
 use http_body::Frame;
 use tonic::body::Body;
@@ -124,16 +127,36 @@ enum Method {
 }
 
 /// A method's counters: calls started, and calls handled by gRPC code (see [`CODE_NAMES`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MethodCounts {
     started: AtomicU64,
     handled: [AtomicU64; CODE_NAMES.len()],
+    /// How long calls took, start to final status (`--metrics extensive` only).
+    handling: Histogram,
 }
+
+impl Default for MethodCounts {
+    fn default() -> Self {
+        MethodCounts {
+            started: AtomicU64::new(0),
+            handled: Default::default(),
+            handling: Histogram::new(&HANDLING_BUCKETS),
+        }
+    }
+}
+
+/// Upper bounds (seconds) of `grpc_server_handling_seconds`' buckets: go-grpc-prometheus's
+/// defaults, which etcd keeps.
+const HANDLING_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The member's counters (gauges are read from Raft and the store when scraped).
 #[derive(Debug)]
 pub struct Metrics {
     leader_changes: AtomicU64,
+    /// `--metrics extensive`: calls are timed.
+    time_calls: AtomicBool,
     proposals_failed: AtomicU64,
     proposals_pending: AtomicU64,
     /// gRPC message bytes (with their 5-byte prefixes) from and to clients.
@@ -147,6 +170,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             leader_changes: AtomicU64::new(0),
+            time_calls: AtomicBool::new(false),
             proposals_failed: AtomicU64::new(0),
             proposals_pending: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
@@ -183,12 +207,22 @@ impl Metrics {
         });
     }
 
-    fn handled(&self, m: &Method, code: usize) {
+    /// Records a call's final status, and its duration if calls are timed.
+    fn handled(&self, m: &Method, code: usize, started: Instant) {
+        let timed = self.time_calls.load(Ordering::Relaxed);
         self.with_counts(m, |c| {
             if let Some(n) = c.handled.get(code) {
                 n.fetch_add(1, Ordering::Relaxed);
             }
+            if timed {
+                c.handling.observe(started.elapsed());
+            }
         });
+    }
+
+    /// Times every call from now on (`--metrics extensive`), or stops.
+    pub fn time_calls(&self, on: bool) {
+        self.time_calls.store(on, Ordering::Relaxed);
     }
 
     /// Every method called at least once, with its counters, for rendering.
@@ -499,6 +533,16 @@ pub fn render(node: &EtcdNode) -> String {
             }
         }
     }
+    if m.time_calls.load(Ordering::Relaxed) {
+        let name = "grpc_server_handling_seconds";
+        let _ = writeln!(out, "# HELP {name} How long gRPC calls took, from start to final status.\n# TYPE {name} histogram");
+        for (service, method, c) in &called {
+            let t = grpc_type(service, method);
+            let labels =
+                format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{t}\"");
+            histogram(&mut out, name, &labels, &c.handling.snapshot());
+        }
+    }
     out
 }
 
@@ -726,6 +770,7 @@ where
             return Box::pin(inner.call(req));
         };
         let node = self.node.clone();
+        let started = Instant::now();
         node.metrics().started(&key);
         let req = req.map(|body| {
             Body::new(MeteredBody {
@@ -733,13 +778,14 @@ where
                 node: node.clone(),
                 bytes: |m| &m.received_bytes,
                 pending: None,
+                started,
             })
         });
         Box::pin(async move {
             let resp = inner.call(req).await?;
             // A trailers-only answer (an error before any message) carries the status here.
             if let Some(v) = resp.headers().get("grpc-status") {
-                node.metrics().handled(&key, code_of(v));
+                node.metrics().handled(&key, code_of(v), started);
                 return Ok(resp);
             }
             Ok(resp.map(|body| {
@@ -748,6 +794,7 @@ where
                     node,
                     bytes: |m| &m.sent_bytes,
                     pending: Some(key),
+                    started,
                 })
             }))
         })
@@ -765,12 +812,14 @@ struct MeteredBody {
     bytes: fn(&Metrics) -> &AtomicU64,
     /// A response's call, until its status is recorded.
     pending: Option<Method>,
+    /// When the call started.
+    started: Instant,
 }
 
 impl MeteredBody {
     fn finish(&mut self, code: usize) {
         if let Some(key) = self.pending.take() {
-            self.node.metrics().handled(&key, code);
+            self.node.metrics().handled(&key, code, self.started);
         }
     }
 }
@@ -845,11 +894,14 @@ mod tests {
         for _ in 0..3 {
             m.started(&put);
         }
-        m.handled(&put, 0);
-        m.handled(&put, 0);
-        m.handled(&put, code_of(&http::HeaderValue::from_static("11")));
+        let t = Instant::now();
+        m.handled(&put, 0, t);
+        m.handled(&put, 0, t);
+        m.handled(&put, code_of(&http::HeaderValue::from_static("11")), t);
+        // Timed only with `--metrics extensive`.
+        m.time_calls(true);
         m.started(&odd);
-        m.handled(&odd, code_of(&http::HeaderValue::from_static("99")));
+        m.handled(&odd, code_of(&http::HeaderValue::from_static("99")), t);
 
         let called = m.called();
         let names: Vec<_> = called.iter().map(|(s, m, _)| format!("{s}/{m}")).collect();
@@ -858,8 +910,10 @@ mod tests {
         assert_eq!(put_counts.started.load(Ordering::Relaxed), 3);
         assert_eq!(put_counts.handled[0].load(Ordering::Relaxed), 2);
         assert_eq!(put_counts.handled[11].load(Ordering::Relaxed), 1);
+        assert_eq!(put_counts.handling.snapshot().count, 0);
         let (_, _, odd_counts) = &called[1];
         assert_eq!(odd_counts.handled[UNKNOWN].load(Ordering::Relaxed), 1);
+        assert_eq!(odd_counts.handling.snapshot().count, 1);
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn refused_flags_stop_the_binary_and_name_the_flag() {
             "--listen-metrics-urls",
         ),
         (vec!["--listen-client-urls", "https://127.0.0.1:0"], "TLS"),
+        (vec!["--metrics", "verbose"], "--metrics"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_fetcd"))
             .arg("--data-dir")

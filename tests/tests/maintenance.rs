@@ -700,6 +700,13 @@ async fn metrics_for_etcds_alerts_and_dashboards_match_etcds() -> Result<()> {
             got.labels.get(*name)
         );
     }
+    // Without `--metrics extensive` neither times calls.
+    for (l, scrape) in &scrapes {
+        ensure!(
+            !scrape.types.contains_key("grpc_server_handling_seconds"),
+            "{l} times calls without --metrics extensive"
+        );
+    }
     // Values that mean the same on both.
     for name in [
         "etcd_server_has_leader",
@@ -728,5 +735,33 @@ async fn metrics_for_etcds_alerts_and_dashboards_match_etcds() -> Result<()> {
         );
         ensure!(used > 0.0 && used <= total, "in use {used} of {total}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extensive_metrics_time_grpc_calls_as_etcd() -> Result<()> {
+    let (etcd, candidate) =
+        fetcd_tests::target::start_pair_with_flags(&["--metrics", "extensive"]).await?;
+    let name = "grpc_server_handling_seconds";
+    let mut scrapes = Vec::new();
+    for t in [&etcd, &candidate] {
+        let mut c = t.connect().await?;
+        c.put("m", "v", None).await?;
+        let text = http_body(&t.client_url(), "/metrics").await?;
+        // The Put was timed: its count is 1, in etcd's labels.
+        let put = format!(
+            "{name}_count{{grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"}} 1"
+        );
+        ensure!(text.lines().any(|l| l == put), "{}: no `{put}`", t.label());
+        scrapes.push(parse_scrape(&text));
+    }
+    ensure!(scrapes[0].types.get(name).map(String::as_str) == Some("histogram"));
+    ensure!(scrapes[1].types.get(name) == scrapes[0].types.get(name));
+    ensure!(
+        scrapes[1].labels.get(name) == scrapes[0].labels.get(name),
+        "label names {:?}, etcd's {:?}",
+        scrapes[1].labels.get(name),
+        scrapes[0].labels.get(name)
+    );
     Ok(())
 }
