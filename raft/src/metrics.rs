@@ -3,7 +3,8 @@
 //! [`WAL_FSYNC`] times every `fdatasync` of the Raft log's write-ahead log segment, the call
 //! alone, as etcd's histogram of the same name does.
 //!
-//! [`peer_round_trips`] times this member's AppendEntries RPCs to each peer, split by whether
+//! [`peer_metrics`] counts, per peer, the bytes of Raft messages exchanged with it, the RPCs
+//! to it that got no answer, and times this member's AppendEntries RPCs to it, split by whether
 //! they carried entries. openraft 0.9 keeps one AppendEntries in flight per follower and, once
 //! an entry commits with nothing new to send, spends that slot on an empty AppendEntries that
 //! only carries the commit index; the next entries wait for its round trip. Under a closed-loop
@@ -13,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -34,40 +36,57 @@ pub static WAL_FSYNC: Histogram = Histogram::new(&FSYNC_BUCKETS);
 /// segments): etcd's `etcd_disk_wal_write_bytes_total`, for disk-bandwidth dashboards.
 pub static WAL_WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Round trips of the AppendEntries RPCs a peer answered, `[with entries, empty]`, per target
-/// member (see the module documentation).
+/// This member's Raft traffic with one peer (see the module documentation).
 #[derive(Debug)]
-pub struct PeerRoundTrips {
-    /// `[with entries, empty]`.
+pub struct PeerMetrics {
+    /// Round trips of the AppendEntries RPCs the peer answered, `[with entries, empty]`.
     pub append_entries: [Histogram; 2],
-    /// Raft RPCs to this member that got no answer (unreachable, cut off, timed out): etcd's
+    /// Raft RPCs to the peer that got no answer (unreachable, cut off, timed out): etcd's
     /// `etcd_network_peer_sent_failures_total`, which its "members down" alert watches.
     pub sent_failures: AtomicU64,
+    /// Bytes of Raft messages sent to the peer (requests, and answers to its requests) and
+    /// received from it: etcd's `etcd_network_peer_{sent,received}_bytes_total`.
+    pub sent_bytes: AtomicU64,
+    pub received_bytes: AtomicU64,
 }
 
-static PEER_ROUND_TRIPS: Mutex<BTreeMap<u64, Arc<PeerRoundTrips>>> = Mutex::new(BTreeMap::new());
+impl PeerMetrics {
+    /// Counts `n` bytes sent to this peer.
+    pub fn sent(&self, n: usize) {
+        self.sent_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
 
-/// The round-trip histograms of AppendEntries to member `target`, created on first use and kept
-/// for the process's life (a removed member's series stays, as Prometheus counters should).
-pub fn peer_round_trips(target: u64) -> Arc<PeerRoundTrips> {
-    let mut peers = PEER_ROUND_TRIPS.lock().unwrap_or_else(|p| p.into_inner());
+    /// Counts `n` bytes received from this peer.
+    pub fn received(&self, n: usize) {
+        self.received_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+static PEER_METRICS: Mutex<BTreeMap<u64, Arc<PeerMetrics>>> = Mutex::new(BTreeMap::new());
+
+/// The metrics of traffic with member `target`, created on first use and kept for the
+/// process's life (a removed member's series stays, as Prometheus counters should).
+pub fn peer_metrics(target: u64) -> Arc<PeerMetrics> {
+    let mut peers = PEER_METRICS.lock().unwrap_or_else(|p| p.into_inner());
     peers
         .entry(target)
         .or_insert_with(|| {
-            Arc::new(PeerRoundTrips {
+            Arc::new(PeerMetrics {
                 append_entries: [
                     Histogram::new(&PEER_RTT_BUCKETS),
                     Histogram::new(&PEER_RTT_BUCKETS),
                 ],
                 sent_failures: AtomicU64::new(0),
+                sent_bytes: AtomicU64::new(0),
+                received_bytes: AtomicU64::new(0),
             })
         })
         .clone()
 }
 
-/// Every target member with its round trips so far, by member id.
-pub fn all_peer_round_trips() -> Vec<(u64, Arc<PeerRoundTrips>)> {
-    let peers = PEER_ROUND_TRIPS.lock().unwrap_or_else(|p| p.into_inner());
+/// Every peer with its metrics so far, by member id.
+pub fn all_peer_metrics() -> Vec<(u64, Arc<PeerMetrics>)> {
+    let peers = PEER_METRICS.lock().unwrap_or_else(|p| p.into_inner());
     peers.iter().map(|(id, h)| (*id, h.clone())).collect()
 }
 

@@ -46,6 +46,7 @@ use tonic::transport::Endpoint;
 use crate::coalesce::EndStreamWithData;
 use crate::coalesce::RequestConnector;
 use crate::durable::Durability;
+use crate::metrics::PeerMetrics;
 
 use crate::command::Command;
 use crate::command::CommandResponse;
@@ -235,7 +236,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             net: self.clone(),
-            round_trips: crate::metrics::peer_round_trips(target),
+            peer: crate::metrics::peer_metrics(target),
             commit_sent: None,
             acked_last: None,
             answered_here: false,
@@ -249,7 +250,7 @@ pub struct PeerClient {
     target: NodeId,
     addr: String,
     net: Network,
-    round_trips: Arc<crate::metrics::PeerRoundTrips>,
+    peer: Arc<PeerMetrics>,
     /// The newest commit index sent to this peer (durable here when it was sent).
     commit_sent: Option<openraft::LogId<NodeId>>,
     /// The last entry this peer is known to hold: that of the newest AppendEntries with entries
@@ -314,7 +315,7 @@ impl PeerClient {
     }
 
     /// Sends one openraft RPC and decodes the peer's `Result<Resp, E>`; counts it in
-    /// [`PeerRoundTrips::sent_failures`](crate::metrics::PeerRoundTrips) if no answer came.
+    /// [`PeerMetrics::sent_failures`](crate::metrics::PeerMetrics) if no answer came.
     async fn call<Req, Resp, E>(
         &self,
         action: RPCTypes,
@@ -331,7 +332,7 @@ impl PeerClient {
             res,
             Err(RPCError::Timeout(_) | RPCError::Unreachable(_) | RPCError::Network(_))
         ) {
-            self.round_trips
+            self.peer
                 .sent_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -350,6 +351,7 @@ impl PeerClient {
         E: std::error::Error + DeserializeOwned,
     {
         let msg = encode(req).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        self.peer.sent(msg.data.len());
         let mut c = self
             .net
             .client(&self.addr)
@@ -382,6 +384,7 @@ impl PeerClient {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        self.peer.received(resp.data.len());
         let answer: Result<Resp, E> =
             decode(&resp).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -435,7 +438,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         }
         // Answered by the peer (whatever it answered): a round trip to count.
         if matches!(res, Ok(_) | Err(RPCError::RemoteError(_))) {
-            self.round_trips.append_entries[kind].observe(started.elapsed());
+            self.peer.append_entries[kind].observe(started.elapsed());
         }
         res
     }
@@ -489,6 +492,26 @@ impl PeerService {
     }
 }
 
+/// Counts a Raft request of `n` bytes from the member whose `vote` it carries (the leader or
+/// candidate that sent it); returns that member's metrics, to count the answer.
+fn traffic_from(vote: &openraft::Vote<NodeId>, n: usize) -> Option<Arc<PeerMetrics>> {
+    let peer = crate::metrics::peer_metrics(vote.leader_id().voted_for()?);
+    peer.received(n);
+    Some(peer)
+}
+
+/// Encodes the answer to a Raft request from `peer`, counting its bytes as sent to it.
+fn answer<T: Serialize>(
+    peer: Option<Arc<PeerMetrics>>,
+    res: &T,
+) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+    let msg = encode(res)?;
+    if let Some(p) = peer {
+        p.sent(msg.data.len());
+    }
+    Ok(tonic::Response::new(msg))
+}
+
 fn bad_request(e: bincode::Error) -> tonic::Status {
     tonic::Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
@@ -500,6 +523,7 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
+        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
         let empty = rpc.entries.is_empty();
         let res = self.raft.append_entries(rpc).await;
         if empty {
@@ -510,7 +534,7 @@ impl RaftPeer for PeerService {
             // 1.66–1.84 ms.
             tokio::task::yield_now().await;
         }
-        encode(&res).map(tonic::Response::new)
+        answer(peer, &res)
     }
 
     async fn vote(
@@ -518,8 +542,9 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref()).map_err(bad_request)?;
+        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
         let res = self.raft.vote(rpc).await;
-        encode(&res).map(tonic::Response::new)
+        answer(peer, &res)
     }
 
     async fn install_snapshot(
@@ -527,8 +552,9 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
+        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
         let res = self.raft.install_snapshot(rpc).await;
-        encode(&res).map(tonic::Response::new)
+        answer(peer, &res)
     }
 
     async fn forward(

@@ -15,7 +15,9 @@
 //!   `fetcd_raft::metrics`), `etcd_disk_backend_commit_duration_seconds` (the store's group
 //!   commits, see `fetcd_storage::metrics`);
 //! - `etcd_network_peer_round_trip_time_seconds{To}` (AppendEntries without entries, which wait
-//!   on no disk; only a leader sends them), `etcd_network_peer_sent_failures_total{To}`;
+//!   on no disk; only a leader sends them), `etcd_network_peer_sent_failures_total{To}`,
+//!   `etcd_network_peer_sent_bytes_total{To}`, `etcd_network_peer_received_bytes_total{From}`
+//!   (Raft messages: requests and their answers);
 //! - `fetcd_raft_append_entries_round_trip_seconds{To="<member id, hex>",kind="entries"|"empty"}`:
 //!   this member's AppendEntries round trips to each peer, by whether they carried entries
 //!   (fetcd's own: etcd streams its appends and has no per-RPC time; see `fetcd_raft::metrics`);
@@ -391,7 +393,7 @@ pub fn render(node: &EtcdNode) -> String {
         out,
         "# HELP {name} Round trips of AppendEntries RPCs to peers, by whether they carried entries.\n# TYPE {name} histogram"
     );
-    for (to, peer) in fetcd_raft::metrics::all_peer_round_trips() {
+    for (to, peer) in fetcd_raft::metrics::all_peer_metrics() {
         let [entries, empty] = &peer.append_entries;
         let labels = |kind: &str| format!("To=\"{to:x}\",kind=\"{kind}\"");
         histogram(&mut out, name, &labels("entries"), &entries.snapshot());
@@ -496,7 +498,7 @@ pub fn render(node: &EtcdNode) -> String {
         "",
         &fetcd_storage::metrics::BACKEND_COMMIT.snapshot(),
     );
-    let peers = fetcd_raft::metrics::all_peer_round_trips();
+    let peers = fetcd_raft::metrics::all_peer_metrics();
     let name = "etcd_network_peer_round_trip_time_seconds";
     let _ = writeln!(
         out,
@@ -514,6 +516,29 @@ pub fn render(node: &EtcdNode) -> String {
     for (to, peer) in &peers {
         let n = peer.sent_failures.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}{{To=\"{to:x}\"}} {n}");
+    }
+    let traffic = [
+        ("etcd_network_peer_sent_bytes_total", "To", "sent to"),
+        (
+            "etcd_network_peer_received_bytes_total",
+            "From",
+            "received from",
+        ),
+    ];
+    for (name, label, what) in traffic {
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes of Raft messages {what} each peer.\n# TYPE {name} counter"
+        );
+        for (id, peer) in &peers {
+            let n = if label == "To" {
+                &peer.sent_bytes
+            } else {
+                &peer.received_bytes
+            };
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{{label}=\"{id:x}\"}} {n}");
+        }
     }
 
     let called = node.metrics().called();

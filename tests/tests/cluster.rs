@@ -103,6 +103,18 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no {name}"))?;
         ensure!(n >= *empty, "{name}{n}, empty AppendEntries {empty}");
+        // The dashboard's peer traffic: the 60 entries went out, answers came back.
+        for series in [
+            format!("etcd_network_peer_sent_bytes_total{{To=\"{to:x}\"}} "),
+            format!("etcd_network_peer_received_bytes_total{{From=\"{to:x}\"}} "),
+        ] {
+            let bytes: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {series}"))?;
+            ensure!(bytes > 60.0 * 10.0, "{series}{bytes}");
+        }
     }
     for i in 0..c.len() {
         let text = fetcd_server::metrics::render(c.server(i).context("server")?.node());
