@@ -496,9 +496,13 @@ impl RaftNode {
         self.raft.metrics().borrow().current_leader
     }
 
-    /// The tonic service peers talk to (Raft RPCs, forwarded writes, read index).
-    pub fn peer_service(&self) -> RaftPeerServer<PeerService> {
-        PeerService::server(self.raft.clone(), self.pauses.clone())
+    /// The tonic service peers talk to (Raft RPCs, forwarded writes, read index); its
+    /// AppendEntries streams end once `stop` turns true (the member's server is stopping).
+    pub fn peer_service(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> RaftPeerServer<PeerService> {
+        PeerService::server(self.raft.clone(), self.pauses.clone(), stop)
     }
 
     /// The leader (if another member) and a channel to its peer port, for requests only the

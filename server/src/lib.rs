@@ -456,7 +456,7 @@ async fn serve_peers(
         return Ok(());
     }
     let incoming = futures::stream::select_all(listeners.into_iter().map(accept_stream));
-    let raft = node.raft().peer_service();
+    let raft = node.raft().peer_service(stop.clone());
     tonic::transport::Server::builder()
         .add_service(raft)
         .add_service(LeasePeerServer::new(LeasePeerService::new(node.clone())))
