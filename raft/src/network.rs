@@ -799,6 +799,119 @@ mod tests {
 
     type Answer = RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>>;
 
+    /// A peer as an older fetcd was: AppendEntries only unary (counted), no `AppendStream`.
+    #[derive(Default)]
+    struct UnaryOnlyPeer {
+        unary: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl RaftPeer for UnaryOnlyPeer {
+        async fn append_entries(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            self.unary.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+                Ok(AppendEntriesResponse::Success);
+            encode(&answer).map(tonic::Response::new)
+        }
+
+        type AppendStreamStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<PeerMessage, tonic::Status>> + Send + 'static>,
+        >;
+
+        async fn append_stream(
+            &self,
+            _req: tonic::Request<tonic::Streaming<PeerMessage>>,
+        ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("no AppendStream here"))
+        }
+
+        async fn vote(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("vote"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("install_snapshot"))
+        }
+
+        async fn forward(
+            &self,
+            _req: tonic::Request<InternalRaftBatch>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("forward"))
+        }
+
+        async fn read_index(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("read_index"))
+        }
+
+        async fn change_membership(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("change_membership"))
+        }
+
+        async fn transfer(
+            &self,
+            _req: tonic::Request<PeerMessage>,
+        ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("transfer"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_stream_gets_unary_append_entries() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let peer = UnaryOnlyPeer::default();
+        let unary = peer.unary.clone();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(s, _)| s);
+            Some((conn, l))
+        });
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftPeerServer::new(peer))
+                .serve_with_incoming(incoming),
+        );
+        // A member id of this test's own: peer metrics are process-wide.
+        let target = 0x01df_e7cd_u64;
+        let mut net = Network::new(1, Arc::new(Durability::new(100)));
+        let mut client = net
+            .new_client(target, &BasicNode::new(format!("http://{addr}")))
+            .await;
+        for (prev, entries) in [(4, 5..7), (6, 7..8)] {
+            let option = RPCOption::new(Duration::from_secs(5));
+            let answer: Answer = client.append_entries(request(prev, entries), option).await;
+            assert!(
+                matches!(answer, Ok(AppendEntriesResponse::Success)),
+                "{answer:?}"
+            );
+            assert!(client.unary_only && client.stream.is_none());
+        }
+        // Both went unary; the refused stream was not a failed send.
+        assert_eq!(unary.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let failures = crate::metrics::peer_metrics(target)
+            .sent_failures
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(failures, 0);
+        server.abort();
+    }
+
     #[tokio::test]
     async fn empty_append_entries_are_answered_here_only_on_a_healthy_stream_with_entries_to_follow(
     ) {
