@@ -39,6 +39,8 @@ pub static WAL_WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 /// This member's Raft traffic with one peer (see the module documentation).
 #[derive(Debug)]
 pub struct PeerMetrics {
+    /// The peer's member id.
+    pub id: u64,
     /// Round trips of the AppendEntries RPCs the peer answered, `[with entries, empty]`.
     pub append_entries: [Histogram; 2],
     /// Raft RPCs to the peer that got no answer (unreachable, cut off, timed out): etcd's
@@ -72,6 +74,7 @@ pub fn peer_metrics(target: u64) -> Arc<PeerMetrics> {
         .entry(target)
         .or_insert_with(|| {
             Arc::new(PeerMetrics {
+                id: target,
                 append_entries: [
                     Histogram::new(&PEER_RTT_BUCKETS),
                     Histogram::new(&PEER_RTT_BUCKETS),

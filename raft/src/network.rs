@@ -376,9 +376,13 @@ impl PeerClient {
     /// A unary RPC per AppendEntries made each one an HTTP/2 stream of its own: request
     /// headers, a task spawned for the handler on the follower, answer headers and trailers,
     /// and on the leader a hop through the channel's buffer task. On the stream each one is one
-    /// DATA frame each way. Three members, one put at a time: p50 0.702 → 0.54 ms and the
-    /// members' CPU −21 %; 64 clients: +7 % puts/s (docs/benchmarks.md). etcd's members
-    /// likewise stream their messages to each other.
+    /// DATA frame each way. Three members, one put at a time: p50 0.707–0.719 → 0.539–0.559 ms
+    /// and the members' CPU −24 % (docs/benchmarks.md). etcd's members likewise stream their
+    /// messages to each other.
+    ///
+    /// The stream is taken out of `self` for the exchange and put back only once the answer
+    /// came: any error or timeout drops it (a late answer would otherwise be taken for the next
+    /// request's), and the next call opens a new one.
     ///
     /// `Ok(None)`: the peer has no such RPC (an older fetcd); the caller sends it unary.
     async fn call_stream(
@@ -387,54 +391,48 @@ impl PeerClient {
         option: &RPCOption,
     ) -> Result<Option<AppendEntriesResponse<NodeId>>, AeError> {
         use futures::SinkExt;
+        let held = self.stream.take();
         if let Err(e) = self.net.check_link(&self.addr) {
-            self.stream = None;
             return Err(self.failed(RPCError::Unreachable(Unreachable::new(&e))));
         }
         let msg = encode(rpc).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
         self.peer.sent(msg.data.len());
         self.net.delay(&self.addr).await;
-        let (net, addr, slot) = (&self.net, &self.addr, &mut self.stream);
+        let (net, addr) = (&self.net, &self.addr);
         let exchange = async move {
-            if slot.is_none() {
-                let (tx, rx) = futures::channel::mpsc::channel(1);
-                let mut c = net
-                    .client(addr)
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                let resp = c.append_stream(rx).await?;
-                *slot = Some(AeStream {
-                    tx,
-                    rx: resp.into_inner(),
-                });
-            }
-            let Some(s) = slot.as_mut() else {
-                return Err(tonic::Status::internal("no AppendEntries stream"));
+            let mut s = match held {
+                Some(s) => s,
+                None => {
+                    let (tx, rx) = futures::channel::mpsc::channel(1);
+                    let mut c = net
+                        .client(addr)
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    let resp = c.append_stream(rx).await?;
+                    AeStream {
+                        tx,
+                        rx: resp.into_inner(),
+                    }
+                }
             };
             s.tx.send(msg)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             match s.rx.message().await? {
-                Some(m) => Ok(m),
+                Some(m) => Ok((m, s)),
                 None => Err(tonic::Status::unavailable("the AppendEntries stream ended")),
             }
         };
-        let res = tokio::time::timeout(option.hard_ttl(), exchange).await;
-        let resp = match res {
-            Ok(Ok(m)) => m,
+        let resp = match tokio::time::timeout(option.hard_ttl(), exchange).await {
+            Ok(Ok((m, s))) => {
+                self.stream = Some(s);
+                m
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                self.stream = None;
                 self.unary_only = true;
                 return Ok(None);
             }
-            Ok(Err(status)) => {
-                // Whatever the stream held is lost with it: the next call opens a new one.
-                self.stream = None;
-                return Err(self.failed(status_error(&status)));
-            }
+            Ok(Err(status)) => return Err(self.failed(status_error(&status))),
             Err(_) => {
-                // An answer may still come on this stream, and would be taken for the next
-                // request's: drop it.
-                self.stream = None;
                 return Err(self.failed(self.timed_out(RPCTypes::AppendEntries, option)));
             }
         };
@@ -615,23 +613,58 @@ impl PeerService {
 }
 
 /// Counts a Raft request of `n` bytes from the member whose `vote` it carries (the leader or
-/// candidate that sent it); returns that member's metrics, to count the answer.
-fn traffic_from(vote: &openraft::Vote<NodeId>, n: usize) -> Option<Arc<PeerMetrics>> {
-    let peer = crate::metrics::peer_metrics(vote.leader_id().voted_for()?);
+/// candidate that sent it); returns that member's metrics, to count the answer. `known` is the
+/// sender's metrics already looked up (an AppendEntries stream's), if any: the lookup takes
+/// the process-wide registry's lock.
+fn traffic_from(
+    vote: &openraft::Vote<NodeId>,
+    n: usize,
+    known: Option<Arc<PeerMetrics>>,
+) -> Option<Arc<PeerMetrics>> {
+    let from = vote.leader_id().voted_for()?;
+    let peer = match known {
+        Some(p) if p.id == from => p,
+        _ => crate::metrics::peer_metrics(from),
+    };
     peer.received(n);
     Some(peer)
 }
 
+/// Serves one AppendEntries, unary or from a stream; `known` as for [`traffic_from`]. Returns
+/// the answer and the sender's metrics.
+async fn serve_append(
+    raft: &typ::Raft,
+    m: &PeerMessage,
+    known: Option<Arc<PeerMetrics>>,
+) -> (Result<PeerMessage, tonic::Status>, Option<Arc<PeerMetrics>>) {
+    let rpc: AppendEntriesRequest<TypeConfig> = match decode(m) {
+        Ok(rpc) => rpc,
+        Err(e) => return (Err(bad_request(e)), known),
+    };
+    let peer = traffic_from(&rpc.vote, m.data.len(), known);
+    let empty = rpc.entries.is_empty();
+    let res = raft.append_entries(rpc).await;
+    if empty {
+        // An empty AppendEntries may have brought a new commit index: let this member
+        // apply the entry and answer a client waiting for it (a write it forwarded)
+        // before the acknowledgement is encoded and written, as the leader does on its
+        // side. Three members, one put at a time through a follower: p50 1.77–2.07 →
+        // 1.66–1.84 ms.
+        tokio::task::yield_now().await;
+    }
+    (answer(peer.as_ref(), &res), peer)
+}
+
 /// Encodes the answer to a Raft request from `peer`, counting its bytes as sent to it.
 fn answer<T: Serialize>(
-    peer: Option<Arc<PeerMetrics>>,
+    peer: Option<&Arc<PeerMetrics>>,
     res: &T,
-) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
+) -> Result<PeerMessage, tonic::Status> {
     let msg = encode(res)?;
     if let Some(p) = peer {
         p.sent(msg.data.len());
     }
-    Ok(tonic::Response::new(msg))
+    Ok(msg)
 }
 
 fn bad_request(e: bincode::Error) -> tonic::Status {
@@ -644,19 +677,8 @@ impl RaftPeer for PeerService {
         &self,
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
-        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
-        let empty = rpc.entries.is_empty();
-        let res = self.raft.append_entries(rpc).await;
-        if empty {
-            // An empty AppendEntries may have brought a new commit index: let this member
-            // apply the entry and answer a client waiting for it (a write it forwarded)
-            // before the acknowledgement is encoded and written, as the leader does on its
-            // side. Three members, one put at a time through a follower: p50 1.77–2.07 →
-            // 1.66–1.84 ms.
-            tokio::task::yield_now().await;
-        }
-        answer(peer, &res)
+        let (answer, _) = serve_append(&self.raft, req.get_ref(), None).await;
+        answer.map(tonic::Response::new)
     }
 
     type AppendStreamStream = std::pin::Pin<
@@ -668,20 +690,14 @@ impl RaftPeer for PeerService {
         req: tonic::Request<tonic::Streaming<PeerMessage>>,
     ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
         use futures::StreamExt;
-        let raft = self.raft.clone();
-        let out = req.into_inner().then(move |m| {
-            let raft = raft.clone();
-            async move {
-                let m = m?;
-                let rpc: AppendEntriesRequest<TypeConfig> = decode(&m).map_err(bad_request)?;
-                let peer = traffic_from(&rpc.vote, m.data.len());
-                let empty = rpc.entries.is_empty();
-                let res = raft.append_entries(rpc).await;
-                if empty {
-                    tokio::task::yield_now().await;
-                }
-                answer(peer, &res).map(tonic::Response::into_inner)
-            }
+        // Requests are served one at a time, in order; the sender's metrics are looked up once.
+        let state = (req.into_inner(), self.raft.clone(), None);
+        let out = futures::stream::unfold(state, |(mut inbound, raft, known)| async move {
+            let (answer, known) = match inbound.next().await? {
+                Ok(m) => serve_append(&raft, &m, known).await,
+                Err(status) => (Err(status), known),
+            };
+            Some((answer, (inbound, raft, known)))
         });
         let mut stop = self.stop.clone();
         let stopped = async move {
@@ -695,9 +711,9 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: VoteRequest<NodeId> = decode(req.get_ref()).map_err(bad_request)?;
-        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
+        let peer = traffic_from(&rpc.vote, req.get_ref().data.len(), None);
         let res = self.raft.vote(rpc).await;
-        answer(peer, &res)
+        answer(peer.as_ref(), &res).map(tonic::Response::new)
     }
 
     async fn install_snapshot(
@@ -705,9 +721,9 @@ impl RaftPeer for PeerService {
         req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref()).map_err(bad_request)?;
-        let peer = traffic_from(&rpc.vote, req.get_ref().data.len());
+        let peer = traffic_from(&rpc.vote, req.get_ref().data.len(), None);
         let res = self.raft.install_snapshot(rpc).await;
-        answer(peer, &res)
+        answer(peer.as_ref(), &res).map(tonic::Response::new)
     }
 
     async fn forward(

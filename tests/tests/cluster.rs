@@ -116,6 +116,39 @@ async fn every_member_serves_writes_and_linearizable_reads() -> Result<()> {
             ensure!(bytes > 60.0 * 10.0, "{series}{bytes}");
         }
     }
+    // The followers' side of that traffic, counted where they serve it: what the leader sent
+    // its followers they received, and the answers they sent it the leader received. The
+    // counters are process-wide and keyed by peer, so the sums also hold the election's votes
+    // between followers, and a message may be in flight: a few KiB of slack, against the tens
+    // of KiB the entries and leadership checks take.
+    let value = |series: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {series}"))
+    };
+    let me = c.member_id(leader).context("leader id")?;
+    let (mut to_followers, mut from_followers) = (0.0, 0.0);
+    for i in (0..c.len()).filter(|i| *i != leader) {
+        let f = c.member_id(i).context("member id")?;
+        to_followers += value(&format!(
+            "etcd_network_peer_sent_bytes_total{{To=\"{f:x}\"}}"
+        ))?;
+        from_followers += value(&format!(
+            "etcd_network_peer_received_bytes_total{{From=\"{f:x}\"}}"
+        ))?;
+    }
+    let served = value(&format!(
+        "etcd_network_peer_received_bytes_total{{From=\"{me:x}\"}}"
+    ))?;
+    let answered = value(&format!(
+        "etcd_network_peer_sent_bytes_total{{To=\"{me:x}\"}}"
+    ))?;
+    ensure!(
+        served + 4096.0 >= to_followers && answered + 4096.0 >= from_followers,
+        "leader sent {to_followers} and received {from_followers} bytes; followers received \
+         {served} and answered {answered}"
+    );
     for i in 0..c.len() {
         let text = fetcd_server::metrics::render(c.server(i).context("server")?.node());
         let want = format!("etcd_server_is_leader {}", u8::from(i == leader));
