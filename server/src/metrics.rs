@@ -393,7 +393,8 @@ pub fn render(node: &EtcdNode) -> String {
         out,
         "# HELP {name} Round trips of AppendEntries RPCs to peers, by whether they carried entries.\n# TYPE {name} histogram"
     );
-    for (to, peer) in fetcd_raft::metrics::all_peer_metrics() {
+    let peers = fetcd_raft::metrics::all_peer_metrics();
+    for (to, peer) in &peers {
         let [entries, empty] = &peer.append_entries;
         let labels = |kind: &str| format!("To=\"{to:x}\",kind=\"{kind}\"");
         histogram(&mut out, name, &labels("entries"), &entries.snapshot());
@@ -498,7 +499,6 @@ pub fn render(node: &EtcdNode) -> String {
         "",
         &fetcd_storage::metrics::BACKEND_COMMIT.snapshot(),
     );
-    let peers = fetcd_raft::metrics::all_peer_metrics();
     let name = "etcd_network_peer_round_trip_time_seconds";
     let _ = writeln!(
         out,
@@ -508,40 +508,36 @@ pub fn render(node: &EtcdNode) -> String {
         let [_, empty] = &peer.append_entries;
         histogram(&mut out, name, &format!("To=\"{to:x}\""), &empty.snapshot());
     }
-    let name = "etcd_network_peer_sent_failures_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Raft messages to each peer that got no answer.\n# TYPE {name} counter"
-    );
-    for (to, peer) in &peers {
-        let n = peer.sent_failures.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}{{To=\"{to:x}\"}} {n}");
-    }
-    let traffic = [
-        ("etcd_network_peer_sent_bytes_total", "To", "sent to"),
+    type PeerCounter = fn(&fetcd_raft::metrics::PeerMetrics) -> &AtomicU64;
+    let counters: [(&str, &str, &str, PeerCounter); 3] = [
+        (
+            "etcd_network_peer_sent_failures_total",
+            "Raft messages to each peer that got no answer.",
+            "To",
+            |p| &p.sent_failures,
+        ),
+        (
+            "etcd_network_peer_sent_bytes_total",
+            "Bytes of Raft messages sent to each peer.",
+            "To",
+            |p| &p.sent_bytes,
+        ),
         (
             "etcd_network_peer_received_bytes_total",
+            "Bytes of Raft messages received from each peer.",
             "From",
-            "received from",
+            |p| &p.received_bytes,
         ),
     ];
-    for (name, label, what) in traffic {
-        let _ = writeln!(
-            out,
-            "# HELP {name} Bytes of Raft messages {what} each peer.\n# TYPE {name} counter"
-        );
+    for (name, help, label, counter) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (id, peer) in &peers {
-            let n = if label == "To" {
-                &peer.sent_bytes
-            } else {
-                &peer.received_bytes
-            };
-            let n = n.load(Ordering::Relaxed);
+            let n = counter(peer).load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{{label}=\"{id:x}\"}} {n}");
         }
     }
 
-    let called = node.metrics().called();
+    let called = m.called();
     let _ = writeln!(out, "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter");
     for (service, method, c) in &called {
         let t = grpc_type(service, method);

@@ -123,14 +123,14 @@ impl EtcdNode {
     /// wait on a large store: only the first one waits; later ones get the last value while
     /// one older than [`SCRAPE_IN_USE_AGE`] is replaced in the background.
     pub async fn refresh_db_size_in_use(self: &Arc<Self>) {
-        let start = {
+        let (start, first) = {
             let mut m = self.in_use();
             let stale = m
                 .last
                 .is_none_or(|(at, _)| at.elapsed() >= SCRAPE_IN_USE_AGE);
             let start = stale && !m.refreshing;
             m.refreshing |= start;
-            start
+            (start, m.last.is_none())
         };
         if !start {
             return;
@@ -142,7 +142,7 @@ impl EtcdNode {
             }
             node.in_use().refreshing = false;
         };
-        if self.db_size_in_use_measured().is_none() {
+        if first {
             measure.await;
         } else {
             tokio::spawn(measure);
