@@ -32,6 +32,7 @@ pub mod membership;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod read_index;
 mod snapshot_file;
 pub mod state_machine;
 pub mod transfer;

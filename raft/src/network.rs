@@ -47,6 +47,8 @@ use crate::coalesce::EndStreamWithData;
 use crate::coalesce::RequestConnector;
 use crate::durable::Durability;
 use crate::metrics::PeerMetrics;
+use crate::read_index::LeaderAcks;
+use crate::read_index::ReadIndex;
 
 use crate::command::Command;
 use crate::command::CommandResponse;
@@ -109,6 +111,8 @@ pub struct Network {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// How far this member's Raft log is durable: a commit index leaves only once it is.
     log_durability: Arc<Durability>,
+    /// The followers' answers, as leadership confirmations for read indexes.
+    acks: Arc<LeaderAcks>,
 }
 
 impl Network {
@@ -118,7 +122,13 @@ impl Network {
             id,
             channels: Arc::default(),
             log_durability,
+            acks: Arc::default(),
         }
+    }
+
+    /// The followers' answers to this member's AppendEntries, as leadership confirmations.
+    pub fn acks(&self) -> &Arc<LeaderAcks> {
+        &self.acks
     }
 
     /// The channel to the peer at `addr` (its peer URL), created lazily and then shared.
@@ -308,8 +318,10 @@ impl PeerClient {
     /// - the previous empty one was sent: the peer still hears from this leader at least every
     ///   other heartbeat interval even if no entry went out meanwhile.
     ///
-    /// Leadership checks for linearizable reads never take this path: openraft sends them on
-    /// clients of their own, which have carried no entries.
+    /// A read index loses nothing here: an AppendEntries answered here confirms no leadership
+    /// (see [`crate::read_index`]), but the entries that follow at once do. openraft's own
+    /// leadership checks never take this path: they go on clients of their own, which have
+    /// carried no entries.
     fn answer_here(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
         let Some(prev) = rpc.prev_log_id else {
             return false;
@@ -533,6 +545,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             }
         }
         let started = Instant::now();
+        let acks = self.net.acks.clone();
+        let sent = acks.sending(
+            self.target,
+            rpc.vote,
+            rpc.entries.last().map(|e| e.log_id.index + 1),
+        );
         // The replication stream's AppendEntries go on its AppendEntries stream; openraft's
         // leadership checks (clients of their own, without entries) stay unary.
         let streamed = if !self.unary_only && (self.stream.is_some() || !rpc.entries.is_empty()) {
@@ -544,6 +562,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Some(res) => res,
             None => self.call(RPCTypes::AppendEntries, &rpc, &option).await,
         };
+        // Any answer but a higher vote vouches for this leader (see `crate::read_index`).
+        match &res {
+            Ok(AppendEntriesResponse::HigherVote(_)) => sent.answered(false),
+            Ok(_) => sent.answered(true),
+            Err(_) => sent.answered(false),
+        }
         self.note_answer(&rpc, &res);
         if res.is_ok() && rpc.leader_commit > self.commit_sent {
             self.commit_sent = rpc.leader_commit;
@@ -593,22 +617,29 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub struct PeerService {
     raft: typ::Raft,
     pauses: Arc<Pauses>,
+    read_index: Arc<ReadIndex>,
     /// Set when the member's server stops: AppendEntries streams then end, since a graceful
     /// shutdown waits for every open call and a leader keeps its stream open for good.
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
-    /// The tonic service for `raft`, with its transfer pauses; its AppendEntries streams end
-    /// once `stop` turns true.
+    /// The tonic service for `raft`, with its transfer pauses and read index; its
+    /// AppendEntries streams end once `stop` turns true.
     pub fn server(
         raft: typ::Raft,
         pauses: Arc<Pauses>,
+        read_index: Arc<ReadIndex>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> RaftPeerServer<PeerService> {
-        RaftPeerServer::new(PeerService { raft, pauses, stop })
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE)
+        RaftPeerServer::new(PeerService {
+            raft,
+            pauses,
+            read_index,
+            stop,
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
     }
 }
 
@@ -761,8 +792,8 @@ impl RaftPeer for PeerService {
         _req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
         self.pauses.wait_released().await;
-        let res: Result<u64, PeerError> = match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+        let res: Result<u64, PeerError> = match self.read_index.leader_read_index().await {
+            Ok(read) => Ok(read),
             Err(RaftError::APIError(e)) => match e {
                 openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
                     Err(PeerError::NotLeader(f.leader_id))

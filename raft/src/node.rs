@@ -38,6 +38,7 @@ use crate::membership::MembershipError;
 use crate::network::Network;
 use crate::network::PeerError;
 use crate::network::PeerService;
+use crate::read_index::ReadIndex;
 use crate::state_machine::StateMachine;
 use crate::transfer::Pauses;
 use crate::typ;
@@ -178,6 +179,7 @@ struct Shared {
     log_syncs: Arc<SyncGauge>,
     state_machine: Arc<StateMachine>,
     pauses: Arc<Pauses>,
+    read_index: Arc<ReadIndex>,
 }
 
 /// The Raft log's directory under `member/`.
@@ -266,6 +268,8 @@ pub struct RaftNode {
     pub(crate) network: Network,
     /// Leader-transfer pauses of this member (see [`crate::transfer`]).
     pub(crate) pauses: Arc<Pauses>,
+    /// This member's read index when it leads (see [`crate::read_index`]).
+    read_index: Arc<ReadIndex>,
     /// One leader transfer at a time.
     pub(crate) transferring: tokio::sync::Mutex<()>,
     /// Whether this member is a learner now ([`track_learner`]).
@@ -322,7 +326,8 @@ impl RaftNode {
         .validate()
         .map_err(|e| OpenError::Raft(e.to_string()))?;
 
-        let network = Network::new(config.node_id, log_store.durability());
+        let durability = log_store.durability();
+        let network = Network::new(config.node_id, durability.clone());
         let log = log_store.clone();
         let raft = openraft::Raft::new(
             config.node_id,
@@ -381,6 +386,13 @@ impl RaftNode {
             }
         }
         let pauses = Pauses::new(raft.clone());
+        let read_index = Arc::new(ReadIndex::new(
+            raft.clone(),
+            network.acks().clone(),
+            durability,
+            config.node_id,
+            config.heartbeat_interval,
+        ));
         let shared = Arc::new(Shared {
             raft: raft.clone(),
             network: network.clone(),
@@ -389,6 +401,7 @@ impl RaftNode {
             log_syncs,
             state_machine: state_machine.clone(),
             pauses: pauses.clone(),
+            read_index: read_index.clone(),
         });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
         tokio::spawn(run_batcher(shared.clone(), rx));
@@ -405,6 +418,7 @@ impl RaftNode {
             reads,
             network,
             pauses,
+            read_index,
             transferring: tokio::sync::Mutex::new(()),
             learner,
         })
@@ -502,7 +516,12 @@ impl RaftNode {
         &self,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> RaftPeerServer<PeerService> {
-        PeerService::server(self.raft.clone(), self.pauses.clone(), stop)
+        PeerService::server(
+            self.raft.clone(),
+            self.pauses.clone(),
+            self.read_index.clone(),
+            stop,
+        )
     }
 
     /// The leader (if another member) and a channel to its peer port, for requests only the
@@ -1014,9 +1033,8 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
             leader = leader_of(raft).await?;
         }
         if leader == shared.id {
-            return match raft.get_read_log_id().await {
-                Ok((Some(read), _)) => wait_applied(shared, read.index).await,
-                Ok((None, _)) => Ok(()),
+            return match shared.read_index.leader_read_index().await {
+                Ok(read) => wait_applied(shared, read).await,
                 Err(RaftError::APIError(e)) => match e {
                     openraft::error::CheckIsLeaderError::ForwardToLeader(_) => {
                         Err(ProposeError::LeaderChanged)
