@@ -21,6 +21,7 @@
 //! Boundary rule: this crate knows nothing of the etcd gRPC services; it takes
 //! `InternalRaftRequest`s and returns storage answers.
 
+pub(crate) mod calls;
 pub mod coalesce;
 pub mod command;
 pub mod durable;

@@ -12,10 +12,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
+use fetcd_proto::raftpb::peer_call;
 use fetcd_proto::raftpb::raft_peer_client::RaftPeerClient;
 use fetcd_proto::raftpb::raft_peer_server::RaftPeer;
 use fetcd_proto::raftpb::raft_peer_server::RaftPeerServer;
 use fetcd_proto::raftpb::InternalRaftBatch;
+use fetcd_proto::raftpb::PeerCall;
 use fetcd_proto::raftpb::PeerMessage;
 use openraft::error::ClientWriteError;
 use openraft::error::InstallSnapshotError;
@@ -43,6 +45,8 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
+use crate::calls::CallConn;
+use crate::calls::LeaderRequest;
 use crate::coalesce::EndStreamWithData;
 use crate::coalesce::RequestConnector;
 use crate::durable::Durability;
@@ -113,6 +117,10 @@ pub struct Network {
     log_durability: Arc<Durability>,
     /// The followers' answers, as leadership confirmations for read indexes.
     acks: Arc<LeaderAcks>,
+    /// Per peer URL: the open `CallStream` to it, or `None` if it has none (an older fetcd).
+    calls: Arc<Mutex<HashMap<String, Option<Arc<CallConn>>>>>,
+    /// Held while a `CallStream` opens: one per peer.
+    opening_calls: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Network {
@@ -123,6 +131,8 @@ impl Network {
             channels: Arc::default(),
             log_durability,
             acks: Arc::default(),
+            calls: Arc::default(),
+            opening_calls: Arc::default(),
         }
     }
 
@@ -192,13 +202,48 @@ impl Network {
         addr: &str,
         batch: InternalRaftBatch,
     ) -> Result<Result<(u64, CommandResponse), PeerError>, TransportError> {
+        let resp = self
+            .leader_call(addr, LeaderRequest::Forward(batch))
+            .await?;
+        Ok(decode(&resp)?)
+    }
+
+    /// Makes `req` of the leader at `addr` on the [`CallConn`] to it, opened if needed, or
+    /// unary if it has none (see [`crate::calls`]).
+    async fn leader_call(
+        &self,
+        addr: &str,
+        req: LeaderRequest,
+    ) -> Result<PeerMessage, TransportError> {
         self.delay(addr).await;
         let mut c = self.client(addr)?;
-        let resp = c
-            .forward(batch)
-            .await
-            .map_err(TransportError::Unreachable)?;
-        Ok(decode(resp.get_ref())?)
+        let known = {
+            let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            calls.get(addr).cloned()
+        };
+        let conn = match known {
+            Some(None) => None,
+            Some(Some(conn)) if !conn.is_closed() => Some(conn),
+            _ => self.open_calls(addr, &c).await?,
+        };
+        let resp = match (conn, req) {
+            (Some(conn), req) => conn
+                .call(req)
+                .await
+                .map(|data| PeerMessage { data })
+                .map_err(TransportError::Unreachable)?,
+            (None, LeaderRequest::Forward(batch)) => c
+                .forward(batch)
+                .await
+                .map_err(TransportError::Unreachable)?
+                .into_inner(),
+            (None, LeaderRequest::ReadIndex) => c
+                .read_index(PeerMessage { data: Vec::new() })
+                .await
+                .map_err(TransportError::Unreachable)?
+                .into_inner(),
+        };
+        Ok(resp)
     }
 
     /// Asks the leader at `addr` to make a membership change.
@@ -234,15 +279,37 @@ impl Network {
         Ok(decode(resp.get_ref())?)
     }
 
+    /// Opens the `CallStream` to `addr` (`None`: the peer has none), once for callers that
+    /// found none at the same time.
+    async fn open_calls(
+        &self,
+        addr: &str,
+        c: &RaftPeerClient<EndStreamWithData<Channel>>,
+    ) -> Result<Option<Arc<CallConn>>, TransportError> {
+        let _opening = self.opening_calls.lock().await;
+        let known = {
+            let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            calls.get(addr).cloned()
+        };
+        match known {
+            Some(None) => return Ok(None),
+            Some(Some(conn)) if !conn.is_closed() => return Ok(Some(conn)),
+            _ => {}
+        }
+        let opened = match CallConn::open(c.clone()).await {
+            Ok(conn) => Some(Arc::new(conn)),
+            Err(s) if s.code() == tonic::Code::Unimplemented => None,
+            Err(s) => return Err(TransportError::Unreachable(s)),
+        };
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.insert(addr.to_string(), opened.clone());
+        Ok(opened)
+    }
+
     /// Asks the leader at `addr` for a read index (it confirms its leadership first).
     pub async fn read_index(&self, addr: &str) -> Result<Result<u64, PeerError>, TransportError> {
-        self.delay(addr).await;
-        let mut c = self.client(addr)?;
-        let resp = c
-            .read_index(PeerMessage { data: Vec::new() })
-            .await
-            .map_err(TransportError::Unreachable)?;
-        Ok(decode(resp.get_ref())?)
+        let resp = self.leader_call(addr, LeaderRequest::ReadIndex).await?;
+        Ok(decode(&resp)?)
     }
 }
 
@@ -624,6 +691,40 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    /// Proposes a follower's batch of client writes (unary or on a `CallStream`).
+    async fn serve_forward(&self, batch: InternalRaftBatch) -> Result<PeerMessage, tonic::Status> {
+        let cmd = Command(batch);
+        self.pauses.wait_released().await;
+        let res: Result<(u64, CommandResponse), PeerError> = match self.raft.client_write(cmd).await
+        {
+            Ok(r) => Ok((r.log_id.index, r.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(PeerError::NotLeader(f.leader_id))
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                Err(PeerError::Stopped(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+        };
+        encode(&res)
+    }
+
+    /// Answers a follower's read-index request (unary or on a `CallStream`).
+    async fn serve_read_index(&self) -> Result<PeerMessage, tonic::Status> {
+        self.pauses.wait_released().await;
+        let res: Result<u64, PeerError> = match self.read_index.leader_read_index().await {
+            Ok(read) => Ok(read),
+            Err(RaftError::APIError(e)) => match e {
+                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
+                    Err(PeerError::NotLeader(f.leader_id))
+                }
+                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => Err(PeerError::NoQuorum),
+            },
+            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+        };
+        encode(&res)
+    }
+
     /// The tonic service for `raft`, with its transfer pauses and read index; its
     /// AppendEntries streams end once `stop` turns true.
     pub fn server(
@@ -698,6 +799,16 @@ fn answer<T: Serialize>(
     Ok(msg)
 }
 
+/// The answers of a streaming peer RPC.
+type PeerStream<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
+/// Resolves once the member's server stops: a streaming peer RPC's answers end then, since a
+/// graceful shutdown waits for every open call.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 fn bad_request(e: bincode::Error) -> tonic::Status {
     tonic::Status::invalid_argument(format!("undecodable peer message: {e}"))
 }
@@ -712,9 +823,7 @@ impl RaftPeer for PeerService {
         answer.map(tonic::Response::new)
     }
 
-    type AppendStreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<PeerMessage, tonic::Status>> + Send + 'static>,
-    >;
+    type AppendStreamStream = PeerStream<PeerMessage>;
 
     async fn append_stream(
         &self,
@@ -730,11 +839,9 @@ impl RaftPeer for PeerService {
             };
             Some((answer, (inbound, raft, known)))
         });
-        let mut stop = self.stop.clone();
-        let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        Ok(tonic::Response::new(Box::pin(out.take_until(stopped))))
+        Ok(tonic::Response::new(Box::pin(
+            out.take_until(stopped(self.stop.clone())),
+        )))
     }
 
     async fn vote(
@@ -761,20 +868,54 @@ impl RaftPeer for PeerService {
         &self,
         req: tonic::Request<InternalRaftBatch>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-        let cmd = Command(req.into_inner());
-        self.pauses.wait_released().await;
-        let res: Result<(u64, CommandResponse), PeerError> = match self.raft.client_write(cmd).await
-        {
-            Ok(r) => Ok((r.log_id.index, r.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(PeerError::NotLeader(f.leader_id))
+        self.serve_forward(req.into_inner())
+            .await
+            .map(tonic::Response::new)
+    }
+
+    type CallStreamStream = PeerStream<PeerCall>;
+
+    async fn call_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<PeerCall>>,
+    ) -> Result<tonic::Response<Self::CallStreamStream>, tonic::Status> {
+        use futures::SinkExt;
+        use futures::StreamExt;
+        // Each call is served by a task of its own, as a unary RPC would be, and answered as
+        // soon as it is done.
+        let (tx, rx) = futures::channel::mpsc::channel(64);
+        let mut inbound = req.into_inner();
+        let svc = self.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let stop = stopped(stop);
+            tokio::pin!(stop);
+            loop {
+                let call = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(call)) => call,
+                        _ => break,
+                    },
+                    _ = &mut stop => break,
+                };
+                let (svc, mut tx) = (svc.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = match call.call {
+                        Some(peer_call::Call::Forward(batch)) => svc.serve_forward(batch).await,
+                        Some(peer_call::Call::ReadIndex(_)) => svc.serve_read_index().await,
+                        _ => Err(tonic::Status::invalid_argument("not a call")),
+                    };
+                    let msg = answer.map(|m| PeerCall {
+                        id: call.id,
+                        call: Some(peer_call::Call::Answer(m.data)),
+                    });
+                    let _ = tx.send(msg).await;
+                });
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-                Err(PeerError::Stopped(e.to_string()))
-            }
-            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
-        };
-        encode(&res).map(tonic::Response::new)
+        });
+        Ok(tonic::Response::new(Box::pin(
+            rx.take_until(stopped(self.stop.clone())),
+        )))
     }
 
     async fn change_membership(
@@ -791,18 +932,7 @@ impl RaftPeer for PeerService {
         &self,
         _req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-        self.pauses.wait_released().await;
-        let res: Result<u64, PeerError> = match self.read_index.leader_read_index().await {
-            Ok(read) => Ok(read),
-            Err(RaftError::APIError(e)) => match e {
-                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
-                    Err(PeerError::NotLeader(f.leader_id))
-                }
-                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => Err(PeerError::NoQuorum),
-            },
-            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
-        };
-        encode(&res).map(tonic::Response::new)
+        self.serve_read_index().await.map(tonic::Response::new)
     }
 
     async fn transfer(
@@ -846,10 +976,19 @@ mod tests {
 
     type Answer = RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>>;
 
-    /// A peer as an older fetcd was: AppendEntries only unary (counted), no `AppendStream`.
+    /// A peer as an older fetcd was: AppendEntries only unary (counted), no `AppendStream`;
+    /// with `call_stream`, a leader whose `CallStream` takes three calls and answers them in
+    /// reverse order, else one with unary forwards and read indexes only. A forwarded batch of
+    /// `n` requests is answered with log index `n`; a read index with 42.
     #[derive(Default)]
     struct UnaryOnlyPeer {
         unary: Arc<std::sync::atomic::AtomicUsize>,
+        call_stream: bool,
+    }
+
+    fn forward_answer(batch: &InternalRaftBatch) -> Result<PeerMessage, tonic::Status> {
+        let n = batch.requests.len() as u64;
+        encode(&Ok::<_, PeerError>((n, CommandResponse::default())))
     }
 
     #[tonic::async_trait]
@@ -864,9 +1003,7 @@ mod tests {
             encode(&answer).map(tonic::Response::new)
         }
 
-        type AppendStreamStream = std::pin::Pin<
-            Box<dyn futures::Stream<Item = Result<PeerMessage, tonic::Status>> + Send + 'static>,
-        >;
+        type AppendStreamStream = PeerStream<PeerMessage>;
 
         async fn append_stream(
             &self,
@@ -891,16 +1028,55 @@ mod tests {
 
         async fn forward(
             &self,
-            _req: tonic::Request<InternalRaftBatch>,
+            req: tonic::Request<InternalRaftBatch>,
         ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-            Err(tonic::Status::unimplemented("forward"))
+            self.unary.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            forward_answer(req.get_ref()).map(tonic::Response::new)
         }
 
         async fn read_index(
             &self,
             _req: tonic::Request<PeerMessage>,
         ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-            Err(tonic::Status::unimplemented("read_index"))
+            self.unary.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            encode(&Ok::<u64, PeerError>(42)).map(tonic::Response::new)
+        }
+
+        type CallStreamStream = PeerStream<PeerCall>;
+
+        async fn call_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<PeerCall>>,
+        ) -> Result<tonic::Response<Self::CallStreamStream>, tonic::Status> {
+            use futures::StreamExt;
+            if !self.call_stream {
+                return Err(tonic::Status::unimplemented("no CallStream here"));
+            }
+            let inbound = req.into_inner();
+            let answers = futures::stream::once(async move {
+                let mut calls: Vec<PeerCall> = inbound
+                    .take(3)
+                    .filter_map(|c| async { c.ok() })
+                    .collect()
+                    .await;
+                calls.reverse();
+                let answers: Vec<Result<PeerCall, tonic::Status>> = calls
+                    .into_iter()
+                    .map(|c| {
+                        let answer = match &c.call {
+                            Some(peer_call::Call::Forward(b)) => forward_answer(b)?,
+                            _ => encode(&Ok::<u64, PeerError>(42))?,
+                        };
+                        Ok(PeerCall {
+                            id: c.id,
+                            call: Some(peer_call::Call::Answer(answer.data)),
+                        })
+                    })
+                    .collect();
+                futures::stream::iter(answers)
+            })
+            .flatten();
+            Ok(tonic::Response::new(Box::pin(answers)))
         }
 
         async fn change_membership(
@@ -920,27 +1096,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_without_the_stream_gets_unary_append_entries() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let peer = UnaryOnlyPeer::default();
         let unary = peer.unary.clone();
-        let incoming = futures::stream::unfold(listener, |l| async move {
-            let conn = l.accept().await.map(|(s, _)| s);
-            Some((conn, l))
-        });
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RaftPeerServer::new(peer))
-                .serve_with_incoming(incoming),
-        );
+        let (addr, server) = serve_peer(peer).await;
         // A member id of this test's own: peer metrics are process-wide.
         let target = 0x01df_e7cd_u64;
         let mut net = Network::new(1, Arc::new(Durability::new(100)));
-        let mut client = net
-            .new_client(target, &BasicNode::new(format!("http://{addr}")))
-            .await;
+        let mut client = net.new_client(target, &BasicNode::new(addr)).await;
         for (prev, entries) in [(4, 5..7), (6, 7..8)] {
             let option = RPCOption::new(Duration::from_secs(5));
             let answer: Answer = client.append_entries(request(prev, entries), option).await;
@@ -956,6 +1118,72 @@ mod tests {
             .sent_failures
             .load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(failures, 0);
+        server.abort();
+    }
+
+    /// Serves `peer` on a port of its own; returns its URL and the server task.
+    async fn serve_peer(peer: UnaryOnlyPeer) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(s, _)| s);
+            Some((conn, l))
+        });
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(RaftPeerServer::new(peer))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        (format!("http://{addr}"), server)
+    }
+
+    fn batch(n: usize) -> InternalRaftBatch {
+        InternalRaftBatch {
+            requests: vec![Default::default(); n],
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_on_the_call_stream_get_their_own_answers_in_any_order() {
+        let peer = UnaryOnlyPeer {
+            call_stream: true,
+            ..Default::default()
+        };
+        let unary = peer.unary.clone();
+        let (addr, server) = serve_peer(peer).await;
+        let net = Network::new(1, Arc::new(Durability::new(100)));
+        // Three calls at once; the leader answers the last one first.
+        let (a, b, c) = tokio::join!(
+            net.forward(&addr, batch(1)),
+            net.read_index(&addr),
+            net.forward(&addr, batch(3)),
+        );
+        let index = |r: Result<Result<(u64, CommandResponse), PeerError>, TransportError>| {
+            r.ok().and_then(|r| r.ok()).map(|(i, _)| i)
+        };
+        assert_eq!(index(a), Some(1));
+        assert!(matches!(b, Ok(Ok(42))), "{b:?}");
+        assert_eq!(index(c), Some(3));
+        assert_eq!(unary.load(std::sync::atomic::Ordering::SeqCst), 0);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_leader_without_the_call_stream_gets_unary_calls() {
+        let peer = UnaryOnlyPeer::default();
+        let unary = peer.unary.clone();
+        let (addr, server) = serve_peer(peer).await;
+        let net = Network::new(1, Arc::new(Durability::new(100)));
+        for _ in 0..2 {
+            let fwd = net.forward(&addr, batch(2)).await;
+            assert!(matches!(fwd, Ok(Ok((2, _)))), "{fwd:?}");
+            let ri = net.read_index(&addr).await;
+            assert!(matches!(ri, Ok(Ok(42))), "{ri:?}");
+        }
+        assert_eq!(unary.load(std::sync::atomic::Ordering::SeqCst), 4);
         server.abort();
     }
 
