@@ -2,10 +2,11 @@
 //!
 //! As unary RPCs each was an HTTP/2 stream of its own: request headers, a task spawned for the
 //! handler on the leader, answer headers and trailers. A follower forwards every batch of its
-//! clients' writes and asks the leader for every read index: under kube's mix on three members,
-//! about 3000 such RPCs per 10k operations. On `CallStream` each is one DATA frame each way,
-//! tagged with an id that its answer carries back. Answers come in any order: a read index does
-//! not wait behind a forwarded write. A peer without the RPC (an older fetcd) gets them unary.
+//! clients' writes and asks the leader for every read index: one run of kube's mix on three
+//! members (8000 objects preloaded, then 10k operations) made about 1800 and 1000 of them. On
+//! `CallStream` each is one DATA frame each way, tagged with an id that its answer carries
+//! back. Answers come in any order: a read index does not wait behind a forwarded write. A
+//! peer without the RPC (an older fetcd) gets them unary.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
