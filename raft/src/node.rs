@@ -492,8 +492,9 @@ impl RaftNode {
             // Handing leadership over: deliberately silent, not cut off.
             Some(l) if l == self.config.node_id && self.pauses.is_held() => true,
             Some(l) if l == self.config.node_id => {
-                // Confirms leadership with a quorum (the first step of a read index).
-                let confirm = self.raft.get_read_log_id();
+                // Confirms leadership with a quorum (the first step of a read index), from the
+                // replication traffic where it can (see `crate::read_index`).
+                let confirm = self.read_index.leader_read_index();
                 matches!(tokio::time::timeout(timeout, confirm).await, Ok(Ok(_)))
             }
             Some(_) => true,
