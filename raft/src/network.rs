@@ -217,14 +217,9 @@ impl Network {
     ) -> Result<PeerMessage, TransportError> {
         self.delay(addr).await;
         let mut c = self.client(addr)?;
-        let known = {
-            let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            calls.get(addr).cloned()
-        };
-        let conn = match known {
-            Some(None) => None,
-            Some(Some(conn)) if !conn.is_closed() => Some(conn),
-            _ => self.open_calls(addr, &c).await?,
+        let conn = match self.known_calls(addr) {
+            Some(known) => known,
+            None => self.open_calls(addr, &c).await?,
         };
         let resp = match (conn, req) {
             (Some(conn), req) => conn
@@ -279,6 +274,16 @@ impl Network {
         Ok(decode(resp.get_ref())?)
     }
 
+    /// What is known of `addr`'s `CallStream`, if it can be used: the open stream, or `None`
+    /// if the peer has none. `None` at the outer level: it must be opened (first, or broken).
+    fn known_calls(&self, addr: &str) -> Option<Option<Arc<CallConn>>> {
+        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        match calls.get(addr) {
+            Some(Some(conn)) if conn.is_closed() => None,
+            known => known.cloned(),
+        }
+    }
+
     /// Opens the `CallStream` to `addr` (`None`: the peer has none), once for callers that
     /// found none at the same time.
     async fn open_calls(
@@ -287,14 +292,8 @@ impl Network {
         c: &RaftPeerClient<EndStreamWithData<Channel>>,
     ) -> Result<Option<Arc<CallConn>>, TransportError> {
         let _opening = self.opening_calls.lock().await;
-        let known = {
-            let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-            calls.get(addr).cloned()
-        };
-        match known {
-            Some(None) => return Ok(None),
-            Some(Some(conn)) if !conn.is_closed() => return Ok(Some(conn)),
-            _ => {}
+        if let Some(known) = self.known_calls(addr) {
+            return Ok(known);
         }
         let opened = match CallConn::open(c.clone()).await {
             Ok(conn) => Some(Arc::new(conn)),
