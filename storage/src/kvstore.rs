@@ -1241,6 +1241,14 @@ impl ReadView for CommittedView<'_> {
     }
 
     fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool) {
+        if let KeyRange::Single(key) = range {
+            // One descent of the index where a range takes two (its two ends): every get, and
+            // every Txn's compare, is one key.
+            if let Some((k, ki)) = self.st.keys.get_key_value::<[u8]>(key) {
+                f(k, ki);
+            }
+            return;
+        }
         let Some(bounds) = range.bounds() else {
             return;
         };
@@ -1573,6 +1581,17 @@ impl ReadView for WriteTxn<'_> {
     }
 
     fn for_each_key(&self, range: &KeyRange, f: &mut dyn FnMut(&[u8], &KeyIndex) -> bool) {
+        if let KeyRange::Single(key) = range {
+            // As for the committed view; this transaction's own entry shadows the committed one.
+            let found = self
+                .overlay
+                .get_key_value::<[u8]>(key)
+                .or_else(|| self.base().keys.get_key_value::<[u8]>(key));
+            if let Some((k, ki)) = found {
+                f(k, ki);
+            }
+            return;
+        }
         let Some(bounds) = range.bounds() else {
             return;
         };
@@ -1622,6 +1641,11 @@ pub(crate) mod testing {
     /// A store in a temporary sled database.
     pub(crate) fn store() -> KvStore {
         KvStore::open(sled::Config::new().temporary(true).open().unwrap()).unwrap()
+    }
+
+    /// Runs `f` on the store's committed state.
+    pub(crate) fn with_committed<R>(s: &KvStore, f: impl FnOnce(&dyn ReadView) -> R) -> R {
+        f(&s.committed(s.epoch.load(Ordering::SeqCst)))
     }
 
     /// Applies a plain Put.

@@ -328,8 +328,11 @@ pub(crate) fn delete_range(
 /// missing key compares as an empty key-value, except that a value compare on it always fails.
 fn compare(view: &dyn ReadView, c: &Compare) -> Result<bool> {
     let range = KeyRange::new(&c.key, &c.range_end);
-    let (kvs, _) = range_keys(view, &range, view.rev(), 0)?;
     let target = CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version);
+    if let Some(held) = compare_in_index(view, c, target, &range) {
+        return Ok(held);
+    }
+    let (kvs, _) = range_keys(view, &range, view.rev(), 0)?;
     if kvs.is_empty() {
         if target == CompareTarget::Value {
             return Ok(false);
@@ -337,6 +340,47 @@ fn compare(view: &dyn ReadView, c: &Compare) -> Result<bool> {
         return Ok(compare_kv(c, target, &KeyValue::default()));
     }
     Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+}
+
+/// A compare of revisions or versions, which the key index holds: the apiserver's
+/// `mod_revision` compare-and-swap, and its creates' `mod_revision == 0`, must not load and
+/// decode each key's stored value (every member applies every Txn). `None` for the targets
+/// only the stored key-value holds (value, lease).
+fn compare_in_index(
+    view: &dyn ReadView,
+    c: &Compare,
+    target: CompareTarget,
+    range: &KeyRange,
+) -> Option<bool> {
+    if !matches!(
+        target,
+        CompareTarget::Mod | CompareTarget::Create | CompareTarget::Version
+    ) {
+        return None;
+    }
+    let at = view.rev();
+    let mut seen = false;
+    let mut held = true;
+    view.for_each_key(range, &mut |_, ki| {
+        let Some(v) = ki.get(at) else {
+            return true;
+        };
+        seen = true;
+        let kv = KeyValue {
+            mod_revision: v.modified.main,
+            create_revision: v.created.main,
+            version: v.version,
+            ..Default::default()
+        };
+        held = compare_kv(c, target, &kv);
+        held
+    });
+    // A range with no key compares against an absent key's zeros, as below.
+    Some(if seen {
+        held
+    } else {
+        compare_kv(c, target, &KeyValue::default())
+    })
 }
 
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
@@ -842,5 +886,117 @@ mod long_tests {
             WriteOp::Compaction(Default::default()).may_take_long(),
             "a compaction waits for the persister"
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod compare_tests {
+    use fetcd_proto::etcdserverpb::RequestOp;
+
+    use super::*;
+    use crate::kvstore::testing::put;
+    use crate::kvstore::testing::store;
+    use crate::kvstore::testing::with_committed;
+    use crate::WriteOp;
+
+    fn op(r: Request) -> RequestOp {
+        RequestOp { request: Some(r) }
+    }
+
+    /// The compares answered from the key index must answer as the stored key-values do, over
+    /// a history of updates, deletes, re-creates and a Txn writing two keys in one revision.
+    #[test]
+    fn compares_from_the_key_index_answer_as_the_stored_values_do() {
+        let s = store();
+        let delete = |k: &str| {
+            let req = DeleteRangeRequest {
+                key: k.into(),
+                ..Default::default()
+            };
+            s.apply([(WriteOp::DeleteRange(req), b"ci".to_vec())])
+                .unwrap();
+        };
+        put(&s, "a", "1");
+        put(&s, "a", "2");
+        put(&s, "b", "1");
+        delete("a");
+        put(&s, "a", "3");
+        let both = TxnRequest {
+            success: ["c", "d"]
+                .map(|k| {
+                    op(Request::RequestPut(PutRequest {
+                        key: k.into(),
+                        value: b"t".to_vec(),
+                        ..Default::default()
+                    }))
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        s.apply([(WriteOp::Txn(both), b"ci".to_vec())]).unwrap();
+        put(&s, "d", "2");
+        put(&s, "e", "1");
+        delete("e");
+        with_committed(&s, |view| {
+            let by_load = |c: &Compare, target: CompareTarget, range: &KeyRange| {
+                let (kvs, _) = range_keys(view, range, view.rev(), 0).unwrap();
+                if kvs.is_empty() {
+                    compare_kv(c, target, &KeyValue::default())
+                } else {
+                    kvs.iter().all(|kv| compare_kv(c, target, kv))
+                }
+            };
+            let (mut held, mut checked) = (0, 0);
+            let ranges: [(&str, &str); 8] = [
+                ("a", ""),
+                ("b", ""),
+                ("c", ""),
+                ("d", ""),
+                ("e", ""),
+                ("z", ""),
+                ("a", "e"),
+                ("\0", "\0"),
+            ];
+            for (key, end) in ranges {
+                for target in [
+                    CompareTarget::Mod,
+                    CompareTarget::Create,
+                    CompareTarget::Version,
+                ] {
+                    for result in [
+                        CompareResult::Equal,
+                        CompareResult::NotEqual,
+                        CompareResult::Greater,
+                        CompareResult::Less,
+                    ] {
+                        for want in 0..=12 {
+                            let c = Compare {
+                                key: key.into(),
+                                range_end: end.into(),
+                                target: target as i32,
+                                result: result as i32,
+                                target_union: Some(match target {
+                                    CompareTarget::Mod => TargetUnion::ModRevision(want),
+                                    CompareTarget::Create => TargetUnion::CreateRevision(want),
+                                    _ => TargetUnion::Version(want),
+                                }),
+                            };
+                            let range = KeyRange::new(&c.key, &c.range_end);
+                            let got = compare_in_index(view, &c, target, &range);
+                            assert_eq!(
+                                got,
+                                Some(by_load(&c, target, &range)),
+                                "{key:?}..{end:?} {target:?} {result:?} {want}"
+                            );
+                            checked += 1;
+                            held += usize::from(got == Some(true));
+                        }
+                    }
+                }
+            }
+            // Both outcomes occur, so the comparison above could tell the two apart.
+            assert!(held > 0 && held < checked, "{held} of {checked}");
+        });
     }
 }
