@@ -9,9 +9,9 @@
 //! is both. Requests already in flight finish.
 //!
 //! A member's log syncs can be held as well ([`hold_log_syncs`]): the syncs its Raft log makes
-//! beside replication while it leads several voters ([`crate::durable`]) wait until released,
-//! as behind a stalled disk, so a test can see what a leader shows of entries not yet durable
-//! on its own disk.
+//! beside replication while it leads several voters ([`crate::durable`]), or off its worker
+//! thread as any other member of several voters, wait until released, as behind a stalled disk,
+//! so a test can see what a member shows of entries not yet durable on its own disk.
 //!
 //! The rules are process-wide, keyed by the sending member's id and the receiver's peer URL (as
 //! in the membership), so that members of one in-process cluster see one network. Only the test

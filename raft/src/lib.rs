@@ -37,6 +37,7 @@ pub mod read_index;
 mod snapshot_file;
 pub mod state_machine;
 pub mod transfer;
+pub mod vouch;
 pub(crate) mod wal;
 pub mod watermark;
 

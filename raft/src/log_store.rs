@@ -42,9 +42,11 @@
 //!   commit. A failed write or sync fails this call and every later write (a failed fsync is
 //!   never retried). When syncs are slow, the worker thread's other tasks move to another
 //!   thread for the wait ([`LogStoreConfig::slow_sync`]).
-//! - The exception: the leader of several voters ([`LogStore::pipeline_as`]) reports its own
-//!   appends flushed once written and syncs them on a thread of its own, so that the followers
-//!   get them meanwhile. [`LogStore::durability`] tells how far the log is durable; the state
+//! - The exceptions, in a cluster of several voters: the leader ([`LogStore::pipeline_as`])
+//!   reports its own appends flushed once written and syncs them on a thread of its own, so
+//!   that the followers get them meanwhile; any other member syncs its appends on a blocking
+//!   thread and calls the callback from there once synced ([`LogStore::sync_off_worker`]), so
+//!   that its worker thread serves its clients and the leader's vouch requests meanwhile. [`LogStore::durability`] tells how far the log is durable; the state
 //!   machine and the AppendEntries that carry a commit index wait on it ([`crate::durable`]).
 //! - [`save_vote`](RaftLogStorage::save_vote) returns once the vote is synced.
 //! - [`save_committed`](RaftLogStorage::save_committed) and
@@ -68,6 +70,7 @@ use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
@@ -186,9 +189,18 @@ struct Shared<C: RaftTypeConfig> {
     syncer: Mutex<Option<Syncer>>,
     /// This member's id while it leads several voters (see [`LogStore::pipeline_as`]).
     pipeline_as: Mutex<Option<C::NodeId>>,
+    /// Appends may sync on a blocking thread (see [`LogStore::sync_off_worker`]).
+    sync_off_worker: AtomicBool,
+    /// Until when (µs since `opened`) reads wait on this member ([`LogStore::reads_here`]).
+    reads_until: AtomicU64,
+    opened: Instant,
     /// The member whose log this is, for the sync thread's logs and test hooks.
     member: AtomicU64,
 }
+
+/// How long after a read arrives appends keep syncing off the worker thread
+/// ([`LogStore::reads_here`]).
+const READS_WINDOW: Duration = Duration::from_millis(10);
 
 /// Appends whose fdatasync has not completed yet.
 ///
@@ -476,6 +488,9 @@ impl<C: RaftTypeConfig> LogStore<C> {
                 durability: Arc::new(Durability::new(end)),
                 syncer: Mutex::new(None),
                 pipeline_as: Mutex::new(None),
+                sync_off_worker: AtomicBool::new(false),
+                reads_until: AtomicU64::new(0),
+                opened: Instant::now(),
                 member: AtomicU64::new(0),
             }),
         })
@@ -484,6 +499,42 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// Names the member whose log this is (in the sync thread's logs and test hooks).
     pub fn set_member(&self, id: u64) {
         self.shared.member.store(id, Ordering::Relaxed);
+    }
+
+    /// Whether appends (other than a leader's own, see [`pipeline_as`](Self::pipeline_as))
+    /// may sync on a blocking thread, the callback following the sync, rather than on the
+    /// calling worker thread: on for a member of several voters. They do while reads wait on
+    /// this member ([`reads_here`](Self::reads_here)): openraft's core waits for the callback
+    /// either way, but the worker thread stays free meanwhile for its clients' reads and for
+    /// the leader's vouch requests ([`crate::vouch`]), which must not wait for this disk.
+    /// Otherwise (a lone member, or writes alone) the sync stays in line: the hand-off to
+    /// another thread and back costs a write two thread wake-ups (three members, one client
+    /// writing: p50 0.265 → 0.285 ms, measured).
+    pub fn sync_off_worker(&self, on: bool) {
+        self.shared.sync_off_worker.store(on, Ordering::Relaxed);
+    }
+
+    /// A read waits on this member now (a client's linearizable read, or a vouch request):
+    /// appends sync off the worker thread for the next [`READS_WINDOW`] if they may.
+    pub fn reads_here(&self) {
+        let until = self.shared.opened.elapsed() + READS_WINDOW;
+        let until = u64::try_from(until.as_micros()).unwrap_or(u64::MAX);
+        self.shared.reads_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether an append now syncs off the worker thread (see [`Self::sync_off_worker`]).
+    fn syncs_off_worker(&self) -> bool {
+        if !self.shared.sync_off_worker.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = u64::try_from(self.shared.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        now < self.shared.reads_until.load(Ordering::Relaxed)
+    }
+
+    /// The vote saved in this log: synced before `save_vote` returns, so before openraft
+    /// grants it to anyone.
+    pub fn saved_vote(&self) -> Option<Vote<C::NodeId>> {
+        self.state().vote.clone()
     }
 
     /// How far the log is durable.
@@ -772,6 +823,32 @@ where
         // before the callback.
         let written = if pipelined {
             wal.flush(false).and_then(|()| self.sync_later(&wal))
+        } else if self.syncs_off_worker() {
+            // The entries are readable at once; openraft reads none of them before the
+            // callback, which it awaits before anything else.
+            {
+                let mut state = self.state();
+                for ((log_id, body, payload_at), loc) in records.into_iter().zip(locs) {
+                    state.insert(log_id, loc, body[payload_at..].into());
+                }
+            }
+            drop(wal);
+            self.shared.syncs.started();
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                #[cfg(feature = "fault-injection")]
+                crate::fault::wait_log_syncs_released(me.shared.member.load(Ordering::Relaxed));
+                let res = me.wal().and_then(|mut wal| {
+                    let synced = wal.flush(true);
+                    if synced.is_ok() {
+                        me.synced();
+                    }
+                    synced
+                });
+                me.shared.syncs.finished();
+                callback.log_io_completed(res);
+            });
+            return Ok(());
         } else {
             self.shared.syncs.started();
             let synced = self.sync(&mut wal);

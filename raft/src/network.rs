@@ -98,13 +98,13 @@ pub enum TransportError {
     Decode(#[from] bincode::Error),
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<PeerMessage, tonic::Status> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<PeerMessage, tonic::Status> {
     bincode::serialize(v)
         .map(|data| PeerMessage { data })
         .map_err(|e| tonic::Status::internal(format!("encode peer message: {e}")))
 }
 
-fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, bincode::Error> {
+pub(crate) fn decode<T: DeserializeOwned>(m: &PeerMessage) -> Result<T, bincode::Error> {
     bincode::deserialize(&m.data)
 }
 
@@ -161,7 +161,7 @@ impl Network {
     }
 
     /// Fails if a test cut the link to `addr` (`fault-injection` feature; always `Ok` without).
-    fn check_link(&self, addr: &str) -> Result<(), TransportError> {
+    pub(crate) fn check_link(&self, addr: &str) -> Result<(), TransportError> {
         #[cfg(feature = "fault-injection")]
         if crate::fault::get(self.id, addr) == Some(crate::fault::Fault::Cut) {
             return Err(TransportError::Unreachable(tonic::Status::unavailable(
@@ -175,7 +175,7 @@ impl Network {
 
     /// Waits out the test-only delay on the link to `addr`, if one is set (a cut is applied
     /// by [`channel`](Self::channel)); nothing without the `fault-injection` feature.
-    async fn delay(&self, addr: &str) {
+    pub(crate) async fn delay(&self, addr: &str) {
         #[cfg(feature = "fault-injection")]
         if let Some(crate::fault::Fault::Delay(d)) = crate::fault::get(self.id, addr) {
             tokio::time::sleep(d).await;
@@ -330,12 +330,59 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// An open `AppendStream` call to a follower: AppendEntries one at a time (openraft keeps at
-/// most one in flight per follower), each answered in order.
+/// The streaming peer RPCs whose answers come in the order of the requests.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum OrderedRpc {
+    /// A leader's AppendEntries to a follower (openraft keeps at most one in flight per
+    /// follower).
+    AppendStream,
+    /// A leader's vouch requests ([`crate::vouch`]).
+    VouchStream,
+}
+
+/// An open [`OrderedRpc`] call: one request at a time, each answered in order.
 #[derive(Debug)]
-struct AeStream {
+pub(crate) struct OrderedStream {
     tx: futures::channel::mpsc::Sender<PeerMessage>,
     rx: tonic::Streaming<PeerMessage>,
+}
+
+impl OrderedStream {
+    /// Opens `rpc` to the peer at `addr`.
+    pub(crate) async fn open(
+        net: &Network,
+        addr: &str,
+        rpc: OrderedRpc,
+    ) -> Result<Self, tonic::Status> {
+        let (tx, rx) = futures::channel::mpsc::channel(1);
+        let mut c = net
+            .client(addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let resp = match rpc {
+            OrderedRpc::AppendStream => c.append_stream(rx).await?,
+            OrderedRpc::VouchStream => c.vouch_stream(rx).await?,
+        };
+        Ok(OrderedStream {
+            tx,
+            rx: resp.into_inner(),
+        })
+    }
+
+    /// Sends `msg` and reads its answer.
+    pub(crate) async fn exchange(
+        &mut self,
+        msg: PeerMessage,
+    ) -> Result<PeerMessage, tonic::Status> {
+        use futures::SinkExt;
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        self.rx
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::unavailable("the peer's stream ended"))
+    }
 }
 
 /// openraft's connection to one peer.
@@ -357,7 +404,7 @@ pub struct PeerClient {
     /// ([`PeerClient::answer_here`]).
     answered_here: bool,
     /// The AppendEntries stream to the peer, opened by the first AppendEntries with entries.
-    stream: Option<AeStream>,
+    stream: Option<OrderedStream>,
     /// The peer has no AppendEntries stream (an older fetcd): every AppendEntries is unary.
     unary_only: bool,
 }
@@ -449,7 +496,7 @@ impl PeerClient {
         self.decode_answer(&resp)
     }
 
-    /// Sends an AppendEntries on this client's [`AeStream`], opening it first if needed.
+    /// Sends an AppendEntries on this client's `AppendStream`, opening it first if needed.
     ///
     /// A unary RPC per AppendEntries made each one an HTTP/2 stream of its own: request
     /// headers, a task spawned for the handler on the follower, answer headers and trailers,
@@ -468,7 +515,6 @@ impl PeerClient {
         rpc: &AppendEntriesRequest<TypeConfig>,
         option: &RPCOption,
     ) -> Result<Option<AppendEntriesResponse<NodeId>>, AeError> {
-        use futures::SinkExt;
         let held = self.stream.take();
         if let Err(e) = self.net.check_link(&self.addr) {
             return Err(self.failed(RPCError::Unreachable(Unreachable::new(&e))));
@@ -480,25 +526,10 @@ impl PeerClient {
         let exchange = async move {
             let mut s = match held {
                 Some(s) => s,
-                None => {
-                    let (tx, rx) = futures::channel::mpsc::channel(1);
-                    let mut c = net
-                        .client(addr)
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                    let resp = c.append_stream(rx).await?;
-                    AeStream {
-                        tx,
-                        rx: resp.into_inner(),
-                    }
-                }
+                None => OrderedStream::open(net, addr, OrderedRpc::AppendStream).await?,
             };
-            s.tx.send(msg)
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            match s.rx.message().await? {
-                Some(m) => Ok((m, s)),
-                None => Err(tonic::Status::unavailable("the AppendEntries stream ended")),
-            }
+            let m = s.exchange(msg).await?;
+            Ok::<_, tonic::Status>((m, s))
         };
         let resp = match tokio::time::timeout(option.hard_ttl(), exchange).await {
             Ok(Ok((m, s))) => {
@@ -616,6 +647,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             self.target,
             rpc.vote,
             rpc.entries.last().map(|e| e.log_id.index + 1),
+            rpc.leader_commit.map(|c| c.index),
         );
         // The replication stream's AppendEntries go on its AppendEntries stream; openraft's
         // leadership checks (clients of their own, without entries) stay unary.
@@ -872,6 +904,27 @@ impl RaftPeer for PeerService {
             .map(tonic::Response::new)
     }
 
+    type VouchStreamStream = PeerStream<PeerMessage>;
+
+    async fn vouch_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<PeerMessage>>,
+    ) -> Result<tonic::Response<Self::VouchStreamStream>, tonic::Status> {
+        use futures::StreamExt;
+        // Answered at once, in order: nothing here waits for the log.
+        let read_index = self.read_index.clone();
+        let out = req.into_inner().map(move |m| {
+            let req: crate::vouch::VouchRequest = decode(&m?).map_err(bad_request)?;
+            encode(&crate::vouch::VouchAnswer {
+                seq: req.seq,
+                vouches: read_index.vouches(&req.vote),
+            })
+        });
+        Ok(tonic::Response::new(Box::pin(
+            out.take_until(stopped(self.stop.clone())),
+        )))
+    }
+
     type CallStreamStream = PeerStream<PeerCall>;
 
     async fn call_stream(
@@ -983,6 +1036,8 @@ mod tests {
     struct UnaryOnlyPeer {
         unary: Arc<std::sync::atomic::AtomicUsize>,
         call_stream: bool,
+        /// With a vote: answers vouch requests as a member that saved it.
+        saved_vote: Option<Vote<NodeId>>,
     }
 
     fn forward_answer(batch: &InternalRaftBatch) -> Result<PeerMessage, tonic::Status> {
@@ -1009,6 +1064,26 @@ mod tests {
             _req: tonic::Request<tonic::Streaming<PeerMessage>>,
         ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
             Err(tonic::Status::unimplemented("no AppendStream here"))
+        }
+
+        type VouchStreamStream = PeerStream<PeerMessage>;
+
+        async fn vouch_stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<PeerMessage>>,
+        ) -> Result<tonic::Response<Self::VouchStreamStream>, tonic::Status> {
+            use futures::StreamExt;
+            let Some(saved) = self.saved_vote else {
+                return Err(tonic::Status::unimplemented("no VouchStream here"));
+            };
+            let out = req.into_inner().map(move |m| {
+                let req: crate::vouch::VouchRequest = decode(&m?).map_err(bad_request)?;
+                encode(&crate::vouch::VouchAnswer {
+                    seq: req.seq,
+                    vouches: crate::vouch::vouches(Some(&saved), &req.vote),
+                })
+            });
+            Ok(tonic::Response::new(Box::pin(out)))
         }
 
         async fn vote(
@@ -1137,6 +1212,51 @@ mod tests {
                 .await;
         });
         (format!("http://{addr}"), server)
+    }
+
+    /// Waits up to `wait` for a quorum of members 1 (this one), 2 and 3 to confirm `vote` since
+    /// `since`.
+    async fn vouched(net: &Network, vote: Vote<NodeId>, since: Instant, wait: Duration) -> bool {
+        let three = [std::collections::BTreeSet::from([1, 2, 3])];
+        net.acks()
+            .confirm(1, vote, since, &three, since + wait, || 0, || async {})
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_saved_the_leaders_vote_vouches_for_it_and_no_other_does() {
+        let mut vote = Vote::new(2, 1);
+        vote.commit();
+        let mut newer = Vote::new(3, 3);
+        newer.commit();
+        let net = Network::new(1, Arc::new(Durability::new(100)));
+        let vouchers = crate::vouch::Vouchers::new(net.clone(), net.acks().clone());
+        let (follows, _s1) = serve_peer(UnaryOnlyPeer {
+            saved_vote: Some(vote),
+            ..Default::default()
+        })
+        .await;
+        let (moved_on, _s2) = serve_peer(UnaryOnlyPeer {
+            saved_vote: Some(newer),
+            ..Default::default()
+        })
+        .await;
+        let (older_fetcd, _s3) = serve_peer(UnaryOnlyPeer::default()).await;
+
+        let since = Instant::now();
+        vouchers.want(3, &moved_on, vote, since);
+        vouchers.want(2, &older_fetcd, vote, since);
+        assert!(
+            !vouched(&net, vote, since, Duration::from_millis(300)).await,
+            "vouched for by a member that holds a newer vote, or by one without the RPC"
+        );
+        vouchers.want(2, &follows, vote, since);
+        assert!(vouched(&net, vote, since, Duration::from_secs(5)).await);
+        // A later read needs a request sent after it arrived.
+        let later = Instant::now();
+        assert!(!vouched(&net, vote, later, Duration::from_millis(50)).await);
+        vouchers.want(2, &follows, vote, later);
+        assert!(vouched(&net, vote, later, Duration::from_secs(5)).await);
     }
 
     fn batch(n: usize) -> InternalRaftBatch {

@@ -388,8 +388,10 @@ impl RaftNode {
         let pauses = Pauses::new(raft.clone());
         let read_index = Arc::new(ReadIndex::new(
             raft.clone(),
-            network.acks().clone(),
+            &network,
             durability,
+            state_machine.clone(),
+            log.clone(),
             config.node_id,
             config.heartbeat_interval,
         ));
@@ -451,6 +453,7 @@ impl RaftNode {
     /// as confirmed by a quorum (a read index from the leader, which may be this member). A read
     /// after this is linearizable. Concurrent callers share one read-index round.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        self.read_index.reading();
         let (done, answer) = oneshot::channel();
         self.reads
             .send(done)
@@ -910,18 +913,29 @@ async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
 }
 
 /// Tells the Raft log whether member `id` leads several voters, whose own appends are then
-/// synced beside their replication ([`crate::durable`]), until the Raft instance shuts down.
+/// synced beside their replication ([`crate::durable`]), and whether there are several voters,
+/// when the other appends sync off the worker thread ([`LogStore::sync_off_worker`]), until the
+/// Raft instance shuts down.
 async fn track_leadership(raft: typ::Raft, id: NodeId, log: LogStore<TypeConfig>) {
     let mut rx = raft.metrics();
     let mut pipelined = false;
+    let mut off_worker = false;
     loop {
-        let now = {
+        let (leads, several) = {
             let m = rx.borrow();
-            m.current_leader == Some(id) && m.membership_config.membership().voter_ids().count() > 1
+            (
+                m.current_leader == Some(id),
+                m.membership_config.membership().voter_ids().count() > 1,
+            )
         };
+        let now = leads && several;
         if now != pipelined {
             pipelined = now;
             log.pipeline_as(now.then_some(id));
+        }
+        if several != off_worker {
+            off_worker = several;
+            log.sync_off_worker(several);
         }
         if rx.changed().await.is_err() {
             return;

@@ -1,4 +1,5 @@
-//! The leader's read index, with its leadership confirmed by the replication traffic.
+//! The leader's read index, with its leadership confirmed by its followers' word: their
+//! answers to the replication traffic, and to vouch requests.
 //!
 //! A linearizable read needs a read index: a log index at or past everything committed when
 //! the read arrived, vouched for by a quorum that still followed this leader after that moment
@@ -14,12 +15,25 @@
 //! from that quorum, which would have refused `v` since), so this leader's log held everything
 //! committed when the read arrived. Under write load such AppendEntries are in flight anyway;
 //! when a follower's stream is idle, a heartbeat is triggered, which rides the same stream.
+//! But a follower answers an AppendEntries only once its entries are synced: each read also
+//! asks every follower to vouch for the leader's vote ([`crate::vouch`]), which it answers at
+//! once, and a "yes" counts as an answered AppendEntries sent when the request was. Whichever
+//! comes first confirms.
 //!
-//! The index is the last entry written to this leader's log when the read arrived
-//! ([`Durability::written_end`]), which is at or past the commit index (a leader replicates
-//! only what it wrote, and commits only what it replicated). It may be ahead of the
-//! commit index: the read then waits for entries in flight to commit and apply, which happens
-//! within about the same round trip as the confirmation.
+//! The index must be at or past every entry anyone could have seen committed when the read
+//! arrived: acknowledged to a client, shown to a watcher, applied by a follower. Once an entry
+//! of the leader's own term is committed (its first entry, etcd's and openraft's no-op), that is
+//! the highest of
+//! - the last entry this leader handed to its store ([`StateMachine::applying`]): it answers
+//!   clients and watchers only from there;
+//! - the highest commit index it sent a follower ([`LeaderAcks::sending`]): followers apply, and
+//!   show, only up to what they were told;
+//!
+//! and entries committed under earlier leaders lie below the no-op. A read then waits only for
+//! what was committed, not for the entries still in flight, as etcd's ReadIndex does with the
+//! leader's commit index. Before the no-op is applied the index is the last entry written to
+//! the log ([`Durability::written_end`]), at or past anything committed (a leader replicates
+//! only what it wrote): the read waits for the entries in flight to commit and apply.
 //!
 //! A member that is the quorum alone, or that gets no confirmation within the fallback time (a
 //! leader cut off, a follower that stopped answering), asks openraft, whose answer is final.
@@ -38,8 +52,13 @@ use openraft::ServerState;
 use openraft::Vote;
 
 use crate::durable::Durability;
+use crate::log_store::LogStore;
+use crate::network::Network;
+use crate::state_machine::StateMachine;
 use crate::typ;
+use crate::vouch::Vouchers;
 use crate::NodeId;
+use crate::TypeConfig;
 
 /// What one peer's answers to this member's AppendEntries vouch for.
 #[derive(Debug, Default)]
@@ -55,6 +74,16 @@ struct PeerAcks {
     sent_end: u64,
 }
 
+impl PeerAcks {
+    /// The peer vouched for `vote` in answer to a message sent at `sent`.
+    fn confirm(&mut self, vote: Vote<NodeId>, sent: Instant) {
+        self.confirmed = match self.confirmed {
+            Some((v, at)) if v == vote => Some((v, at.max(sent))),
+            _ => Some((vote, sent)),
+        };
+    }
+}
+
 #[derive(Debug, Default)]
 struct AckState {
     peers: HashMap<NodeId, PeerAcks>,
@@ -68,6 +97,9 @@ struct AckState {
 pub struct LeaderAcks {
     state: Mutex<AckState>,
     changed: tokio::sync::Notify,
+    /// One past the highest commit index sent to any follower: a follower may have applied up
+    /// to there, and shown it to a watcher or a serializable read.
+    commit_shown: std::sync::atomic::AtomicU64,
 }
 
 /// An AppendEntries on its way to a peer; dropping it without [`SentAppend::answered`] counts
@@ -97,10 +129,7 @@ impl SentAppend<'_> {
         p.in_flight = p.in_flight.saturating_sub(1);
         p.answered = Some(Instant::now());
         if vouches {
-            p.confirmed = match p.confirmed {
-                Some((v, at)) if v == self.vote => Some((v, at.max(self.sent))),
-                _ => Some((self.vote, self.sent)),
-            };
+            p.confirm(self.vote, self.sent);
         }
         drop(st);
         self.acks.changed.notify_waiters();
@@ -125,14 +154,30 @@ impl LeaderAcks {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Peer `peer` answered yes to a vouch request for `vote` sent at `sent`
+    /// ([`crate::vouch`]): a confirmation as an answered AppendEntries is.
+    pub fn vouched(&self, peer: NodeId, vote: Vote<NodeId>, sent: Instant) {
+        self.lock()
+            .peers
+            .entry(peer)
+            .or_default()
+            .confirm(vote, sent);
+        self.changed.notify_waiters();
+    }
+
     /// Notes an AppendEntries under `vote` leaving for `peer` now, with entries up to
-    /// `sent_end` (exclusive) if it carries any.
+    /// `sent_end` (exclusive) if it carries any, and the commit index `commit` if it tells one.
     pub fn sending(
         &self,
         peer: NodeId,
         vote: Vote<NodeId>,
         sent_end: Option<u64>,
+        commit: Option<u64>,
     ) -> SentAppend<'_> {
+        if let Some(c) = commit {
+            self.commit_shown
+                .fetch_max(c + 1, std::sync::atomic::Ordering::AcqRel);
+        }
         let sent = Instant::now();
         let mut st = self.lock();
         let p = st.peers.entry(peer).or_default();
@@ -211,12 +256,33 @@ impl LeaderAcks {
     }
 }
 
+/// The read index of a leader in `term` whose store was last handed entry `applying`, that
+/// sent followers commit indexes below `shown_end`, and whose log is written below
+/// `written_end` (see the module's documentation).
+fn index_to_read(
+    applying: Option<openraft::LogId<NodeId>>,
+    term: u64,
+    shown_end: u64,
+    written_end: u64,
+) -> u64 {
+    match applying {
+        // An entry of this leader's term is committed: so is everything before its no-op.
+        Some(l) if l.leader_id.term == term => l.index.max(shown_end.saturating_sub(1)),
+        _ => written_end.saturating_sub(1),
+    }
+}
+
 /// A leader's read index: confirmed by the replication traffic where it can be, else by
 /// openraft (see the module's documentation).
 pub struct ReadIndex {
     raft: typ::Raft,
     acks: Arc<LeaderAcks>,
     durability: Arc<Durability>,
+    state_machine: Arc<StateMachine>,
+    vouchers: Vouchers,
+    /// This member's log: the vote it saved (before it ever granted it), and where reads
+    /// waiting here are noted ([`LogStore::reads_here`]).
+    log: LogStore<TypeConfig>,
     id: NodeId,
     /// How long to wait for the traffic's confirmation before asking openraft.
     fallback: Duration,
@@ -226,22 +292,54 @@ pub struct ReadIndex {
 pub type ReadIndexError = RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>;
 
 impl ReadIndex {
-    /// The read index of member `id`, whose network records `acks` and whose log is
-    /// `durability`; `fallback` is how long to wait for the traffic before asking openraft.
+    /// The read index of member `id`, whose network records `acks`, whose log is `durability`
+    /// and whose store is `state_machine`'s; `fallback` is how long to wait for the traffic
+    /// before asking openraft.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         raft: typ::Raft,
-        acks: Arc<LeaderAcks>,
+        network: &Network,
         durability: Arc<Durability>,
+        state_machine: Arc<StateMachine>,
+        log: LogStore<TypeConfig>,
         id: NodeId,
         fallback: Duration,
     ) -> Self {
+        let acks = network.acks().clone();
         ReadIndex {
             raft,
+            vouchers: Vouchers::new(network.clone(), acks.clone()),
             acks,
             durability,
+            state_machine,
+            log,
             id,
             fallback,
         }
+    }
+
+    /// Whether this member vouches for a leader of vote `asked` ([`crate::vouch`]).
+    pub fn vouches(&self, asked: &Vote<NodeId>) -> bool {
+        self.log.reads_here();
+        crate::vouch::vouches(self.log.saved_vote().as_ref(), asked)
+    }
+
+    /// A client's linearizable read waits on this member.
+    pub fn reading(&self) {
+        self.log.reads_here();
+    }
+
+    /// The index a read arriving now must see applied, if the leader's vote is `vote` (see
+    /// the module's documentation).
+    fn index_to_read(&self, vote: &Vote<NodeId>) -> u64 {
+        index_to_read(
+            self.state_machine.applying(),
+            vote.leader_id().get_term(),
+            self.acks
+                .commit_shown
+                .load(std::sync::atomic::Ordering::Acquire),
+            self.durability.written_end(),
+        )
     }
 
     /// The log index a linearizable read that arrived now must see applied, if this member
@@ -250,18 +348,27 @@ impl ReadIndex {
     #[allow(clippy::result_large_err)]
     pub async fn leader_read_index(&self) -> Result<u64, ReadIndexError> {
         let since = Instant::now();
-        let read = self.durability.written_end().saturating_sub(1);
         let lead = {
             let m = self.raft.metrics();
             let m = m.borrow();
-            let joint = m.membership_config.membership().get_joint_config().clone();
-            (m.state == ServerState::Leader
+            let membership = m.membership_config.membership();
+            let joint = membership.get_joint_config().clone();
+            let lead = m.state == ServerState::Leader
                 && m.current_leader == Some(self.id)
                 && m.vote.is_committed()
-                && !is_quorum(&joint, |id| id == self.id))
-            .then_some((m.vote, joint))
+                && !is_quorum(&joint, |id| id == self.id);
+            if lead {
+                for (id, node) in membership.nodes() {
+                    if *id != self.id && joint.iter().any(|c| c.contains(id)) {
+                        self.vouchers.want(*id, &node.addr, m.vote, since);
+                    }
+                }
+            }
+            lead.then_some((m.vote, joint))
         };
         if let Some((vote, joint)) = lead {
+            // Computed after `since`: at least what it was when the read arrived.
+            let read = self.index_to_read(&vote);
             let heartbeat = || async {
                 if let Err(e) = self.raft.trigger().heartbeat().await {
                     tracing::debug!(error = %e, "no heartbeat for a read index");
@@ -311,7 +418,7 @@ mod tests {
 
     impl LeaderAcks {
         fn sending_test(&self, peer: NodeId, vote: Vote<NodeId>) -> SentAppend<'_> {
-            self.sending(peer, vote, None)
+            self.sending(peer, vote, None, None)
         }
     }
 
@@ -336,6 +443,39 @@ mod tests {
         assert!(!confirmed(&acks, since, &three()).await, "cancelled");
 
         acks.sending_test(3, vote(2)).answered(true);
+        assert!(confirmed(&acks, since, &three()).await);
+    }
+
+    #[test]
+    fn the_index_is_the_commit_point_once_this_term_commits_and_the_log_end_before() {
+        let at = |term, index| {
+            Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(term, 1),
+                index,
+            ))
+        };
+        // Nothing of term 3 applied yet: entries of earlier terms may be committed past what
+        // this leader knows, so everything written counts.
+        assert_eq!(index_to_read(at(2, 10), 3, 0, 15), 14);
+        assert_eq!(index_to_read(None, 3, 0, 15), 14);
+        // Its no-op applied: the highest of what it applies and what followers were told.
+        assert_eq!(index_to_read(at(3, 11), 3, 0, 15), 11);
+        assert_eq!(index_to_read(at(3, 11), 3, 14, 15), 13);
+    }
+
+    #[tokio::test]
+    async fn a_vouch_confirms_from_its_send_time_under_its_vote() {
+        let acks = LeaderAcks::default();
+        let before = Instant::now();
+        let since = Instant::now();
+        acks.vouched(2, vote(2), before);
+        assert!(
+            !confirmed(&acks, since, &three()).await,
+            "asked before the read"
+        );
+        acks.vouched(2, vote(1), Instant::now());
+        assert!(!confirmed(&acks, since, &three()).await, "an older vote");
+        acks.vouched(3, vote(2), Instant::now());
         assert!(confirmed(&acks, since, &three()).await);
     }
 

@@ -83,6 +83,10 @@ pub struct StateMachine {
     applied: Mutex<Applied>,
     /// `applied`'s index, for the tasks that wait for an entry to be applied here.
     applied_end: Watermark,
+    /// The last entry handed to the store: committed, durable on a quorum, and possibly seen by
+    /// watchers already while the store applies it (before `applied_end` moves). A leader's
+    /// read index starts from it (see [`crate::read_index`]).
+    applying: Mutex<Option<LogId<NodeId>>>,
     snapshot_seq: AtomicU64,
     /// The Raft log's durability: an entry is applied only once it is durable there (a leader
     /// syncs its own entries beside replicating them; see [`crate::durable`]).
@@ -121,6 +125,7 @@ impl StateMachine {
             store,
             snapshot_dir: snapshot_dir.to_path_buf(),
             applied_end: Watermark::new(applied.end()),
+            applying: Mutex::new(applied.last_applied),
             applied: Mutex::new(applied),
             snapshot_seq: AtomicU64::new(0),
             log_durability: std::sync::OnceLock::new(),
@@ -162,6 +167,19 @@ impl StateMachine {
         self.applied_end.end()
     }
 
+    /// The last entry whose effects the store shows or is about to show: committed, and no
+    /// older than anything this member ever answered or showed a watcher.
+    pub fn applying(&self) -> Option<LogId<NodeId>> {
+        *self.applying.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_applying(&self, log_id: Option<LogId<NodeId>>) {
+        let mut a = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        if log_id > *a {
+            *a = log_id;
+        }
+    }
+
     /// Stops the waits for entries to be applied (the member is stopping).
     pub fn close(&self) {
         self.applied_end.close();
@@ -169,7 +187,9 @@ impl StateMachine {
 
     fn set_applied(&self, applied: Applied) {
         let end = applied.end();
+        let last = applied.last_applied;
         *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = applied;
+        self.set_applying(last);
         self.applied_end.set(end);
     }
 
@@ -366,6 +386,7 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
                 .await
                 .map_err(|e| StorageIOError::apply(last, &e))?;
         }
+        self.set_applying(applied.last_applied);
         let long = batch.iter().any(|(op, _)| op.may_take_long());
         let store = &self.store;
         let results =

@@ -462,6 +462,54 @@ async fn only_a_leaders_own_appends_are_synced_after_their_callback() {
     assert_eq!(5, read_all(&mut reopened).await.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_the_worker_an_append_is_synced_before_its_callback() {
+    // A member of several voters with a read waiting: the append syncs off the worker.
+    use std::time::Duration;
+    // A member id no other test of this process uses: held syncs are process-wide.
+    const MEMBER: u64 = 0xfe7c_d10c_0002;
+    let dir = TempDir::new().unwrap();
+    let store = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    store.set_member(MEMBER);
+    store.sync_off_worker(true);
+    let durable = store.durability();
+    // No read waits here: the append syncs in line, where held syncs do not reach.
+    fetcd_raft::fault::hold_log_syncs(MEMBER);
+    let mut writer = store.clone();
+    let inline =
+        tokio::time::timeout(Duration::from_secs(5), append_puts(&mut writer, 1, 1..=1)).await;
+    drop(writer);
+    fetcd_raft::fault::release_log_syncs(MEMBER);
+    assert!(
+        inline.is_ok(),
+        "an append without reads waiting left the worker"
+    );
+    assert_eq!(2, durable.end());
+
+    store.reads_here();
+    let before = durable.end();
+
+    fetcd_raft::fault::hold_log_syncs(MEMBER);
+    let mut appender = store.clone();
+    let append = tokio::spawn(async move { append_puts(&mut appender, 1, 2..=4).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (called_back, end) = (append.is_finished(), durable.end());
+    fetcd_raft::fault::release_log_syncs(MEMBER);
+    assert!(!called_back, "the callback came while the sync was held");
+    assert_eq!(
+        before, end,
+        "entries counted durable while their sync was held"
+    );
+    tokio::time::timeout(Duration::from_secs(5), append)
+        .await
+        .expect("the callback once the sync went through")
+        .unwrap();
+    assert_eq!(5, durable.end());
+    drop(store);
+    let mut reopened = LogStore::<TestConfig>::open(dir.path()).unwrap();
+    assert_eq!(4, read_all(&mut reopened).await.len());
+}
+
 /// The newest segment file of a log directory.
 fn last_segment(dir: &Path) -> std::path::PathBuf {
     let mut segments: Vec<_> = std::fs::read_dir(dir)
