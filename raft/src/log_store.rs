@@ -44,10 +44,12 @@
 //!   thread for the wait ([`LogStoreConfig::slow_sync`]).
 //! - The exceptions, in a cluster of several voters: the leader ([`LogStore::pipeline_as`])
 //!   reports its own appends flushed once written and syncs them on a thread of its own, so
-//!   that the followers get them meanwhile; any other member syncs its appends on a blocking
-//!   thread and calls the callback from there once synced ([`LogStore::sync_off_worker`]), so
-//!   that its worker thread serves its clients and the leader's vouch requests meanwhile. [`LogStore::durability`] tells how far the log is durable; the state
-//!   machine and the AppendEntries that carry a commit index wait on it ([`crate::durable`]).
+//!   that the followers get them meanwhile; any other member, while reads wait on it, syncs
+//!   its appends on a blocking thread and calls the callback from there once synced
+//!   ([`LogStore::sync_off_worker`]), so that its worker thread serves those reads and the
+//!   leader's vouch requests meanwhile. [`LogStore::durability`] tells how far the log is
+//!   durable; the state machine and the AppendEntries that carry a commit index wait on it
+//!   ([`crate::durable`]).
 //! - [`save_vote`](RaftLogStorage::save_vote) returns once the vote is synced.
 //! - [`save_committed`](RaftLogStorage::save_committed) and
 //!   [`truncate`](RaftLogStorage::truncate) are written with the next write and durable with
@@ -618,8 +620,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
     /// Writes what is pushed and syncs it; see [`LogStoreConfig::slow_sync`].
     fn sync(&self, wal: &mut Wal) -> io::Result<()> {
         let slow = self.shared.sync_us.load(Ordering::Relaxed) >= self.shared.slow_sync_us;
+        crate::off_worker_if(slow, || self.sync_here(wal))
+    }
+
+    /// Writes what is pushed and syncs it on the calling thread, timing the sync.
+    fn sync_here(&self, wal: &mut Wal) -> io::Result<()> {
         let started = Instant::now();
-        let res = crate::off_worker_if(slow, || wal.flush(true));
+        let res = wal.flush(true);
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let avg = self.shared.sync_us.load(Ordering::Relaxed);
         self.shared
@@ -629,6 +636,14 @@ impl<C: RaftTypeConfig> LogStore<C> {
             self.synced();
         }
         res
+    }
+
+    /// Makes written entries readable: their locations, and their payloads in the cache.
+    fn publish(&self, records: Vec<(LogId<C::NodeId>, Vec<u8>, usize)>, locs: Vec<Loc>) {
+        let mut state = self.state();
+        for ((log_id, body, payload_at), loc) in records.into_iter().zip(locs) {
+            state.insert(log_id, loc, body[payload_at..].into());
+        }
     }
 
     /// Pushes a record, first starting a new segment (headed by the log's state) if it does
@@ -826,25 +841,14 @@ where
         } else if self.syncs_off_worker() {
             // The entries are readable at once; openraft reads none of them before the
             // callback, which it awaits before anything else.
-            {
-                let mut state = self.state();
-                for ((log_id, body, payload_at), loc) in records.into_iter().zip(locs) {
-                    state.insert(log_id, loc, body[payload_at..].into());
-                }
-            }
+            self.publish(records, locs);
             drop(wal);
             self.shared.syncs.started();
             let me = self.clone();
             tokio::task::spawn_blocking(move || {
                 #[cfg(feature = "fault-injection")]
                 crate::fault::wait_log_syncs_released(me.shared.member.load(Ordering::Relaxed));
-                let res = me.wal().and_then(|mut wal| {
-                    let synced = wal.flush(true);
-                    if synced.is_ok() {
-                        me.synced();
-                    }
-                    synced
-                });
+                let res = me.wal().and_then(|mut wal| me.sync_here(&mut wal));
                 me.shared.syncs.finished();
                 callback.log_io_completed(res);
             });
@@ -859,12 +863,7 @@ where
             callback.log_io_completed(Err(io::Error::new(e.kind(), e.to_string())));
             return Err(err(e));
         }
-        {
-            let mut state = self.state();
-            for ((log_id, body, payload_at), loc) in records.into_iter().zip(locs) {
-                state.insert(log_id, loc, body[payload_at..].into());
-            }
-        }
+        self.publish(records, locs);
         drop(wal);
         callback.log_io_completed(Ok(()));
         Ok(())
