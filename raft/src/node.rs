@@ -326,8 +326,7 @@ impl RaftNode {
         .validate()
         .map_err(|e| OpenError::Raft(e.to_string()))?;
 
-        let durability = log_store.durability();
-        let network = Network::new(config.node_id, durability.clone());
+        let network = Network::new(config.node_id, log_store.durability());
         let log = log_store.clone();
         let raft = openraft::Raft::new(
             config.node_id,
@@ -389,7 +388,6 @@ impl RaftNode {
         let read_index = Arc::new(ReadIndex::new(
             raft.clone(),
             &network,
-            durability,
             state_machine.clone(),
             log.clone(),
             config.node_id,
@@ -919,7 +917,6 @@ async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
 async fn track_leadership(raft: typ::Raft, id: NodeId, log: LogStore<TypeConfig>) {
     let mut rx = raft.metrics();
     let mut pipelined = false;
-    let mut off_worker = false;
     loop {
         let (leads, several) = {
             let m = rx.borrow();
@@ -933,10 +930,7 @@ async fn track_leadership(raft: typ::Raft, id: NodeId, log: LogStore<TypeConfig>
             pipelined = now;
             log.pipeline_as(now.then_some(id));
         }
-        if several != off_worker {
-            off_worker = several;
-            log.sync_off_worker(several);
-        }
+        log.sync_off_worker(several);
         if rx.changed().await.is_err() {
             return;
         }

@@ -292,14 +292,12 @@ pub struct ReadIndex {
 pub type ReadIndexError = RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>;
 
 impl ReadIndex {
-    /// The read index of member `id`, whose network records `acks`, whose log is `durability`
-    /// and whose store is `state_machine`'s; `fallback` is how long to wait for the traffic
-    /// before asking openraft.
-    #[allow(clippy::too_many_arguments)]
+    /// The read index of member `id`, with its `network` (which records the followers'
+    /// answers), its `log` and its `state_machine`; `fallback` is how long to wait for the
+    /// followers before asking openraft.
     pub fn new(
         raft: typ::Raft,
         network: &Network,
-        durability: Arc<Durability>,
         state_machine: Arc<StateMachine>,
         log: LogStore<TypeConfig>,
         id: NodeId,
@@ -310,7 +308,7 @@ impl ReadIndex {
             raft,
             vouchers: Vouchers::new(network.clone(), acks.clone()),
             acks,
-            durability,
+            durability: log.durability(),
             state_machine,
             log,
             id,
