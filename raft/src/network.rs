@@ -818,6 +818,22 @@ async fn serve_append(
     (answer(peer.as_ref(), &res), peer)
 }
 
+/// The answers to a `VouchStream`'s requests, in order and at once (nothing here waits for
+/// the log): whether this member `vouches` for each request's vote ([`crate::vouch`]).
+fn vouch_answers(
+    inbound: tonic::Streaming<PeerMessage>,
+    vouches: impl Fn(&openraft::Vote<NodeId>) -> bool + Send + 'static,
+) -> impl futures::Stream<Item = Result<PeerMessage, tonic::Status>> + Send + 'static {
+    use futures::StreamExt;
+    inbound.map(move |m| {
+        let req: crate::vouch::VouchRequest = decode(&m?).map_err(bad_request)?;
+        encode(&crate::vouch::VouchAnswer {
+            seq: req.seq,
+            vouches: vouches(&req.vote),
+        })
+    })
+}
+
 /// Encodes the answer to a Raft request from `peer`, counting its bytes as sent to it.
 fn answer<T: Serialize>(
     peer: Option<&Arc<PeerMetrics>>,
@@ -911,15 +927,8 @@ impl RaftPeer for PeerService {
         req: tonic::Request<tonic::Streaming<PeerMessage>>,
     ) -> Result<tonic::Response<Self::VouchStreamStream>, tonic::Status> {
         use futures::StreamExt;
-        // Answered at once, in order: nothing here waits for the log.
         let read_index = self.read_index.clone();
-        let out = req.into_inner().map(move |m| {
-            let req: crate::vouch::VouchRequest = decode(&m?).map_err(bad_request)?;
-            encode(&crate::vouch::VouchAnswer {
-                seq: req.seq,
-                vouches: read_index.vouches(&req.vote),
-            })
-        });
+        let out = vouch_answers(req.into_inner(), move |v| read_index.vouches(v));
         Ok(tonic::Response::new(Box::pin(
             out.take_until(stopped(self.stop.clone())),
         )))
@@ -1072,16 +1081,11 @@ mod tests {
             &self,
             req: tonic::Request<tonic::Streaming<PeerMessage>>,
         ) -> Result<tonic::Response<Self::VouchStreamStream>, tonic::Status> {
-            use futures::StreamExt;
             let Some(saved) = self.saved_vote else {
                 return Err(tonic::Status::unimplemented("no VouchStream here"));
             };
-            let out = req.into_inner().map(move |m| {
-                let req: crate::vouch::VouchRequest = decode(&m?).map_err(bad_request)?;
-                encode(&crate::vouch::VouchAnswer {
-                    seq: req.seq,
-                    vouches: crate::vouch::vouches(Some(&saved), &req.vote),
-                })
+            let out = vouch_answers(req.into_inner(), move |v| {
+                crate::vouch::vouches(Some(&saved), v)
             });
             Ok(tonic::Response::new(Box::pin(out)))
         }

@@ -61,10 +61,15 @@ const IDLE_END: Duration = Duration::from_secs(30);
 struct Want {
     wanted: Option<(Vote<NodeId>, Instant)>,
     ended: bool,
+    /// The peer has no such RPC (an older fetcd): its reads are confirmed by the replication
+    /// traffic alone, and no sender starts again.
+    unsupported: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PeerVouches {
+    /// The peer URL its sender sends to.
+    addr: String,
     want: Mutex<Want>,
     changed: tokio::sync::Notify,
 }
@@ -75,12 +80,9 @@ struct PeerVouches {
 pub struct Vouchers {
     net: Network,
     acks: Arc<LeaderAcks>,
-    /// Per peer (id and URL), its sender's state; `None` for a peer without the RPC (an older
-    /// fetcd), whose reads are confirmed by the replication traffic alone.
-    peers: Arc<Mutex<PeerSenders>>,
+    /// Per peer, its sender's state.
+    peers: Arc<Mutex<HashMap<NodeId, Arc<PeerVouches>>>>,
 }
-
-type PeerSenders = HashMap<(NodeId, String), Option<Arc<PeerVouches>>>;
 
 impl Vouchers {
     /// Vouch requests over `net`, whose answers are recorded in `acks`.
@@ -94,17 +96,14 @@ impl Vouchers {
 
     /// Asks peer `id` at `addr` to vouch for `vote` with a request sent at or after `since`.
     pub fn want(&self, id: NodeId, addr: &str, vote: Vote<NodeId>, since: Instant) {
-        let key = (id, addr.to_string());
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let running = match peers.get(&key) {
-            Some(None) => return,
-            Some(Some(p)) => Some(p.clone()),
-            None => None,
-        };
-        if let Some(p) = running {
+        if let Some(p) = peers.get(&id).filter(|p| p.addr == addr) {
             // Under the want's lock: the sender ends only under it, having found nothing new
             // wanted, so either it sees this want or this sees it ended.
             let mut w = lock(&p.want);
+            if w.unsupported {
+                return;
+            }
             if !w.ended {
                 let newer = match w.wanted {
                     Some((v, at)) => v != vote || since > at,
@@ -119,14 +118,16 @@ impl Vouchers {
             }
         }
         let p = Arc::new(PeerVouches {
+            addr: addr.to_string(),
             want: Mutex::new(Want {
                 wanted: Some((vote, since)),
-                ended: false,
+                ..Want::default()
             }),
             changed: tokio::sync::Notify::new(),
         });
-        peers.insert(key.clone(), Some(p.clone()));
-        tokio::spawn(send_vouch_requests(self.clone(), id, key.1, p));
+        // A sender replaced (its peer moved to another URL) gets no more wants and idles out.
+        peers.insert(id, p.clone());
+        tokio::spawn(send_vouch_requests(self.clone(), id, p));
     }
 }
 
@@ -136,7 +137,7 @@ fn lock(m: &Mutex<Want>) -> std::sync::MutexGuard<'_, Want> {
 
 /// Sends `peer`'s vouch requests one at a time: whenever one is wanted since later than the
 /// last one left, the next leaves at once.
-async fn send_vouch_requests(v: Vouchers, id: NodeId, addr: String, peer: Arc<PeerVouches>) {
+async fn send_vouch_requests(v: Vouchers, id: NodeId, peer: Arc<PeerVouches>) {
     // When the last request left, and for which vote.
     let mut last_sent: Option<(Instant, Vote<NodeId>)> = None;
     let mut stream: Option<OrderedStream> = None;
@@ -166,7 +167,11 @@ async fn send_vouch_requests(v: Vouchers, id: NodeId, addr: String, peer: Arc<Pe
         let sent = Instant::now();
         last_sent = Some((sent, vote));
         let req = VouchRequest { seq, vote };
-        match tokio::time::timeout(ANSWER_TIMEOUT, exchange(&v.net, &addr, &mut stream, &req)).await
+        match tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            exchange(&v.net, &peer.addr, &mut stream, &req),
+        )
+        .await
         {
             Ok(Ok(a)) if a.seq == seq => {
                 if a.vouches {
@@ -174,9 +179,9 @@ async fn send_vouch_requests(v: Vouchers, id: NodeId, addr: String, peer: Arc<Pe
                 }
             }
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                lock(&peer.want).ended = true;
-                let mut peers = v.peers.lock().unwrap_or_else(|p| p.into_inner());
-                peers.insert((id, addr), None);
+                let mut w = lock(&peer.want);
+                w.ended = true;
+                w.unsupported = true;
                 return;
             }
             Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
