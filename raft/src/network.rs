@@ -724,7 +724,7 @@ pub struct PeerService {
 impl PeerService {
     /// Proposes a follower's batch of client writes (unary or on a `CallStream`).
     async fn serve_forward(&self, batch: InternalRaftBatch) -> Result<PeerMessage, tonic::Status> {
-        let cmd = Command(batch);
+        let cmd = Command::from_batch(&batch);
         self.pauses.wait_released().await;
         let res: Result<(u64, CommandResponse), PeerError> = match self.raft.client_write(cmd).await
         {

@@ -977,7 +977,7 @@ async fn submit(
             leader = leader_of(raft).await?;
         }
         if leader == shared.id {
-            return match raft.client_write(Command(batch)).await {
+            return match raft.client_write(Command::from_batch(&batch)).await {
                 Ok(resp) => Ok(resp.data.0),
                 // Leadership moved between the check and the proposal; nothing was appended.
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {

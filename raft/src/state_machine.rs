@@ -365,7 +365,10 @@ impl RaftStateMachine<TypeConfig> for Arc<StateMachine> {
             let ops: Vec<fetcd_storage::WriteOp> = match entry.payload {
                 EntryPayload::Blank => vec![fetcd_storage::WriteOp::Noop],
                 EntryPayload::Normal(cmd) => {
-                    cmd.0.requests.into_iter().map(into_write_op).collect()
+                    let batch = cmd
+                        .decode()
+                        .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                    batch.requests.into_iter().map(into_write_op).collect()
                 }
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m);

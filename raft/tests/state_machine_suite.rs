@@ -4,15 +4,25 @@
 
 use std::sync::Arc;
 
+use fetcd_proto::etcdserverpb::PutRequest;
+use fetcd_proto::etcdserverpb::RangeRequest;
+use fetcd_proto::raftpb::internal_raft_request::Request;
+use fetcd_proto::raftpb::InternalRaftRequest;
 use fetcd_raft::log_store::LogStore;
 use fetcd_raft::state_machine::StateMachine;
+use fetcd_raft::Command;
 use fetcd_raft::NodeId;
 use fetcd_raft::TypeConfig;
 use fetcd_storage::KvStore;
+use openraft::storage::RaftStateMachine;
 use openraft::testing::StoreBuilder;
 use openraft::testing::Suite;
+use openraft::CommittedLeaderId;
+use openraft::Entry;
+use openraft::EntryPayload;
 use openraft::ErrorSubject;
 use openraft::ErrorVerb;
+use openraft::LogId;
 use openraft::StorageError;
 use tempfile::TempDir;
 
@@ -44,4 +54,57 @@ fn openraft_suite_on_fetcd_log_and_state_machine() {
         Builder,
     )
     .unwrap();
+}
+
+fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(cmd),
+    }
+}
+
+/// Commands travel and are logged as bytes, and only the state machine decodes them: bytes
+/// that are no batch must stop the apply (as etcd's apply panics on an entry it cannot
+/// unmarshal), never be skipped as if empty, which would fork this member's state.
+#[tokio::test]
+async fn a_command_that_does_not_decode_fails_its_apply_and_applies_nothing() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(KvStore::open_path(&dir.path().join("kv")).unwrap());
+    let mut sm = StateMachine::open(store.clone(), &dir.path().join("snap")).unwrap();
+    let put = |key: &[u8]| InternalRaftRequest {
+        header: None,
+        request: Some(Request::Put(PutRequest {
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })),
+    };
+    sm.apply([entry(1, Command::new(vec![put(b"a")]))])
+        .await
+        .unwrap();
+    assert_eq!(store.current_revision(), 2);
+
+    // Field 1 (a request) announcing 255 bytes that never come.
+    let mut torn = 2u64.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0x0a, 0xff]);
+    let garbage: Command = bincode::deserialize(&torn).unwrap();
+    let res = sm
+        .apply([entry(2, Command::new(vec![put(b"b")])), entry(3, garbage)])
+        .await;
+    assert!(res.is_err(), "{res:?}");
+    assert_eq!(
+        store.current_revision(),
+        2,
+        "nothing of the failed batch applied"
+    );
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(1));
+    let b = store
+        .range(&RangeRequest {
+            key: b"b".to_vec(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(b.kvs.is_empty());
 }
