@@ -29,15 +29,16 @@ use crate::coalesce::EndStreamWithData;
 pub(crate) enum LeaderRequest {
     /// Propose this batch of client writes.
     Forward(InternalRaftBatch),
-    /// Confirm leadership and answer with the read index.
-    ReadIndex,
+    /// Confirm leadership and answer with the read index: the asker's word, a bincode
+    /// [`ReadIndexAsk`](crate::read_index::ReadIndexAsk).
+    ReadIndex(Vec<u8>),
 }
 
 impl From<LeaderRequest> for peer_call::Call {
     fn from(r: LeaderRequest) -> Self {
         match r {
             LeaderRequest::Forward(b) => peer_call::Call::Forward(b),
-            LeaderRequest::ReadIndex => peer_call::Call::ReadIndex(true),
+            LeaderRequest::ReadIndex(ask) => peer_call::Call::ReadIndexAsk(ask),
         }
     }
 }

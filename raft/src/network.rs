@@ -53,6 +53,7 @@ use crate::durable::Durability;
 use crate::metrics::PeerMetrics;
 use crate::read_index::LeaderAcks;
 use crate::read_index::ReadIndex;
+use crate::read_index::ReadIndexAsk;
 
 use crate::command::Command;
 use crate::command::CommandResponse;
@@ -232,8 +233,8 @@ impl Network {
                 .await
                 .map_err(TransportError::Unreachable)?
                 .into_inner(),
-            (None, LeaderRequest::ReadIndex) => c
-                .read_index(PeerMessage { data: Vec::new() })
+            (None, LeaderRequest::ReadIndex(data)) => c
+                .read_index(PeerMessage { data })
                 .await
                 .map_err(TransportError::Unreachable)?
                 .into_inner(),
@@ -305,9 +306,17 @@ impl Network {
         Ok(opened)
     }
 
-    /// Asks the leader at `addr` for a read index (it confirms its leadership first).
-    pub async fn read_index(&self, addr: &str) -> Result<Result<u64, PeerError>, TransportError> {
-        let resp = self.leader_call(addr, LeaderRequest::ReadIndex).await?;
+    /// Asks the leader at `addr` for a read index (it confirms its leadership first, counting
+    /// `ask`'s word for it).
+    pub async fn read_index(
+        &self,
+        addr: &str,
+        ask: &ReadIndexAsk,
+    ) -> Result<Result<u64, PeerError>, TransportError> {
+        let ask = bincode::serialize(ask)?;
+        let resp = self
+            .leader_call(addr, LeaderRequest::ReadIndex(ask))
+            .await?;
         Ok(decode(&resp)?)
     }
 }
@@ -740,19 +749,28 @@ impl PeerService {
         encode(&res)
     }
 
-    /// Answers a follower's read-index request (unary or on a `CallStream`).
-    async fn serve_read_index(&self) -> Result<PeerMessage, tonic::Status> {
-        self.pauses.wait_released().await;
-        let res: Result<u64, PeerError> = match self.read_index.leader_read_index().await {
-            Ok(read) => Ok(read),
-            Err(RaftError::APIError(e)) => match e {
-                openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
-                    Err(PeerError::NotLeader(f.leader_id))
-                }
-                openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => Err(PeerError::NoQuorum),
-            },
-            Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+    /// Answers a follower's read-index request (unary or on a `CallStream`), `ask` the
+    /// follower's word if it gave it (a bincode [`ReadIndexAsk`]; empty if not).
+    async fn serve_read_index(&self, ask: &[u8]) -> Result<PeerMessage, tonic::Status> {
+        let ask: Option<ReadIndexAsk> = if ask.is_empty() {
+            None
+        } else {
+            Some(bincode::deserialize(ask).map_err(bad_request)?)
         };
+        self.pauses.wait_released().await;
+        let res: Result<u64, PeerError> =
+            match self.read_index.leader_read_index_for(ask.as_ref()).await {
+                Ok(read) => Ok(read),
+                Err(RaftError::APIError(e)) => match e {
+                    openraft::error::CheckIsLeaderError::ForwardToLeader(f) => {
+                        Err(PeerError::NotLeader(f.leader_id))
+                    }
+                    openraft::error::CheckIsLeaderError::QuorumNotEnough(_) => {
+                        Err(PeerError::NoQuorum)
+                    }
+                },
+                Err(RaftError::Fatal(f)) => Err(PeerError::Stopped(f.to_string())),
+            };
         encode(&res)
     }
 
@@ -963,7 +981,10 @@ impl RaftPeer for PeerService {
                 tokio::spawn(async move {
                     let answer = match call.call {
                         Some(peer_call::Call::Forward(batch)) => svc.serve_forward(batch).await,
-                        Some(peer_call::Call::ReadIndex(_)) => svc.serve_read_index().await,
+                        Some(peer_call::Call::ReadIndex(_)) => svc.serve_read_index(&[]).await,
+                        Some(peer_call::Call::ReadIndexAsk(ask)) => {
+                            svc.serve_read_index(&ask).await
+                        }
                         _ => Err(tonic::Status::invalid_argument("not a call")),
                     };
                     let msg = answer.map(|m| PeerCall {
@@ -991,9 +1012,11 @@ impl RaftPeer for PeerService {
 
     async fn read_index(
         &self,
-        _req: tonic::Request<PeerMessage>,
+        req: tonic::Request<PeerMessage>,
     ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
-        self.serve_read_index().await.map(tonic::Response::new)
+        self.serve_read_index(&req.get_ref().data)
+            .await
+            .map(tonic::Response::new)
     }
 
     async fn transfer(
@@ -1047,6 +1070,12 @@ mod tests {
         call_stream: bool,
         /// With a vote: answers vouch requests as a member that saved it.
         saved_vote: Option<Vote<NodeId>>,
+    }
+
+    /// The test leader's read index: 40 plus the asker's id, so a test sees the ask arrive.
+    fn read_index_answer(ask: &[u8]) -> Result<PeerMessage, tonic::Status> {
+        let ask: ReadIndexAsk = bincode::deserialize(ask).map_err(bad_request)?;
+        encode(&Ok::<u64, PeerError>(40 + ask.from))
     }
 
     fn forward_answer(batch: &InternalRaftBatch) -> Result<PeerMessage, tonic::Status> {
@@ -1114,10 +1143,10 @@ mod tests {
 
         async fn read_index(
             &self,
-            _req: tonic::Request<PeerMessage>,
+            req: tonic::Request<PeerMessage>,
         ) -> Result<tonic::Response<PeerMessage>, tonic::Status> {
             self.unary.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            encode(&Ok::<u64, PeerError>(42)).map(tonic::Response::new)
+            read_index_answer(&req.get_ref().data).map(tonic::Response::new)
         }
 
         type CallStreamStream = PeerStream<PeerCall>;
@@ -1143,7 +1172,8 @@ mod tests {
                     .map(|c| {
                         let answer = match &c.call {
                             Some(peer_call::Call::Forward(b)) => forward_answer(b)?,
-                            _ => encode(&Ok::<u64, PeerError>(42))?,
+                            Some(peer_call::Call::ReadIndexAsk(ask)) => read_index_answer(ask)?,
+                            _ => return Err(tonic::Status::invalid_argument("not a call")),
                         };
                         Ok(PeerCall {
                             id: c.id,
@@ -1223,7 +1253,16 @@ mod tests {
     async fn vouched(net: &Network, vote: Vote<NodeId>, since: Instant, wait: Duration) -> bool {
         let three = [std::collections::BTreeSet::from([1, 2, 3])];
         net.acks()
-            .confirm(1, vote, since, &three, since + wait, || 0, || async {})
+            .confirm(
+                1,
+                None,
+                vote,
+                since,
+                &three,
+                since + wait,
+                || 0,
+                || async {},
+            )
             .await
     }
 
@@ -1263,6 +1302,14 @@ mod tests {
         assert!(vouched(&net, vote, later, Duration::from_secs(5)).await);
     }
 
+    /// Member 2's word, which the test leader answers as 42.
+    fn ask() -> ReadIndexAsk {
+        ReadIndexAsk {
+            from: 2,
+            vote: Some(Vote::new(2, 1)),
+        }
+    }
+
     fn batch(n: usize) -> InternalRaftBatch {
         InternalRaftBatch {
             requests: vec![Default::default(); n],
@@ -1279,9 +1326,10 @@ mod tests {
         let (addr, server) = serve_peer(peer).await;
         let net = Network::new(1, Arc::new(Durability::new(100)));
         // Three calls at once; the leader answers the last one first.
+        let ask = ask();
         let (a, b, c) = tokio::join!(
             net.forward(&addr, batch(1)),
-            net.read_index(&addr),
+            net.read_index(&addr, &ask),
             net.forward(&addr, batch(3)),
         );
         let index = |r: Result<Result<(u64, CommandResponse), PeerError>, TransportError>| {
@@ -1303,7 +1351,7 @@ mod tests {
         for _ in 0..2 {
             let fwd = net.forward(&addr, batch(2)).await;
             assert!(matches!(fwd, Ok(Ok((2, _)))), "{fwd:?}");
-            let ri = net.read_index(&addr).await;
+            let ri = net.read_index(&addr, &ask()).await;
             assert!(matches!(ri, Ok(Ok(42))), "{ri:?}");
         }
         assert_eq!(unary.load(std::sync::atomic::Ordering::SeqCst), 4);

@@ -1056,7 +1056,9 @@ async fn read_index_round(shared: &Shared) -> Result<(), ProposeError> {
             };
         }
         let addr = peer_addr(raft, leader).ok_or(ProposeError::NoLeader)?;
-        match shared.network.read_index(&addr).await {
+        // The vote is read now, after every read of this round arrived (see `ReadIndexAsk`).
+        let ask = shared.read_index.ask();
+        match shared.network.read_index(&addr, &ask).await {
             Ok(Ok(index)) => return wait_applied(shared, index).await,
             Ok(Err(PeerError::NotLeader(Some(l)))) if l != leader => leader = l,
             Ok(Err(PeerError::NotLeader(_))) => {

@@ -35,6 +35,14 @@
 //! the log ([`Durability::written_end`]), at or past anything committed (a leader replicates
 //! only what it wrote): the read waits for the entries in flight to commit and apply.
 //!
+//! A follower that asks the leader for a read index gives its word too ([`ReadIndexAsk`]): the
+//! vote it had saved when it asked, read after every read it asks for had arrived. If that is
+//! the leader's vote, it vouches as a "yes" to a vouch request sent at that moment would, a
+//! moment after those reads arrived, and it counts toward the quorum of that request only (the
+//! leader cannot place that moment on its own clock, so it confirms nothing else). On three
+//! members the leader and the asker are a quorum: a follower's read costs one round trip to the
+//! leader, and no vouch request goes out for it.
+//!
 //! A member that is the quorum alone, or that gets no confirmation within the fallback time (a
 //! leader cut off, a follower that stopped answering), asks openraft, whose answer is final.
 
@@ -50,6 +58,8 @@ use openraft::error::RaftError;
 use openraft::BasicNode;
 use openraft::ServerState;
 use openraft::Vote;
+use serde::Deserialize;
+use serde::Serialize;
 
 use crate::durable::Durability;
 use crate::log_store::LogStore;
@@ -59,6 +69,32 @@ use crate::typ;
 use crate::vouch::Vouchers;
 use crate::NodeId;
 use crate::TypeConfig;
+
+/// A follower's read-index request: who asks, and the vote it had saved when it asked (after
+/// the reads it asks for arrived). openraft saves a vote before granting it, so if this is the
+/// leader's vote, no leader newer than it had been elected with the asker's vote by then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadIndexAsk {
+    /// The asking member.
+    pub from: NodeId,
+    /// Its saved vote when it asked.
+    pub vote: Option<Vote<NodeId>>,
+}
+
+/// The member whose word in `ask` counts toward confirming `vote` for a quorum of `joint`: a
+/// voter other than `me` whose saved vote was `vote`, a committed one.
+fn vouching_asker(
+    ask: Option<&ReadIndexAsk>,
+    me: NodeId,
+    vote: &Vote<NodeId>,
+    joint: &[BTreeSet<NodeId>],
+) -> Option<NodeId> {
+    let ask = ask?;
+    (ask.from != me
+        && joint.iter().any(|c| c.contains(&ask.from))
+        && crate::vouch::vouches(ask.vote.as_ref(), vote))
+    .then_some(ask.from)
+}
 
 /// What one peer's answers to this member's AppendEntries vouch for.
 #[derive(Debug, Default)]
@@ -193,8 +229,8 @@ impl LeaderAcks {
         }
     }
 
-    /// Waits until a quorum of `joint` (with `me` counted) answered AppendEntries under `vote`
-    /// sent at or after `since`; false at `deadline`. Calls `heartbeat` when a peer still needed
+    /// Waits until a quorum of `joint` (with `me` and `also` counted) answered AppendEntries
+    /// under `vote` sent at or after `since`; false at `deadline`. Calls `heartbeat` when a peer still needed
     /// has nothing in flight, has been sent every entry below `log_end()` (the log's written
     /// end), and no heartbeat was asked for since its last answer: openraft then sends nothing
     /// to it until new entries come.
@@ -202,6 +238,7 @@ impl LeaderAcks {
     pub async fn confirm<F, Fut>(
         &self,
         me: NodeId,
+        also: Option<NodeId>,
         vote: Vote<NodeId>,
         since: Instant,
         joint: &[BTreeSet<NodeId>],
@@ -221,6 +258,7 @@ impl LeaderAcks {
                 let mut st = self.lock();
                 let granted = |id: NodeId| {
                     id == me
+                        || Some(id) == also
                         || st.peers.get(&id).is_some_and(|p| {
                             p.confirmed.is_some_and(|(v, at)| v == vote && at >= since)
                         })
@@ -327,6 +365,15 @@ impl ReadIndex {
         self.log.reads_here();
     }
 
+    /// This member's word for a read-index request it sends now, after the reads it asks for
+    /// arrived.
+    pub fn ask(&self) -> ReadIndexAsk {
+        ReadIndexAsk {
+            from: self.id,
+            vote: self.log.saved_vote(),
+        }
+    }
+
     /// The index a read arriving now must see applied, if the leader's vote is `vote` (see
     /// the module's documentation).
     fn index_to_read(&self, vote: &Vote<NodeId>) -> u64 {
@@ -345,6 +392,17 @@ impl ReadIndex {
     // The error is openraft's.
     #[allow(clippy::result_large_err)]
     pub async fn leader_read_index(&self) -> Result<u64, ReadIndexError> {
+        self.leader_read_index_for(None).await
+    }
+
+    /// [`ReadIndex::leader_read_index`] for a follower's request `ask`, whose word counts
+    /// toward the quorum if it vouches for this leader.
+    // The error is openraft's.
+    #[allow(clippy::result_large_err)]
+    pub async fn leader_read_index_for(
+        &self,
+        ask: Option<&ReadIndexAsk>,
+    ) -> Result<u64, ReadIndexError> {
         let since = Instant::now();
         let lead = {
             let m = self.raft.metrics();
@@ -355,16 +413,17 @@ impl ReadIndex {
                 && m.current_leader == Some(self.id)
                 && m.vote.is_committed()
                 && !is_quorum(&joint, |id| id == self.id);
-            if lead {
+            let also = vouching_asker(ask, self.id, &m.vote, &joint);
+            if lead && !is_quorum(&joint, |id| id == self.id || Some(id) == also) {
                 for (id, node) in membership.nodes() {
                     if *id != self.id && joint.iter().any(|c| c.contains(id)) {
                         self.vouchers.want(*id, &node.addr, m.vote, since);
                     }
                 }
             }
-            lead.then_some((m.vote, joint))
+            lead.then_some((m.vote, joint, also))
         };
-        if let Some((vote, joint)) = lead {
+        if let Some((vote, joint, also)) = lead {
             // Computed after `since`: at least what it was when the read arrived.
             let read = self.index_to_read(&vote);
             let heartbeat = || async {
@@ -377,6 +436,7 @@ impl ReadIndex {
                 .acks
                 .confirm(
                     self.id,
+                    also,
                     vote,
                     since,
                     &joint,
@@ -410,7 +470,7 @@ mod tests {
 
     async fn confirmed(acks: &LeaderAcks, since: Instant, joint: &[BTreeSet<NodeId>]) -> bool {
         let deadline = Instant::now() + Duration::from_millis(20);
-        acks.confirm(1, vote(2), since, joint, deadline, || 0, || async {})
+        acks.confirm(1, None, vote(2), since, joint, deadline, || 0, || async {})
             .await
     }
 
@@ -499,8 +559,17 @@ mod tests {
             let acks = acks.clone();
             tokio::spawn(async move {
                 let deadline = Instant::now() + Duration::from_secs(10);
-                acks.confirm(1, vote(2), since, &three(), deadline, || 0, || async {})
-                    .await
+                acks.confirm(
+                    1,
+                    None,
+                    vote(2),
+                    since,
+                    &three(),
+                    deadline,
+                    || 0,
+                    || async {},
+                )
+                .await
             })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -525,7 +594,16 @@ mod tests {
             let asked = &asked;
             async move {
                 let ok = acks
-                    .confirm(1, vote(2), since, &three(), deadline, || log_end, count)
+                    .confirm(
+                        1,
+                        None,
+                        vote(2),
+                        since,
+                        &three(),
+                        deadline,
+                        || log_end,
+                        count,
+                    )
                     .await;
                 assert!(!ok);
                 asked.load(std::sync::atomic::Ordering::SeqCst) - before
@@ -543,5 +621,71 @@ mod tests {
         assert_eq!(asks(0).await, 1);
         // Still idle but nothing answered since that heartbeat was asked: not again.
         assert_eq!(asks(0).await, 0);
+    }
+
+    #[test]
+    fn only_a_voters_word_for_the_leaders_own_vote_counts() {
+        let five = vec![BTreeSet::from([1, 2, 3, 4, 5])];
+        let ask = |from, vote| ReadIndexAsk { from, vote };
+        let mine = vote(2);
+        assert_eq!(
+            vouching_asker(Some(&ask(2, Some(mine))), 1, &mine, &three()),
+            Some(2)
+        );
+        assert_eq!(vouching_asker(None, 1, &mine, &three()), None);
+        assert_eq!(
+            vouching_asker(Some(&ask(2, Some(vote(1)))), 1, &mine, &three()),
+            None,
+            "an older vote"
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(2, Some(vote(3)))), 1, &mine, &three()),
+            None,
+            "a newer vote"
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(2, Some(Vote::new(2, 1)))), 1, &mine, &three()),
+            None,
+            "a vote granted, not yet committed"
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(2, None)), 1, &mine, &three()),
+            None
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(4, Some(mine))), 1, &mine, &three()),
+            None,
+            "a learner"
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(1, Some(mine))), 1, &mine, &three()),
+            None,
+            "the leader itself"
+        );
+        assert_eq!(
+            vouching_asker(Some(&ask(4, Some(mine))), 1, &mine, &five),
+            Some(4)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vouching_asker_completes_a_quorum_with_the_leader_and_no_more() {
+        let acks = LeaderAcks::default();
+        let since = Instant::now();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let confirm = |also, joint: Vec<BTreeSet<NodeId>>| {
+            let acks = &acks;
+            async move {
+                acks.confirm(1, also, vote(2), since, &joint, deadline, || 0, || async {})
+                    .await
+            }
+        };
+        assert!(confirm(Some(2), three()).await, "leader and asker: 2 of 3");
+        assert!(!confirm(None, three()).await);
+        let five = vec![BTreeSet::from([1, 2, 3, 4, 5])];
+        assert!(!confirm(Some(2), five.clone()).await, "2 of 5");
+        acks.vouched(3, vote(2), Instant::now());
+        assert!(confirm(Some(2), five.clone()).await, "3 of 5");
+        assert!(!confirm(None, five).await, "2 of 5 without the asker");
     }
 }

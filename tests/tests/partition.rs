@@ -21,7 +21,6 @@ fn serializable() -> Option<GetOptions> {
     Some(GetOptions::new().with_serializable())
 }
 
-/// The value of `key` at member `i`, read serializably (from its own state).
 /// The value of the sample `series` (name and labels, as rendered) in a metrics text.
 fn metric(text: &str, series: &str) -> Result<f64> {
     text.lines()
@@ -30,6 +29,7 @@ fn metric(text: &str, series: &str) -> Result<f64> {
         .with_context(|| format!("no {series}"))
 }
 
+/// The value of `key` at member `i`, read serializably (from its own state).
 async fn local_value(c: &Cluster, i: usize, key: &str) -> Result<Option<String>> {
     let r = c.client(i).await?.get(key, serializable()).await?;
     Ok(match r.kvs().first() {
@@ -198,6 +198,57 @@ async fn a_cut_off_leader_serves_no_linearizable_read_from_before_the_cut() -> R
     refused("linearizable read on the cut-off leader", oc.get("k", None)).await?;
     cluster.heal(&[old])?;
     Ok(())
+}
+
+/// On three members a follower's read index needs no answer from anyone but the leader: the
+/// request carries the follower's own word for it (the vote it saved, read after the read
+/// arrived), which with the leader's own makes a quorum. With every request from the leader to
+/// the followers cut (no AppendEntries, no vouch request gets through), a follower that still
+/// follows it reads, and reads what was written. (Its election timer runs meanwhile: should an
+/// election start before the read is served, which would make the read fail, the round is
+/// tried again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_followers_own_word_confirms_its_read_index_on_three_members() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    for round in 1..=3 {
+        let leader = cluster.wait_ready().await?;
+        let f = (0..3).find(|i| *i != leader).context("a follower")?;
+        let value = format!("v{round}");
+        cluster
+            .client(leader)
+            .await?
+            .put("k", value.as_str(), None)
+            .await?;
+        wait_local(&cluster, f, "k", &value).await?;
+        let mut fc = cluster.client(f).await?;
+        let term = fc.status().await?.raft_term();
+
+        for to in (0..3).filter(|i| *i != leader) {
+            cluster.set_link(leader, to, Some(Fault::Cut))?;
+        }
+        let read = fc.get("k", None).await;
+        for to in (0..3).filter(|i| *i != leader) {
+            cluster.set_link(leader, to, None)?;
+        }
+        match read {
+            Ok(r) => {
+                let got = r.kvs().first().map(|kv| kv.value().to_vec());
+                ensure!(
+                    got.as_deref() == Some(value.as_bytes()),
+                    "the follower read {got:?}, not {value}"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                let now = fc.status().await?.raft_term();
+                ensure!(
+                    now != term,
+                    "a follower of an unchanged leader (term {term}) got no read index: {e}"
+                );
+            }
+        }
+    }
+    bail!("an election interrupted every round")
 }
 
 /// A leader cut off from both followers: writes through it fail in bounded time, the majority
