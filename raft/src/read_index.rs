@@ -230,10 +230,10 @@ impl LeaderAcks {
     }
 
     /// Waits until a quorum of `joint` (with `me` and `also` counted) answered AppendEntries
-    /// under `vote` sent at or after `since`; false at `deadline`. Calls `heartbeat` when a peer still needed
-    /// has nothing in flight, has been sent every entry below `log_end()` (the log's written
-    /// end), and no heartbeat was asked for since its last answer: openraft then sends nothing
-    /// to it until new entries come.
+    /// under `vote` sent at or after `since`; false at `deadline`. Calls `heartbeat` when a peer
+    /// still needed has nothing in flight, has been sent every entry below `log_end()` (the log's
+    /// written end), and no heartbeat was asked for since its last answer: openraft then sends
+    /// nothing to it until new entries come.
     #[allow(clippy::too_many_arguments)]
     pub async fn confirm<F, Fut>(
         &self,
