@@ -94,9 +94,9 @@ pub enum TransportError {
     /// The peer did not answer (connection refused, reset, timeout).
     #[error("peer unreachable: {0}")]
     Unreachable(tonic::Status),
-    /// The peer's answer could not be decoded.
-    #[error("undecodable peer message: {0}")]
-    Decode(#[from] bincode::Error),
+    /// The request could not be encoded, or the peer's answer decoded.
+    #[error("peer message (de)serialization: {0}")]
+    Codec(#[from] bincode::Error),
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<PeerMessage, tonic::Status> {
