@@ -897,12 +897,16 @@ pub(crate) fn peer_addr(raft: &typ::Raft, id: NodeId) -> Option<String> {
 }
 
 /// Keeps `learner` equal to whether member `id` is in the membership without a vote, as the
-/// membership changes, until the Raft instance shuts down.
+/// membership changes, until the Raft instance shuts down. Follows openraft's server metrics,
+/// which change with votes, roles and memberships only: the full metrics change with every
+/// append, commit and apply, and woke this task (and [`track_leadership`]) for each.
 async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
-    let mut rx = raft.metrics();
+    let mut rx = raft.server_metrics();
     loop {
-        let is_learner =
-            crate::membership::is_learner_in(rx.borrow().membership_config.membership(), id);
+        let is_learner = crate::membership::is_learner_in(
+            rx.borrow_and_update().membership_config.membership(),
+            id,
+        );
         learner.store(is_learner, Ordering::Relaxed);
         if rx.changed().await.is_err() {
             return;
@@ -915,11 +919,11 @@ async fn track_learner(raft: typ::Raft, id: NodeId, learner: Arc<AtomicBool>) {
 /// when the other appends sync off the worker thread ([`LogStore::sync_off_worker`]), until the
 /// Raft instance shuts down.
 async fn track_leadership(raft: typ::Raft, id: NodeId, log: LogStore<TypeConfig>) {
-    let mut rx = raft.metrics();
+    let mut rx = raft.server_metrics();
     let mut pipelined = false;
     loop {
         let (leads, several) = {
-            let m = rx.borrow();
+            let m = rx.borrow_and_update();
             (
                 m.current_leader == Some(id),
                 m.membership_config.membership().voter_ids().count() > 1,
