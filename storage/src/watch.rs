@@ -342,6 +342,10 @@ struct Matcher {
     // messages in one batch.
     exact: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
     prefix: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
+    /// The lengths of the prefixes in `prefix`, with how many prefixes have each: an event's
+    /// key is looked up at those lengths only, not at every length up to its own (35 lookups
+    /// for `/registry/pods/default/nginx-1234`, where kube-apiserver's prefixes have a few).
+    prefix_lens: BTreeMap<usize, usize>,
     other: IntervalTree<WatchKey>,
 }
 
@@ -385,7 +389,10 @@ impl Matcher {
                 set.insert(key, Synced::of(w));
             }
             Shape::Prefix(p) => {
-                let set = self.prefix.entry(p.to_vec()).or_default();
+                let set = self.prefix.entry(p.to_vec()).or_insert_with(|| {
+                    *self.prefix_lens.entry(p.len()).or_default() += 1;
+                    BTreeMap::new()
+                });
                 set.insert(key, Synced::of(w));
             }
             Shape::Other(start, end) => self.other.insert(start, end, key),
@@ -393,17 +400,31 @@ impl Matcher {
     }
 
     fn remove(&mut self, key: WatchKey, range: &KeyRange) {
+        // Returns whether `k`'s last watcher left.
         let remove_from = |m: &mut HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>, k: &[u8]| {
             if let Some(set) = m.get_mut(k) {
                 set.remove(&key);
                 if set.is_empty() {
                     m.remove(k);
+                    return true;
                 }
             }
+            false
         };
         match shape(range) {
-            Shape::Exact(k) => remove_from(&mut self.exact, k),
-            Shape::Prefix(p) => remove_from(&mut self.prefix, p),
+            Shape::Exact(k) => {
+                remove_from(&mut self.exact, k);
+            }
+            Shape::Prefix(p) => {
+                if remove_from(&mut self.prefix, p) {
+                    if let Some(n) = self.prefix_lens.get_mut(&p.len()) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.prefix_lens.remove(&p.len());
+                        }
+                    }
+                }
+            }
             Shape::Other(start, _) => {
                 self.other.remove(start, key);
             }
@@ -430,11 +451,10 @@ impl Matcher {
         if let Some(set) = self.exact.get(k) {
             out.extend(hits(set, event));
         }
-        if !self.prefix.is_empty() {
-            for i in 1..=k.len() {
-                if let Some(set) = self.prefix.get(&k[..i]) {
-                    out.extend(hits(set, event));
-                }
+        for &len in self.prefix_lens.keys() {
+            let Some(p) = k.get(..len) else { break };
+            if let Some(set) = self.prefix.get(p) {
+                out.extend(hits(set, event));
             }
         }
         if self.other.len() > 0 {
@@ -823,6 +843,31 @@ pub fn progress_response(revision: i64) -> WatchResponse {
 mod tests {
     use super::*;
 
+    /// A synced watcher of `range` from revision 1, for the matcher.
+    fn synced_watcher(range: KeyRange) -> Watcher {
+        Watcher {
+            gen: 0,
+            spec: Arc::new(WatchSpec {
+                range,
+                start_revision: 0,
+                no_put: false,
+                no_delete: false,
+            }),
+            min_rev: 1,
+            state: State::Synced,
+            sink: Arc::new(Capture::default()),
+        }
+    }
+
+    /// The watchers `m` matches for key `k`, sorted.
+    fn matched(m: &Matcher, watchers: &HashMap<WatchKey, Watcher>, k: &[u8]) -> Vec<WatchKey> {
+        let mut out = Vec::new();
+        m.matches(k, 0, watchers, &mut Vec::new(), &mut out);
+        let mut keys: Vec<WatchKey> = out.iter().map(|h| h.key).collect();
+        keys.sort();
+        keys
+    }
+
     #[test]
     fn matcher_finds_exact_prefix_and_interval_watchers() {
         let mut m = Matcher::default();
@@ -836,28 +881,11 @@ mod tests {
             (5, KeyRange::new(b"/a/a", b"/a/c")),
         ];
         for (id, range) in ranges.iter().cloned() {
-            let watcher = Watcher {
-                gen: 0,
-                spec: Arc::new(WatchSpec {
-                    range,
-                    start_revision: 0,
-                    no_put: false,
-                    no_delete: false,
-                }),
-                min_rev: 1,
-                state: State::Synced,
-                sink: Arc::new(Capture::default()),
-            };
+            let watcher = synced_watcher(range);
             m.add(w(id), &watcher);
             watchers.insert(w(id), watcher);
         }
-        let matches = |m: &Matcher, k: &[u8]| {
-            let mut out = Vec::new();
-            m.matches(k, 0, &watchers, &mut Vec::new(), &mut out);
-            let mut keys: Vec<WatchKey> = out.iter().map(|h| h.key).collect();
-            keys.sort();
-            keys
-        };
+        let matches = |m: &Matcher, k: &[u8]| matched(m, &watchers, k);
         assert_eq!(matches(&m, b"/a/b"), vec![w(1), w(2), w(3), w(5)]);
         assert_eq!(matches(&m, b"/a/c"), vec![w(2), w(3)]);
         m.remove(w(2), &ranges[1].1);
@@ -866,6 +894,30 @@ mod tests {
         assert!(matches(&m, b"/a/").is_empty());
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff"), None);
+    }
+
+    #[test]
+    fn prefix_watchers_of_every_length_match_and_their_lengths_leave_with_them() {
+        let mut m = Matcher::default();
+        let watchers = HashMap::new();
+        let w = |id| WatchKey { stream: 1, id };
+        let prefix = |p: &[u8]| KeyRange::new(p, &prefix_end(p).unwrap_or_default());
+        let pods: &[u8] = b"/registry/pods/";
+        for (id, p) in [(1, &b"/"[..]), (2, b"/registry/"), (3, pods), (4, pods)] {
+            m.add(w(id), &synced_watcher(prefix(p)));
+        }
+        let key = b"/registry/pods/default/nginx-1234";
+        assert_eq!(matched(&m, &watchers, key), vec![w(1), w(2), w(3), w(4)]);
+        assert_eq!(matched(&m, &watchers, b"/registry/podsx"), vec![w(1), w(2)]);
+        assert_eq!(matched(&m, &watchers, b"/r"), vec![w(1)]);
+        assert_eq!(m.prefix_lens, BTreeMap::from([(1, 1), (10, 1), (15, 1)]));
+        // A prefix's length stays while one of its watchers does.
+        m.remove(w(3), &prefix(pods));
+        assert_eq!(matched(&m, &watchers, key), vec![w(1), w(2), w(4)]);
+        m.remove(w(4), &prefix(pods));
+        m.remove(w(1), &prefix(b"/"));
+        assert_eq!(matched(&m, &watchers, key), vec![w(2)]);
+        assert_eq!(m.prefix_lens, BTreeMap::from([(10, 1)]));
     }
 
     /// Takes `room` messages, then refuses.
