@@ -347,10 +347,20 @@ impl Wal {
             }
         }
         if !self.pending.is_empty() {
-            let len = self.pending.len() as u64;
-            self.active_file
-                .write_all_at(&self.pending, self.offset - len)?;
-            crate::metrics::WAL_WRITE_BYTES.fetch_add(len, Ordering::Relaxed);
+            let len = self.pending.len();
+            // Written with zeros up to the end of the page the records end in, as the segment
+            // holds there: a write that ends inside a page the page cache does not hold makes
+            // the kernel read that page from disk first, and segments are zero-filled around
+            // the cache. (A leader's appends then read no page; they read one per page before.)
+            let page = PAGE as u64;
+            let end = (self.offset.div_ceil(page) * page).min(self.segment_size.max(self.offset));
+            self.pending.resize(len + (end - self.offset) as usize, 0);
+            let written = self
+                .active_file
+                .write_all_at(&self.pending, self.offset - len as u64);
+            self.pending.truncate(len);
+            written?;
+            crate::metrics::WAL_WRITE_BYTES.fetch_add(len as u64, Ordering::Relaxed);
             self.dirty = true;
             self.keep_tail();
         }
@@ -781,6 +791,43 @@ mod tests {
         } else {
             assert_eq!(direct, 0);
         }
+        Ok(())
+    }
+
+    /// Bytes this thread had read from the storage layer.
+    fn thread_read_bytes() -> io::Result<u64> {
+        let io = std::fs::read_to_string("/proc/thread-self/io")?;
+        io.lines()
+            .find_map(|l| l.strip_prefix("read_bytes: "))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| io::Error::other("no read_bytes in /proc/thread-self/io"))
+    }
+
+    #[test]
+    fn buffered_appends_to_a_new_segment_read_nothing_from_disk() -> TestResult {
+        let tmp = tempfile::TempDir::new()?;
+        let dir = tmp.path().join("wal");
+        let (mut wal, _) = reopen(&dir, 1 << 20)?;
+        // The new segment was zero-filled around the page cache: none of its pages is cached.
+        let before = thread_read_bytes()?;
+        // Records of 300 bytes: many end inside a page no write touched yet.
+        for i in 0..64u8 {
+            wal.push(&[i.max(1); 300])?;
+            wal.flush(false)?;
+        }
+        wal.flush(true)?;
+        assert_eq!(
+            thread_read_bytes()? - before,
+            0,
+            "an append read a page from disk"
+        );
+        drop(wal);
+        let (_, bodies) = reopen(&dir, 1 << 20)?;
+        assert_eq!(bodies.len(), 64);
+        assert!(bodies
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b == &[(i as u8).max(1); 300]));
         Ok(())
     }
 
