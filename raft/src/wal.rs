@@ -762,10 +762,8 @@ mod tests {
         Ok((wal, bodies))
     }
 
-    /// Records of every size, across page and segment boundaries, durable through direct
-    /// writes, buffered ones and a mix, read back after each reopen. A durable write after a
-    /// buffered one that no sync has covered yet must `fdatasync`, or the buffered records could
-    /// be lost to a power cut although reported durable.
+    /// A new segment is all zeros over its whole size, whatever file was left at its path, and
+    /// its whole pages are written with `O_DIRECT` where the file system takes it.
     #[test]
     fn a_prepared_segment_is_zeros_to_its_size_written_around_the_cache_where_allowed() -> TestResult
     {
@@ -803,6 +801,8 @@ mod tests {
             .ok_or_else(|| io::Error::other("no read_bytes in /proc/thread-self/io"))
     }
 
+    /// A buffered append writes through to the end of its last page, so that a page the page
+    /// cache does not hold (a new segment is zero-filled around it) is not read from disk first.
     #[test]
     fn buffered_appends_to_a_new_segment_read_nothing_from_disk() -> TestResult {
         let tmp = tempfile::TempDir::new()?;
@@ -831,6 +831,10 @@ mod tests {
         Ok(())
     }
 
+    /// Records of every size, across page and segment boundaries, durable through direct
+    /// writes, buffered ones and a mix, read back after each reopen. A durable write after a
+    /// buffered one that no sync has covered yet must `fdatasync`, or the buffered records could
+    /// be lost to a power cut although reported durable.
     #[test]
     fn direct_and_buffered_writes_read_back_and_a_buffered_write_is_synced_before_direct_ones(
     ) -> TestResult {
