@@ -341,11 +341,10 @@ struct Matcher {
     // Ordered: a key's watchers come out grouped by stream, so fan-out hands each stream its
     // messages in one batch.
     exact: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
-    prefix: HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>,
-    /// The lengths of the prefixes in `prefix`, with how many prefixes have each: an event's
-    /// key is looked up at those lengths only, not at every length up to its own (35 lookups
-    /// for `/registry/pods/default/nginx-1234`, where kube-apiserver's prefixes have a few).
-    prefix_lens: BTreeMap<usize, usize>,
+    /// Prefix watchers by the prefix's length, then the prefix: an event's key is looked up at
+    /// the lengths watched only, not at every length up to its own (35 lookups for
+    /// `/registry/pods/default/nginx-1234`, where kube-apiserver's prefixes have a few).
+    prefix: BTreeMap<usize, HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>>,
     other: IntervalTree<WatchKey>,
 }
 
@@ -389,10 +388,12 @@ impl Matcher {
                 set.insert(key, Synced::of(w));
             }
             Shape::Prefix(p) => {
-                let set = self.prefix.entry(p.to_vec()).or_insert_with(|| {
-                    *self.prefix_lens.entry(p.len()).or_default() += 1;
-                    BTreeMap::new()
-                });
+                let set = self
+                    .prefix
+                    .entry(p.len())
+                    .or_default()
+                    .entry(p.to_vec())
+                    .or_default();
                 set.insert(key, Synced::of(w));
             }
             Shape::Other(start, end) => self.other.insert(start, end, key),
@@ -400,28 +401,21 @@ impl Matcher {
     }
 
     fn remove(&mut self, key: WatchKey, range: &KeyRange) {
-        // Returns whether `k`'s last watcher left.
         let remove_from = |m: &mut HashMap<Vec<u8>, BTreeMap<WatchKey, Synced>>, k: &[u8]| {
             if let Some(set) = m.get_mut(k) {
                 set.remove(&key);
                 if set.is_empty() {
                     m.remove(k);
-                    return true;
                 }
             }
-            false
         };
         match shape(range) {
-            Shape::Exact(k) => {
-                remove_from(&mut self.exact, k);
-            }
+            Shape::Exact(k) => remove_from(&mut self.exact, k),
             Shape::Prefix(p) => {
-                if remove_from(&mut self.prefix, p) {
-                    if let Some(n) = self.prefix_lens.get_mut(&p.len()) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.prefix_lens.remove(&p.len());
-                        }
+                if let Some(of_len) = self.prefix.get_mut(&p.len()) {
+                    remove_from(of_len, p);
+                    if of_len.is_empty() {
+                        self.prefix.remove(&p.len());
                     }
                 }
             }
@@ -451,9 +445,9 @@ impl Matcher {
         if let Some(set) = self.exact.get(k) {
             out.extend(hits(set, event));
         }
-        for &len in self.prefix_lens.keys() {
+        for (&len, of_len) in &self.prefix {
             let Some(p) = k.get(..len) else { break };
-            if let Some(set) = self.prefix.get(p) {
+            if let Some(set) = of_len.get(p) {
                 out.extend(hits(set, event));
             }
         }
@@ -910,14 +904,15 @@ mod tests {
         assert_eq!(matched(&m, &watchers, key), vec![w(1), w(2), w(3), w(4)]);
         assert_eq!(matched(&m, &watchers, b"/registry/podsx"), vec![w(1), w(2)]);
         assert_eq!(matched(&m, &watchers, b"/r"), vec![w(1)]);
-        assert_eq!(m.prefix_lens, BTreeMap::from([(1, 1), (10, 1), (15, 1)]));
+        let lens = |m: &Matcher| m.prefix.keys().copied().collect::<Vec<_>>();
+        assert_eq!(lens(&m), vec![1, 10, 15]);
         // A prefix's length stays while one of its watchers does.
         m.remove(w(3), &prefix(pods));
         assert_eq!(matched(&m, &watchers, key), vec![w(1), w(2), w(4)]);
         m.remove(w(4), &prefix(pods));
         m.remove(w(1), &prefix(b"/"));
         assert_eq!(matched(&m, &watchers, key), vec![w(2)]);
-        assert_eq!(m.prefix_lens, BTreeMap::from([(10, 1)]));
+        assert_eq!(lens(&m), vec![10]);
     }
 
     /// Takes `room` messages, then refuses.
