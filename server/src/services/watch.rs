@@ -632,6 +632,11 @@ enum Outgoing {
     Response(WatchResponse),
 }
 
+/// Most parts a joined response's list is sized for before its first part: a stream whose
+/// watchers each get one of many revisions (watches on different keys) then allocates a little
+/// more per watcher, not a list as long as the batch.
+const PARTS_PRESIZED: usize = 16;
+
 /// Turns what one take from the queue holds into what to send, in order. Event messages of one
 /// watch that waited together become one response (as etcd's catch-up sends up to 1000
 /// revisions in one), so a stream whose client or connection falls behind sends fewer, larger
@@ -642,6 +647,21 @@ enum Outgoing {
 fn join_batch(batch: &mut VecDeque<WatchMessage>, out: &mut Vec<Outgoing>) {
     // Where in `out` each watch's latest joined response is, since the last other response.
     let mut latest: HashMap<i64, usize> = HashMap::new();
+    // A watch has at most one message per revision, so no joined response holds more parts
+    // than the batch has revisions (at most the times the revision changes along it): each
+    // list is sized for that at once, up to [`PARTS_PRESIZED`], where growing part by part
+    // reallocated every watcher's list as the revisions came (3 % of the server's CPU with
+    // 10,000 watchers on one key).
+    let mut revisions = 0usize;
+    let mut last = None;
+    for msg in batch.iter() {
+        if let WatchMessage::Events { revision, .. } = msg {
+            if last != Some(*revision) {
+                revisions += 1;
+                last = Some(*revision);
+            }
+        }
+    }
     for msg in batch.drain(..) {
         match msg {
             WatchMessage::Response(r) => {
@@ -666,10 +686,12 @@ fn join_batch(batch: &mut VecDeque<WatchMessage>, out: &mut Vec<Outgoing>) {
                     }
                     None => {
                         latest.insert(watch_id, out.len());
+                        let mut parts = Vec::with_capacity(revisions.min(PARTS_PRESIZED));
+                        parts.push(events);
                         out.push(Outgoing::Events(Joined {
                             watch_id,
                             revision,
-                            parts: vec![events],
+                            parts,
                             bytes,
                         }));
                     }
@@ -686,7 +708,8 @@ async fn send_batch(
     out: &Out,
     max_request_bytes: usize,
 ) -> bool {
-    let mut outgoing = Vec::new();
+    // At most one per message: sized once, not regrown.
+    let mut outgoing = Vec::with_capacity(batch.len());
     join_batch(batch, &mut outgoing);
     for o in outgoing {
         let sent = match o {
