@@ -708,8 +708,7 @@ async fn send_batch(
     out: &Out,
     max_request_bytes: usize,
 ) -> bool {
-    // At most one per message: sized once, not regrown.
-    let mut outgoing = Vec::with_capacity(batch.len());
+    let mut outgoing = Vec::new();
     join_batch(batch, &mut outgoing);
     for o in outgoing {
         let sent = match o {
