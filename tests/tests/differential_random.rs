@@ -866,6 +866,13 @@ async fn read_stream(
 /// canceled (live ids and unknown ones) and progress requests. Each create, cancel of a live
 /// watch and progress request waits for its answer before the next request, so what a watch
 /// from "now" sees does not depend on timing; everything the stream says is compared per watch.
+///
+/// No id is used twice: etcd 3.4's send loop keeps events that reach it for a watch id it no
+/// longer knows (one canceled a moment ago, its events already queued) and hands them to the
+/// next watch created with that id (`pending` in `v3rpc/watch.go`), with the new watch's id and
+/// without their prev_kv. What a reused id sees there depends on timing, so client-chosen ids
+/// skip canceled ones, and only watches whose id the automatic numbering has passed (which it
+/// never goes back to) are canceled. Reusing a canceled id is tested in `tests/watch.rs`.
 async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
     // Its own sequence, not the KV-only scenario's with watch requests in between.
     let mut walk = start_walk(s, seed ^ 0x5754_4348, true).await?;
@@ -882,6 +889,9 @@ async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
     )
     .await;
     let mut live: Vec<i64> = Vec::new();
+    let mut retired = std::collections::BTreeSet::new();
+    // The id the server numbers the next automatic watch from (etcd's `nextID`).
+    let mut next_auto = 0;
     for i in 0..ops_per_seed() / 2 {
         let roll = walk.rng.below(100);
         if roll < 65 {
@@ -903,8 +913,12 @@ async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
                 req.filters.push(FilterType::Nodelete as i32);
             }
             if walk.rng.chance(25) {
-                req.watch_id = 1 + walk.rng.below(8) as i64;
+                let id = 1 + walk.rng.below(8) as i64;
+                if !retired.contains(&id) {
+                    req.watch_id = id;
+                }
             }
+            let auto = req.watch_id == 0;
             let step = format!(
                 "#{i} stream: watch id {} {} from {} prev_kv={} filters={:?}",
                 req.watch_id,
@@ -937,6 +951,9 @@ async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
             .await;
             s.record(step, json!({ "created": created.get() }));
             if let Some((id, false)) = created.get() {
+                if auto {
+                    next_auto = id + 1;
+                }
                 log.bounds.insert(log.watch(id), (start, 0));
                 if from_past {
                     // etcd 3.4 replays history to such a watch up to 100 ms later, and cancels
@@ -948,9 +965,12 @@ async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
                 }
             }
         } else if roll < 95 {
-            let known = !live.is_empty() && walk.rng.chance(70);
+            let passed: Vec<usize> = (0..live.len()).filter(|&k| live[k] < next_auto).collect();
+            let known = !passed.is_empty() && walk.rng.chance(70);
             let id = if known {
-                live.remove(walk.rng.below(live.len() as u64) as usize)
+                let id = live.remove(passed[walk.rng.below(passed.len() as u64) as usize]);
+                retired.insert(id);
+                id
             } else {
                 100 + walk.rng.below(5) as i64
             };
