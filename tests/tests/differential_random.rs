@@ -190,7 +190,7 @@ struct Walk {
     rev: i64,
     /// The last compaction the generator asked for.
     compacted: i64,
-    /// No compaction above this revision (see `random_stream_scenario`).
+    /// No compaction above this revision (see `random_stream_scenario`; 0: none at all).
     compact_cap: i64,
     values: u64,
     /// The Txn being generated has deleted from a key (`range_end` `"\0"`) before this point.
@@ -544,7 +544,7 @@ async fn one_request(s: &mut Session, walk: &mut Walk, i: usize) -> Result<()> {
                 o = o.with_physical();
             }
             let step = format!("#{i} compact {r}");
-            if s.compact(&step, r, Some(o)).await.is_ok() {
+            if r >= 1 && s.compact(&step, r, Some(o)).await.is_ok() {
                 walk.compacted = walk.compacted.max(r);
             }
         }
@@ -957,9 +957,11 @@ async fn random_stream_scenario(s: &mut Session, seed: u64) -> Result<()> {
                 log.bounds.insert(log.watch(id), (start, 0));
                 if from_past {
                     // etcd 3.4 replays history to such a watch up to 100 ms later, and cancels
-                    // it if a compaction passed its start meanwhile; fetcd replays at once. So
-                    // nothing is compacted above its start from now on, and it is not canceled.
-                    walk.compact_cap = walk.compact_cap.min(start);
+                    // it if a compaction passed its start meanwhile; fetcd replays at once. A
+                    // compaction at its start is no cancel, but takes a delete at that revision
+                    // out of the history (both servers then replay without it). So nothing is
+                    // compacted at or above its start from now on.
+                    walk.compact_cap = walk.compact_cap.min(start - 1);
                 } else {
                     live.push(id);
                 }
