@@ -20,6 +20,7 @@ pub mod auto_compaction;
 pub mod config;
 pub mod corrupt;
 pub mod http;
+pub mod idle_spin;
 pub mod learner;
 pub mod lessor;
 pub mod limits;
@@ -203,6 +204,7 @@ impl EtcdServer {
                 batch_limit: config.experimental_compaction_batch_limit,
                 sleep: config.experimental_compaction_sleep_interval,
             });
+        idle_spin::start(config.idle_spin);
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         // Peers first: electing a leader needs them.
         let peer_server = tokio::spawn(serve_peers(node.clone(), listeners.peers, stop_rx.clone()));
@@ -458,6 +460,7 @@ async fn serve_peers(
     let incoming = futures::stream::select_all(listeners.into_iter().map(accept_stream));
     let raft = node.raft().peer_service(stop.clone());
     tonic::transport::Server::builder()
+        .layer(idle_spin::IdleSpinLayer)
         .add_service(raft)
         .add_service(LeasePeerServer::new(LeasePeerService::new(node.clone())))
         .add_service(MaintenancePeerServer::new(MaintenancePeerService::new(
@@ -506,6 +509,7 @@ async fn serve(
         tonic::service::Routes::from(grpc.into_axum_router().merge(http::router(node.clone())));
     tonic::transport::Server::builder()
         .accept_http1(true)
+        .layer(idle_spin::IdleSpinLayer)
         .layer(limits::MaxRecvMsgSizeLayer::new(max_recv))
         .layer(metrics::GrpcMetricsLayer::new(node.clone()))
         .layer(learner::LearnerGateLayer::new(node))
