@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -180,6 +182,23 @@ struct Shared {
     state_machine: Arc<StateMachine>,
     pauses: Arc<Pauses>,
     read_index: Arc<ReadIndex>,
+    /// Batches the batcher has in flight.
+    batches: AtomicUsize,
+    /// Proposals in flight that went around the batcher ([`RaftNode::propose`]).
+    lone: AtomicUsize,
+    /// The batcher's estimate of concurrent writers ([`Writers`]) when it last formed a batch.
+    writers: AtomicUsize,
+    /// Proposals that went around the batcher so far.
+    lone_total: AtomicU64,
+}
+
+/// Decrements a count of proposals in flight when the proposal is done or dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The Raft log's directory under `member/`.
@@ -274,6 +293,8 @@ pub struct RaftNode {
     pub(crate) transferring: tokio::sync::Mutex<()>,
     /// Whether this member is a learner now ([`track_learner`]).
     learner: Arc<AtomicBool>,
+    /// What the batcher shares, for writes that go around it.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -402,11 +423,15 @@ impl RaftNode {
             state_machine: state_machine.clone(),
             pauses: pauses.clone(),
             read_index: read_index.clone(),
+            batches: AtomicUsize::new(0),
+            lone: AtomicUsize::new(0),
+            writers: AtomicUsize::new(0),
+            lone_total: AtomicU64::new(0),
         });
         let (proposals, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
         tokio::spawn(run_batcher(shared.clone(), rx));
         let (reads, rx) = mpsc::channel(16 * MAX_BATCH_REQUESTS);
-        tokio::spawn(run_read_index(shared, rx));
+        tokio::spawn(run_read_index(shared.clone(), rx));
         let learner = Arc::new(AtomicBool::new(false));
         tokio::spawn(track_learner(raft.clone(), config.node_id, learner.clone()));
         tokio::spawn(track_leadership(raft.clone(), config.node_id, log));
@@ -421,6 +446,7 @@ impl RaftNode {
             read_index,
             transferring: tokio::sync::Mutex::new(()),
             learner,
+            shared,
         })
     }
 
@@ -432,8 +458,26 @@ impl RaftNode {
     }
 
     /// Proposes `req` and returns the state machine's answer once it is applied here. Requests
-    /// proposed concurrently share Raft entries (see [`run_batcher`]).
+    /// proposed concurrently share Raft entries (see [`run_batcher`]); a write that finds no
+    /// other in flight or queued is proposed from the caller's task, without the two hand-offs
+    /// to the batcher's task and back, which would batch it with nothing.
     pub async fn propose(&self, req: InternalRaftRequest) -> Result<ApplyResult, ProposeError> {
+        if let Some(_lone) = self.claim_lone() {
+            let submitted = tokio::time::timeout(self.config.request_timeout, async {
+                submit(&self.shared, vec![req]).await
+            });
+            return match submitted.await {
+                Err(_) => Err(ProposeError::Timeout),
+                Ok(Ok(mut answers)) if answers.len() == 1 => answers
+                    .pop()
+                    .ok_or(ProposeError::Stopped("no answer".into())),
+                Ok(Ok(answers)) => Err(ProposeError::Stopped(format!(
+                    "state machine answered {} of 1 requests",
+                    answers.len()
+                ))),
+                Ok(Err(e)) => Err(e),
+            };
+        }
         let (done, answer) = oneshot::channel();
         let size = req.encoded_len();
         self.proposals
@@ -445,6 +489,41 @@ impl RaftNode {
             Ok(Err(_)) => Err(ProposeError::Stopped("proposal dropped".into())),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// Claims the lone write in flight if writes come one at a time: the batcher last counted
+    /// at most one writer, and no batch is in flight or queued, and no other lone write is.
+    /// With more writers every write goes to the batcher, or the first to arrive after each
+    /// batch would take a sync of its own (put, 64 clients: 49.3k → 42.3k puts/s when it did).
+    /// A batch proposed meanwhile runs beside the lone write, as two batches may; the batcher
+    /// counts the lone write among the writers and sees its sync through the log's gauge.
+    fn claim_lone(&self) -> Option<InFlight<'_>> {
+        let s = &self.shared;
+        let idle = |s: &Shared| {
+            s.writers.load(Ordering::SeqCst) <= 1
+                && s.batches.load(Ordering::SeqCst) == 0
+                && self.proposals.capacity() == self.proposals.max_capacity()
+        };
+        if !idle(s)
+            || s.lone
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return None;
+        }
+        let lone = InFlight(&s.lone);
+        // A batch may have started between the first look and the claim.
+        if !idle(s) {
+            return None;
+        }
+        s.lone_total.fetch_add(1, Ordering::Relaxed);
+        Some(lone)
+    }
+
+    /// Writes proposed so far from their own task, around the batcher (see [`Self::propose`]):
+    /// with writes one at a time it counts every write; with many writers, almost none.
+    pub fn lone_proposals(&self) -> u64 {
+        self.shared.lone_total.load(Ordering::Relaxed)
     }
 
     /// Returns once this member's state machine has applied everything committed before the call,
@@ -719,7 +798,9 @@ async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
         let alone = must_propose_alone(&first.req);
         let queued = 1 + rx.len() + usize::from(carry.is_some());
         let now = Instant::now();
-        let concurrent = writers.observe(proposed + queued, now);
+        let held = proposed + queued + shared.lone.load(Ordering::SeqCst);
+        let concurrent = writers.observe(held, now);
+        shared.writers.store(concurrent, Ordering::SeqCst);
         let cap = if lockstep.observe(queued, concurrent, now) {
             batch_cap(concurrent)
         } else {
@@ -742,6 +823,7 @@ async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Proposal>) {
         }
         last_batch = batch.len();
         proposed += batch.len();
+        shared.batches.fetch_add(1, Ordering::SeqCst);
         in_flight.push(propose_batch(shared.clone(), batch));
     }
     while in_flight.next().await.is_some() {}
@@ -859,6 +941,7 @@ impl Lockstep {
 /// Proposes one batch as one entry and hands each request its own answer. Returns the batch's
 /// size.
 async fn propose_batch(shared: Arc<Shared>, batch: Vec<Proposal>) -> usize {
+    let _in_flight = InFlight(&shared.batches);
     let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
     let n = reqs.len();
     let result = match tokio::time::timeout(shared.timeout, submit(&shared, reqs)).await {
@@ -1138,7 +1221,7 @@ mod tests {
 
         // A panic while opening counts as damage (sled has panicked on damaged files).
         std::thread::sleep(Duration::from_millis(1100));
-        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let tries = AtomicUsize::new(0);
         let store = open_store_with(member, |dir| {
             if tries.fetch_add(1, Ordering::SeqCst) == 0 {
                 panic!("a sled bug");

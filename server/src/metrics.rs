@@ -24,6 +24,8 @@
 //! - `etcd_network_client_grpc_received_bytes_total`, `etcd_network_client_grpc_sent_bytes_total`
 //!   and `grpc_server_started_total` / `grpc_server_handled_total` by service, method, type and
 //!   code (go-grpc-prometheus names), counted by [`GrpcMetricsLayer`];
+//! - `fetcd_server_proposals_lone_total`: writes proposed around the batcher (fetcd's own; see
+//!   `fetcd_raft::node::RaftNode::propose`);
 //! - `process_*` (memory, CPU, file descriptors, start time), from `/proc/self`.
 
 use std::collections::BTreeMap;
@@ -376,6 +378,13 @@ pub fn render(node: &EtcdNode) -> String {
         fetcd_raft::metrics::WAL_WRITE_BYTES
             .load(Ordering::Relaxed)
             .to_string(),
+    );
+    sample(
+        &mut out,
+        "fetcd_server_proposals_lone_total",
+        "Writes proposed on their own, around the batcher, for finding no other write in flight.",
+        "counter",
+        raft.lone_proposals().to_string(),
     );
     let name = "etcd_disk_wal_fsync_duration_seconds";
     let _ = writeln!(

@@ -765,3 +765,54 @@ async fn extensive_metrics_time_grpc_calls_as_etcd() -> Result<()> {
     );
     Ok(())
 }
+
+/// A write that finds no other in flight is proposed from its own task, around the batcher
+/// (`fetcd_server_proposals_lone_total` counts them); once writes come together they all go
+/// through the batcher, which would otherwise see the first of every round take a sync of its
+/// own; after a quiet spell writes go around it again.
+#[cfg(feature = "fetcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_writes_go_around_the_batcher_until_writes_come_together() -> Result<()> {
+    let fetcd = fetcd_tests::start_fetcd().await?;
+    let url = fetcd.client_url();
+    let mut c = fetcd_tests::connect(&url).await?;
+    c.put("warm", "up", None).await?;
+    let lone = || async {
+        let text = http_body(&url, "/metrics").await?;
+        parse_scrape(&text)
+            .values
+            .get("fetcd_server_proposals_lone_total")
+            .copied()
+            .context("no fetcd_server_proposals_lone_total")
+    };
+
+    // Three rounds of 32 writers at once: at most the very first write goes alone.
+    let before = lone().await?;
+    for round in 0..3 {
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..32 {
+            let mut c = c.clone();
+            writers.spawn(async move { c.put(format!("many/{round}/{w}"), "v", None).await });
+        }
+        while let Some(r) = writers.join_next().await {
+            r??;
+        }
+    }
+    let together = lone().await? - before;
+    ensure!(together <= 1.0, "{together} concurrent writes went alone");
+
+    // Two seconds without a batch: the first write refreshes the batcher's count, the rest go
+    // alone again.
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    c.put("quiet", "v", None).await?;
+    let before = lone().await?;
+    for i in 0..10 {
+        c.put(format!("again/{i}"), "v", None).await?;
+    }
+    ensure!(
+        lone().await? - before == 10.0,
+        "writes did not go alone after a quiet spell"
+    );
+    fetcd.stop().await?;
+    Ok(())
+}
