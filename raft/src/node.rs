@@ -463,20 +463,10 @@ impl RaftNode {
     /// to the batcher's task and back, which would batch it with nothing.
     pub async fn propose(&self, req: InternalRaftRequest) -> Result<ApplyResult, ProposeError> {
         if let Some(_lone) = self.claim_lone() {
-            let submitted = tokio::time::timeout(self.config.request_timeout, async {
-                submit(&self.shared, vec![req]).await
-            });
-            return match submitted.await {
-                Err(_) => Err(ProposeError::Timeout),
-                Ok(Ok(mut answers)) if answers.len() == 1 => answers
-                    .pop()
-                    .ok_or(ProposeError::Stopped("no answer".into())),
-                Ok(Ok(answers)) => Err(ProposeError::Stopped(format!(
-                    "state machine answered {} of 1 requests",
-                    answers.len()
-                ))),
-                Ok(Err(e)) => Err(e),
-            };
+            let mut answers = submit_in_time(&self.shared, vec![req]).await?;
+            return answers
+                .pop()
+                .ok_or_else(|| ProposeError::Stopped("state machine answered no request".into()));
         }
         let (done, answer) = oneshot::channel();
         let size = req.encoded_len();
@@ -944,16 +934,7 @@ async fn propose_batch(shared: Arc<Shared>, batch: Vec<Proposal>) -> usize {
     let _in_flight = InFlight(&shared.batches);
     let (reqs, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.req, p.done)).unzip();
     let n = reqs.len();
-    let result = match tokio::time::timeout(shared.timeout, submit(&shared, reqs)).await {
-        Err(_) => Err(ProposeError::Timeout),
-        Ok(Ok(answers)) if answers.len() == n => Ok(answers),
-        Ok(Ok(answers)) => Err(ProposeError::Stopped(format!(
-            "state machine answered {} of {n} requests",
-            answers.len()
-        ))),
-        Ok(Err(e)) => Err(e),
-    };
-    match result {
+    match submit_in_time(&shared, reqs).await {
         Ok(answers) => {
             for (done, answer) in dones.into_iter().zip(answers) {
                 // The client may have given up (timeout); its answer has nowhere to go.
@@ -967,6 +948,23 @@ async fn propose_batch(shared: Arc<Shared>, batch: Vec<Proposal>) -> usize {
         }
     }
     n
+}
+
+/// [`submit`] within the request timeout, with one answer per request.
+async fn submit_in_time(
+    shared: &Shared,
+    reqs: Vec<InternalRaftRequest>,
+) -> Result<Vec<ApplyResult>, ProposeError> {
+    let n = reqs.len();
+    match tokio::time::timeout(shared.timeout, submit(shared, reqs)).await {
+        Err(_) => Err(ProposeError::Timeout),
+        Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+        Ok(Ok(answers)) => Err(ProposeError::Stopped(format!(
+            "state machine answered {} of {n} requests",
+            answers.len()
+        ))),
+        Ok(Err(e)) => Err(e),
+    }
 }
 
 /// The peer URL of member `id` in the current membership.
