@@ -191,11 +191,11 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", default_value = "10ms", value_parser = parse_go_duration)]
     pub experimental_compaction_sleep_interval: Duration,
 
-    /// fetcd's own: after a request starts and after it is answered, keep one lowest-priority
-    /// thread per CPU spinning for this long (a Go duration such as `500us`; `0`, the default,
-    /// is off), so that on virtual machines whose idle CPUs halt at once the next request or
-    /// disk completion does not have to wake a halted CPU. Costs otherwise idle CPU time (see
-    /// `idle_spin`).
+    /// fetcd's own: while requests come back to back, after a request starts and after it is
+    /// answered, keep one lowest-priority thread per CPU spinning for this long (a Go duration
+    /// such as `500us`; `0`, the default, is off), so that on virtual machines whose idle CPUs
+    /// halt at once the next request or disk completion does not have to wake a halted CPU.
+    /// Costs otherwise idle CPU time (see `idle_spin`).
     #[arg(long, env = "FETCD_IDLE_SPIN", default_value = "0", value_parser = parse_go_duration)]
     pub idle_spin: Duration,
 

@@ -27,7 +27,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
@@ -73,14 +72,17 @@ struct Spinner {
     /// Requests in a row that found none in flight and arrived within the window of the
     /// answer before them (at most [`BACK_TO_BACK`]).
     short_gaps: AtomicUsize,
-    /// Whether requests come back to back: the last [`BACK_TO_BACK`] requests to find none in
-    /// flight each arrived within the window of the answer before it. Only then do requests
-    /// touch the spinners.
-    back_to_back: AtomicBool,
     threads: OnceLock<Vec<Thread>>,
 }
 
 impl Spinner {
+    /// Whether requests come back to back: the last [`BACK_TO_BACK`] requests to find none in
+    /// flight each arrived within the window of the answer before it. Only then do requests
+    /// touch the spinners.
+    fn back_to_back(&self) -> bool {
+        self.short_gaps.load(Ordering::SeqCst) >= BACK_TO_BACK
+    }
+
     fn now_us(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
@@ -149,7 +151,6 @@ pub fn start(window: Duration) {
             spinning: AtomicUsize::new(0),
             last_answer: AtomicU64::new(0),
             short_gaps: AtomicUsize::new(0),
-            back_to_back: AtomicBool::new(false),
             threads: OnceLock::new(),
         }
     });
@@ -227,17 +228,15 @@ impl InFlight {
             let gap = s
                 .now_us()
                 .saturating_sub(s.last_answer.load(Ordering::SeqCst));
-            // Only the request that found none in flight gets here, so plain stores suffice.
+            // Only the request that found none in flight gets here: a load and a store suffice.
             let short = if gap < s.window_us {
                 (s.short_gaps.load(Ordering::SeqCst) + 1).min(BACK_TO_BACK)
             } else {
                 0
             };
             s.short_gaps.store(short, Ordering::SeqCst);
-            s.back_to_back
-                .store(short >= BACK_TO_BACK, Ordering::SeqCst);
         }
-        if s.back_to_back.load(Ordering::SeqCst) {
+        if s.back_to_back() {
             s.touch();
         }
         InFlight(s)
@@ -250,7 +249,7 @@ impl Drop for InFlight {
         if s.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             s.last_answer.store(s.now_us(), Ordering::SeqCst);
         }
-        if s.back_to_back.load(Ordering::SeqCst) {
+        if s.back_to_back() {
             s.touch();
         }
     }
@@ -353,7 +352,7 @@ mod tests {
                 before,
                 "a paced request touched"
             );
-            assert!(!s.back_to_back.load(Ordering::SeqCst));
+            assert!(!s.back_to_back());
         }
         assert_eq!(spinning(), 0);
 
@@ -368,7 +367,7 @@ mod tests {
             );
         }
         let next = InFlight::arrive(s);
-        assert!(s.back_to_back.load(Ordering::SeqCst));
+        assert!(s.back_to_back());
         assert!(
             s.deadline.load(Ordering::SeqCst) > s.now_us(),
             "no window after a touch"
