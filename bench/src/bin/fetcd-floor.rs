@@ -5,7 +5,7 @@
 //! read floor/etcd:
 //!
 //! ```sh
-//! fetcd-bench --compare --only put-1,put-1-paced --fetcd-bin target/release/fetcd-floor
+//! fetcd-bench --compare --only put-1,put-1-paced --load-keys 0 --fetcd-bin target/release/fetcd-floor
 //! ```
 //!
 //! It is not a store. Put writes its key and value into the next whole 4 KiB pages of a
@@ -42,6 +42,9 @@ use fetcd_proto::wire::EncodedRangeResponse;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
+
+/// What every call but Put and Range answers.
+const ONLY_PUT_AND_RANGE: &str = "fetcd-floor answers Put and Range only";
 
 /// The page `O_DIRECT` writes whole, as fetcd's log does.
 const PAGE: usize = 4096;
@@ -95,15 +98,14 @@ struct Floor {
     revision: AtomicI64,
 }
 
-impl Floor {
-    fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        Some(ResponseHeader {
-            cluster_id: 1,
-            member_id: 1,
-            revision,
-            raft_term: 1,
-        })
-    }
+/// The response header of a single-member cluster at `revision`.
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        cluster_id: 1,
+        member_id: 1,
+        revision,
+        raft_term: 1,
+    })
 }
 
 #[tonic::async_trait]
@@ -113,7 +115,7 @@ impl KV for Floor {
         _req: Request<RangeRequest>,
     ) -> Result<Response<EncodedRangeResponse>, Status> {
         Ok(Response::new(EncodedRangeResponse {
-            header: self.header(self.revision.load(Ordering::SeqCst)),
+            header: header(self.revision.load(Ordering::SeqCst)),
             ..Default::default()
         }))
     }
@@ -131,7 +133,7 @@ impl KV for Floor {
             self.revision.fetch_add(1, Ordering::SeqCst) + 1
         };
         Ok(Response::new(PutResponse {
-            header: self.header(revision),
+            header: header(revision),
             prev_kv: None,
         }))
     }
@@ -140,24 +142,18 @@ impl KV for Floor {
         &self,
         _req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        Err(Status::unimplemented(
-            "fetcd-floor answers Put and Range only",
-        ))
+        Err(Status::unimplemented(ONLY_PUT_AND_RANGE))
     }
 
     async fn txn(&self, _req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        Err(Status::unimplemented(
-            "fetcd-floor answers Put and Range only",
-        ))
+        Err(Status::unimplemented(ONLY_PUT_AND_RANGE))
     }
 
     async fn compact(
         &self,
         _req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        Err(Status::unimplemented(
-            "fetcd-floor answers Put and Range only",
-        ))
+        Err(Status::unimplemented(ONLY_PUT_AND_RANGE))
     }
 }
 
