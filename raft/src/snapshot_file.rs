@@ -20,6 +20,8 @@ use std::io::Seek;
 use std::io::SeekFrom;
 use std::io::Write;
 
+use fetcd_storage::write_behind::WriteBehind;
+
 use crate::NodeId;
 
 /// The snapshot's description, as openraft keeps it.
@@ -36,14 +38,14 @@ fn corrupt(what: impl std::fmt::Display) -> io::Error {
 
 /// Writes one snapshot file; [`SnapshotWriter::finish`] makes it complete.
 pub(crate) struct SnapshotWriter {
-    out: BufWriter<File>,
+    out: BufWriter<WriteBehind>,
     written: u64,
 }
 
 impl SnapshotWriter {
     /// Starts a snapshot in `file` (created empty by the caller).
     pub(crate) fn new(file: File) -> io::Result<Self> {
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut out = BufWriter::with_capacity(1 << 20, WriteBehind::new(file));
         out.write_all(MAGIC)?;
         Ok(SnapshotWriter {
             out,
@@ -70,7 +72,11 @@ impl SnapshotWriter {
         let meta_at = self.written;
         self.put(meta)?;
         self.out.write_all(&meta_at.to_le_bytes())?;
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .finish()?;
         file.sync_all()?;
         Ok(file)
     }

@@ -74,6 +74,9 @@ const SNAPSHOT_FILE: &str = "current.snap";
 const BUILDING_FILE: &str = "building.snap";
 /// A snapshot being received from the leader.
 const RECEIVING_FILE: &str = "receiving.snap";
+/// The snapshot a newer one replaced, while its blocks are given back (see
+/// [`StateMachine::publish`]).
+const RETIRED_FILE: &str = "retired.snap";
 
 /// The state machine over a [`KvStore`].
 #[derive(Debug)]
@@ -91,6 +94,9 @@ pub struct StateMachine {
     /// The Raft log's durability: an entry is applied only once it is durable there (a leader
     /// syncs its own entries beside replicating them; see [`crate::durable`]).
     log_durability: std::sync::OnceLock<Arc<crate::durable::Durability>>,
+    /// Held while a snapshot is published: one built here and one received may finish at once,
+    /// and both pass through [`RETIRED_FILE`].
+    publishing: Mutex<()>,
 }
 
 /// Error while opening the state machine.
@@ -129,9 +135,12 @@ impl StateMachine {
             applied: Mutex::new(applied),
             snapshot_seq: AtomicU64::new(0),
             log_durability: std::sync::OnceLock::new(),
+            publishing: Mutex::new(()),
         };
-        // Snapshots cut short by a crash while they were built or received.
-        for partial in [BUILDING_FILE, RECEIVING_FILE] {
+        // Snapshots cut short by a crash while they were built or received, and a replaced one
+        // not yet given back (only unlinked: before the rename it is a second name of the
+        // current snapshot).
+        for partial in [BUILDING_FILE, RECEIVING_FILE, RETIRED_FILE] {
             match std::fs::remove_file(sm.snapshot_dir.join(partial)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
@@ -231,9 +240,22 @@ impl StateMachine {
     }
 
     /// Makes a complete (synced) partial file the current snapshot: rename, fsync the directory.
+    ///
+    /// The snapshot it replaces keeps a second name through the rename, so the rename frees
+    /// nothing, and its blocks are given back a few megabytes at a time afterwards (see
+    /// [`fetcd_storage::write_behind`]).
     fn publish(&self, partial: &str) -> std::io::Result<()> {
-        std::fs::rename(self.snapshot_dir.join(partial), self.snapshot_path())?;
-        std::fs::File::open(&self.snapshot_dir)?.sync_all()
+        let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot_path();
+        let retired = self.snapshot_dir.join(RETIRED_FILE);
+        fetcd_storage::write_behind::remove_gradually(&retired, &current)?;
+        match std::fs::hard_link(&current, &retired) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::rename(self.snapshot_dir.join(partial), &current)?;
+        std::fs::File::open(&self.snapshot_dir)?.sync_all()?;
+        fetcd_storage::write_behind::remove_gradually(&retired, &current)
     }
 
     /// The snapshot data openraft hands to `install_snapshot` as the received file. It is the

@@ -108,3 +108,71 @@ async fn a_command_that_does_not_decode_fails_its_apply_and_applies_nothing() {
         .unwrap();
     assert!(b.kvs.is_empty());
 }
+
+/// A snapshot replaces the last one without a second copy left behind, and the replaced one is
+/// given back after the rename (under another name meanwhile, so the rename frees nothing). A
+/// leftover of that name from a crash between the link and the rename is a second name of the
+/// current snapshot: reopening unlinks it and the current snapshot still reads back.
+#[tokio::test]
+async fn a_new_snapshot_replaces_the_last_and_leaves_no_second_copy() {
+    use openraft::storage::RaftSnapshotBuilder;
+
+    let dir = TempDir::new().unwrap();
+    let snap = dir.path().join("snap");
+    let store = Arc::new(KvStore::open_path(&dir.path().join("kv")).unwrap());
+    let mut sm = StateMachine::open(store.clone(), &snap).unwrap();
+    let put = |key: &[u8]| InternalRaftRequest {
+        header: None,
+        request: Some(Request::Put(PutRequest {
+            key: key.to_vec(),
+            value: vec![b'v'; 4096],
+            ..Default::default()
+        })),
+    };
+    let files = || {
+        let mut names: Vec<String> = std::fs::read_dir(&snap)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    sm.apply([entry(1, Command::new(vec![put(b"a")]))])
+        .await
+        .unwrap();
+    let first = sm.build_snapshot().await.unwrap();
+    assert_eq!(files(), ["current.snap"]);
+    // A snapshot being sent to a follower: its reader holds the file across the next build.
+    let first_len = std::fs::metadata(snap.join("current.snap")).unwrap().len();
+    let mut sending = sm.get_current_snapshot().await.unwrap().unwrap();
+    let batch: Vec<_> = (0..600).map(|i| put(format!("k{i}").as_bytes())).collect();
+    sm.apply([entry(2, Command::new(batch))]).await.unwrap();
+    let second = sm.build_snapshot().await.unwrap();
+    assert_eq!(files(), ["current.snap"], "the replaced snapshot is gone");
+    assert!(second.meta.last_log_id > first.meta.last_log_id);
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, second.meta.last_log_id);
+    let mut sent = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut *sending.snapshot, &mut sent)
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.len() as u64,
+        first_len,
+        "the snapshot being sent was kept whole"
+    );
+    assert_eq!(sending.meta.last_log_id, first.meta.last_log_id);
+
+    // A crash between linking the current snapshot to its retired name and the rename.
+    drop(sm);
+    std::fs::hard_link(snap.join("current.snap"), snap.join("retired.snap")).unwrap();
+    let mut sm = StateMachine::open(store, &snap).unwrap();
+    assert_eq!(files(), ["current.snap"]);
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.last_log_id, second.meta.last_log_id);
+    let size = std::fs::metadata(snap.join("current.snap")).unwrap().len();
+    assert!(
+        size > 600 * 4096,
+        "the current snapshot kept its data: {size} bytes"
+    );
+}

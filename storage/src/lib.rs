@@ -35,6 +35,7 @@ pub mod revision;
 pub mod schema;
 mod value_cache;
 pub mod watch;
+pub mod write_behind;
 
 pub use alarm::alarm_text;
 pub use compactor::CompactionPacing;

@@ -13,6 +13,7 @@ use fetcd_proto::raftpb::internal_raft_request::Request;
 use fetcd_proto::raftpb::maintenance_peer_server::MaintenancePeer;
 use fetcd_proto::status as msg;
 use fetcd_raft::maintenance::TransferError;
+use fetcd_storage::write_behind::WriteBehind;
 use fetcd_storage::WriteResponse;
 use futures::Stream;
 use tonic::Request as GrpcRequest;
@@ -234,11 +235,16 @@ impl Maintenance for MaintenanceService {
                 path: dir.clone(),
                 source,
             };
-            let mut file = tempfile::tempfile_in(&dir).map_err(io)?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+            let file = tempfile::tempfile_in(&dir).map_err(io)?;
+            // Written a megabyte at a time to disk, not in one burst the Raft log's writes
+            // would wait behind (see `fetcd_storage::write_behind`).
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, WriteBehind::new(file));
             let total = snapshot::write(&store, &mut out)?;
-            std::io::Write::flush(&mut out).map_err(io)?;
-            drop(out);
+            let mut file = out
+                .into_inner()
+                .map_err(|e| io(e.into_error()))?
+                .finish()
+                .map_err(io)?;
             std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map_err(io)?;
             Ok::<_, snapshot::SnapshotError>((file, total))
         })
