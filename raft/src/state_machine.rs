@@ -248,14 +248,14 @@ impl StateMachine {
         let _one = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.snapshot_path();
         let retired = self.snapshot_dir.join(RETIRED_FILE);
-        fetcd_storage::write_behind::remove_gradually(&retired, &current)?;
+        fetcd_storage::write_behind::remove_gradually(&retired, Some(&current))?;
         match std::fs::hard_link(&current, &retired) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
         std::fs::rename(self.snapshot_dir.join(partial), &current)?;
         std::fs::File::open(&self.snapshot_dir)?.sync_all()?;
-        fetcd_storage::write_behind::remove_gradually(&retired, &current)
+        fetcd_storage::write_behind::remove_gradually(&retired, Some(&current))
     }
 
     /// The snapshot data openraft hands to `install_snapshot` as the received file. It is the

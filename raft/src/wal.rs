@@ -29,6 +29,8 @@
 //!
 //! `<dir>/<seq as 16 hex digits>.wal`, each created `segment_size` bytes long and zero-filled
 //! (by a background thread, one segment ahead, as `<seq>.wal.tmp`, renamed when it is needed).
+//! A purged segment is renamed `<seq>.wal.dead` and removed by a background thread; either
+//! suffix left by a stop is removed at the next open.
 //! A record is `[u32 LE body length][u32 LE checksum][body]`, the body never empty. The
 //! checksum is CRC32 over the body, seeded with the previous record's checksum (the first
 //! record of a segment with a seed derived from the segment's number): a stale record left
@@ -160,9 +162,13 @@ impl Wal {
             let f = f?;
             let name = f.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".wal.tmp") {
-                // A segment being prepared when the process stopped.
-                std::fs::remove_file(f.path())?;
+            if name.ends_with(".wal.tmp") || name.ends_with(".wal.dead") {
+                // A segment being prepared, or one purged and being removed, when the process
+                // stopped (or, reopened in the same process, its remover may finish first).
+                match std::fs::remove_file(f.path()) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
             } else if let Some(seq) = name.strip_suffix(".wal") {
                 if let Ok(seq) = u64::from_str_radix(seq, 16) {
                     seqs.push(seq);
@@ -440,8 +446,15 @@ impl Wal {
         }
     }
 
-    /// Removes the segments numbered below `seq` (never the active one), then syncs the
-    /// directory. The caller has made durable a record that makes them unneeded.
+    /// Removes the segments numbered below `seq` (never the active one) from the log: renamed
+    /// to `<seq>.wal.dead`, oldest first, and the directory synced. The caller has made durable
+    /// a record that makes them unneeded.
+    ///
+    /// Their blocks are given back afterwards by a thread of their own, a few megabytes at a
+    /// time (see `fetcd_storage::write_behind`): unlinked here, each 16 MiB segment was freed
+    /// and trimmed at once on the caller's thread, which is openraft's core on the runtime's
+    /// worker, with the log's writes waiting for it. The rename comes first and is durable
+    /// first: a segment cut short under its own name would read as corruption at the next open.
     pub(crate) fn remove_before(&mut self, seq: u64) -> io::Result<()> {
         let seq = seq.min(self.active);
         let old: Vec<u64> = read_lock(&self.files)
@@ -452,10 +465,27 @@ impl Wal {
             return Ok(());
         }
         for s in &old {
-            std::fs::remove_file(segment_path(&self.dir, *s))?;
+            std::fs::rename(segment_path(&self.dir, *s), dead_path(&self.dir, *s))?;
             write_lock(&self.files).remove(s);
         }
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        let dir = self.dir.clone();
+        let release = move || {
+            for s in old {
+                let path = dead_path(&dir, s);
+                if let Err(e) = fetcd_storage::write_behind::remove_gradually(&path, None) {
+                    tracing::warn!(error = %e, path = %path.display(), "removing a purged wal segment");
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("fetcd-wal-release".into())
+            .spawn(release)
+        {
+            // Left for the next open to remove.
+            tracing::warn!(error = %e, "cannot start the purged wal segments' remover");
+        }
+        Ok(())
     }
 }
 
@@ -603,6 +633,10 @@ fn is_torn(data: &[u8], off: usize, end: usize) -> bool {
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.wal"))
+}
+
+fn dead_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.wal.dead"))
 }
 
 fn tmp_path(dir: &Path, seq: u64) -> PathBuf {

@@ -85,7 +85,7 @@ impl Write for WriteBehind {
 /// `keep`'s file, or the file is open elsewhere in this process (a snapshot being sent to a
 /// follower keeps reading the file it opened; the kernel frees it when that one closes). A
 /// missing file is no error.
-pub fn remove_gradually(path: &Path, keep: &Path) -> io::Result<()> {
+pub fn remove_gradually(path: &Path, keep: Option<&Path>) -> io::Result<()> {
     let file = match File::options().write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -93,7 +93,7 @@ pub fn remove_gradually(path: &Path, keep: &Path) -> io::Result<()> {
     };
     let meta = file.metadata()?;
     let id = (meta.dev(), meta.ino());
-    let shared = std::fs::metadata(keep).is_ok_and(|k| (k.dev(), k.ino()) == id);
+    let shared = keep.is_some_and(|k| std::fs::metadata(k).is_ok_and(|k| (k.dev(), k.ino()) == id));
     // Our own handle is one of the opens.
     if !shared && open_handles(id) == Some(1) {
         let mut len = meta.len();
@@ -104,7 +104,10 @@ pub fn remove_gradually(path: &Path, keep: &Path) -> io::Result<()> {
         }
     }
     drop(file);
-    std::fs::remove_file(path)
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// How many of this process's file descriptors refer to the file `id` (device, inode); `None`
@@ -159,14 +162,14 @@ mod tests {
         std::fs::write(&old, vec![7u8; (2 * RELEASE_STEP + 5) as usize])?;
         let keep = dir.path().join("keep");
         std::fs::write(&keep, b"current")?;
-        remove_gradually(&old, &keep)?;
+        remove_gradually(&old, Some(&keep))?;
         assert!(!old.exists());
         assert_eq!(std::fs::read(&keep)?, b"current");
 
         // A second name of the kept file: unlinked, the data untouched.
         let alias = dir.path().join("alias");
         std::fs::hard_link(&keep, &alias)?;
-        remove_gradually(&alias, &keep)?;
+        remove_gradually(&alias, Some(&keep))?;
         assert!(!alias.exists());
         assert_eq!(std::fs::read(&keep)?, b"current");
 
@@ -178,14 +181,14 @@ mod tests {
             .collect();
         std::fs::write(&busy, &data)?;
         let mut reader = File::open(&busy)?;
-        remove_gradually(&busy, &keep)?;
+        remove_gradually(&busy, Some(&keep))?;
         assert!(!busy.exists());
         let mut got = Vec::new();
         reader.read_to_end(&mut got)?;
         assert!(got == data, "an open reader lost data: {} bytes", got.len());
 
         // Nothing there: nothing to do.
-        remove_gradually(&dir.path().join("missing"), &keep)?;
+        remove_gradually(&dir.path().join("missing"), None)?;
         Ok(())
     }
 }
