@@ -72,13 +72,8 @@ impl SnapshotWriter {
         let meta_at = self.written;
         self.put(meta)?;
         self.out.write_all(&meta_at.to_le_bytes())?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())?
-            .finish()?;
-        file.sync_all()?;
-        Ok(file)
+        // `finish` syncs the rest: data and size, all a reader of the file needs.
+        self.out.into_inner().map_err(|e| e.into_error())?.finish()
     }
 }
 

@@ -4,7 +4,7 @@
 //! `--snapshot-count` entries, a copy for `etcdctl snapshot save`. Written through the page cache
 //! and synced once at the end, such a file reached the disk in one burst, and the Raft log's next
 //! durable write waited behind it; renamed over (or deleted) at once, its blocks were freed in
-//! one go, which on ext4 mounted with `discard` took 10–15 ms, and the log's writes waited for
+//! one go, which on ext4 mounted with `discard` took 10–29 ms, and the log's writes waited for
 //! that too. One member under a paced single client, building a 65 MB snapshot every second:
 //! log writes of 10–34 ms against 0.1–0.2 ms, and watch-latency's p99 from 1.3 to 25–66 ms
 //! (docs/benchmarks.md). [`WriteBehind`] and [`remove_gradually`] do both a few megabytes at a
@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bytes written between two syncs of a [`WriteBehind`] file: a log write that arrives during a
-/// sync waits for this much at most (about 0.5 ms at this project's machine's 1.9 GB/s).
+/// sync waits for this much at most (one such sync took about 1 ms on this project's machine).
 pub const SYNC_EVERY: u64 = 1 << 20;
 
 /// Bytes [`remove_gradually`] gives back to the file system at a time.
