@@ -32,8 +32,10 @@ done
 
 target_dir=${CARGO_TARGET_DIR:-target}
 if [ "$run_cargo" = 1 ]; then
-  echo "==> cargo build --release --locked -p fetcd-server"
-  cargo build --release --locked -p fetcd-server
+  # The workspace's default members, as the README's start command builds them: the same
+  # selection the optimisation profile was recorded from (pgo/README.md).
+  echo "==> cargo build --release --locked"
+  cargo build --release --locked
 fi
 bins=("$target_dir/release/fetcd" "$target_dir/release/fetcd-health")
 for b in "${bins[@]}"; do
