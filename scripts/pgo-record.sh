@@ -74,5 +74,5 @@ echo "==> merging"
 "llvm-profdata-$llvm" merge -o pgo/fetcd.profdata "$raw"/fetcd-*.profraw
 echo "$llvm" > pgo/llvm-major
 # Cargo does not track the profile: optimised builds made with the last one must go.
-rm -rf target/release
+rm -rf "${CARGO_TARGET_DIR:-target}/release"
 ls -l pgo/fetcd.profdata
