@@ -6,10 +6,8 @@
 # `--only put-64,kube`, `--chart out.svg`, `--json`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v protoc >/dev/null; then
-  # The etcd-client crate fetcd-bench uses compiles its protos with protoc.
-  apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null
-fi
+. scripts/debian.sh
+need_commands "$PROTOC"
 # The workspace's default members (fetcd, fetcd-bench, ...), as the README's start command and the
 # optimisation profile's recording build them (pgo/README.md).
 cargo build --release --locked

@@ -32,6 +32,8 @@ done
 
 target_dir=${CARGO_TARGET_DIR:-target}
 if [ "$run_cargo" = 1 ]; then
+  . scripts/debian.sh
+  need_commands "$PROTOC"
   # The workspace's default members, as the README's start command builds them: the same
   # selection the optimisation profile was recorded from (pgo/README.md).
   echo "==> cargo build --release --locked"

@@ -6,14 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+. scripts/debian.sh
 
 llvm=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 # The merge tool has to understand this rustc's raw profiles: the same LLVM major version.
-if ! command -v "llvm-profdata-$llvm" >/dev/null; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "llvm-$llvm" >/dev/null
-fi
+need_commands "$PROTOC" "llvm-profdata-$llvm:llvm-$llvm"
 
 raw=$(mktemp -d /tmp/fetcd-pgo.XXXXXX)
 data=$(mktemp -d /tmp/fetcd-pgo-data.XXXXXX)
